@@ -1,0 +1,99 @@
+"""Multi-head attention and the attention masks of MAGNeT / MusicGen (magnet-spec §2.4, §3).
+
+Projections have no biases (audiocraft `bias_attn: false`); heads are contiguous `head_dim` blocks of the model
+dimension, as in the packed `in_proj_weight` of the reference. The key/value projection is a separate method so that
+cross-attention keys/values can be computed once per batch during generation, and an autoregressive decoder can
+keep a key/value cache beside it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+
+def torch_linear_uniform(fan_in: int) -> Initializer:
+    """PyTorch's default `nn.Linear` weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in ** -0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def truncated_normal(std: float) -> Initializer:
+    """torch `trunc_normal_(std=std, a=-3 std, b=3 std)`: a normal of std `std` cut at ±3 std."""
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.truncated_normal(key, -3.0, 3.0, shape, dtype)
+    return init
+
+
+def stage_attention_mask(length: int, stage: jax.Array | int, *, subcodes_context: int, causal: bool,
+                         offset: int = 0) -> jax.Array:
+    """Boolean self-attention mask `[1, 1, T, T]` (True = may attend).
+
+    - causal (MusicGen): key j <= query i;
+    - MAGNeT stage 0: everything;
+    - MAGNeT stage >= 1: the band |i - j| <= subcodes_context (every layer, spec §3). `stage` may be traced, so one
+      compiled program serves all stages.
+    """
+    q = jnp.arange(length)[:, None] + offset
+    k = jnp.arange(length)[None, :] + offset
+    if causal:
+        mask = k <= q
+    else:
+        band = jnp.abs(q - k) <= subcodes_context
+        mask = jnp.where((jnp.asarray(stage) > 0) & (subcodes_context >= 0), band, True)
+    return mask[None, None]
+
+
+class MultiHeadAttention(nn.Module):
+    """Bias-free multi-head attention; q from `x`, k/v from `x` (self) or a context sequence (cross).
+
+    Params: `query`/`key`/`value` kernels `[D, H, Dh]`, `out` kernel `[H, Dh, D]` (torch `in_proj_weight` rows
+    q/k/v and `out_proj.weight`, transposed). `out` starts as the reference's gaussian init before depth scaling
+    (`lm.depthwise_rescale`).
+    """
+    dim: int
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        head_dim = self.dim // self.num_heads
+
+        def dense(features, axes, init, in_axis=-1):
+            return nn.DenseGeneral(features, axis=in_axis, use_bias=False, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, kernel_init=nn.with_logical_partitioning(init, axes))
+        # The packed in_proj_weight is not an nn.Linear in audiocraft, so it keeps PyTorch's default init.
+        in_init = torch_linear_uniform(self.dim)
+        self.query = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
+        self.key = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
+        self.value = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
+        self.out = dense(self.dim, ("heads", "kv", "embed"), truncated_normal(self.dim ** -0.5), in_axis=(-2, -1))
+
+    def key_value(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values `[B, S, H, Dh]` of `context [B, S, D]`."""
+        axes = ("batch", "length", "act_heads", "act_kv")
+        return (nn.with_logical_constraint(self.key(context), axes),
+                nn.with_logical_constraint(self.value(context), axes))
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array | None = None,
+                 key_value: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """Attends from `x [B, T, D]`.
+
+        Args:
+          context: `[B, S, D]` source of keys/values; None = self-attention over `x`.
+          mask: boolean, broadcastable to `[B, H, T, S]`; True where attention is allowed.
+          key_value: precomputed `(k, v)` from `key_value(context)`; `context` is then unused.
+        Returns:
+          `[B, T, D]`.
+        """
+        q = nn.with_logical_constraint(self.query(x), ("batch", "length", "act_heads", "act_kv"))
+        k, v = key_value if key_value is not None else self.key_value(x if context is None else context)
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        return self.out(out)
