@@ -32,8 +32,7 @@ def truncated_normal(std: float) -> Initializer:
     return init
 
 
-def stage_attention_mask(length: int, stage: jax.Array | int, *, subcodes_context: int, causal: bool,
-                         offset: int = 0) -> jax.Array:
+def stage_attention_mask(length: int, stage: jax.Array | int, *, subcodes_context: int, causal: bool) -> jax.Array:
     """Boolean self-attention mask `[1, 1, T, T]` (True = may attend).
 
     - causal (MusicGen): key j <= query i;
@@ -41,14 +40,20 @@ def stage_attention_mask(length: int, stage: jax.Array | int, *, subcodes_contex
     - MAGNeT stage >= 1: the band |i - j| <= subcodes_context (every layer, spec §3). `stage` may be traced, so one
       compiled program serves all stages.
     """
-    q = jnp.arange(length)[:, None] + offset
-    k = jnp.arange(length)[None, :] + offset
+    q = jnp.arange(length)[:, None]
+    k = jnp.arange(length)[None, :]
     if causal:
         mask = k <= q
     else:
         band = jnp.abs(q - k) <= subcodes_context
         mask = jnp.where((jnp.asarray(stage) > 0) & (subcodes_context >= 0), band, True)
     return mask[None, None]
+
+
+def cached_causal_mask(length: int, max_length: int, index: jax.Array) -> jax.Array:
+    """`[1, 1, t, S_max]` mask for queries at positions `index + [0, t)` over a key/value cache of `S_max` slots."""
+    q = index + jnp.arange(length)[:, None]
+    return (jnp.arange(max_length)[None, :] <= q)[None, None]
 
 
 class MultiHeadAttention(nn.Module):
@@ -93,7 +98,23 @@ class MultiHeadAttention(nn.Module):
         Returns:
           `[B, T, D]`.
         """
-        q = nn.with_logical_constraint(self.query(x), ("batch", "length", "act_heads", "act_kv"))
         k, v = key_value if key_value is not None else self.key_value(x if context is None else context)
+        return self._attend(x, k, v, mask)
+
+    def cached_self_attention(self, x: jax.Array, cache: dict, index: jax.Array, *, mask: jax.Array
+                              ) -> tuple[jax.Array, dict]:
+        """Self-attention for incremental decoding: `x [B, t, D]` are positions `index .. index + t - 1`.
+
+        Their keys/values are written into `cache = {'key', 'value'}: [B, S_max, H, Dh]` and the queries attend the
+        cache under `mask [1, 1, t, S_max]`. Returns `(out [B, t, D], new cache)`.
+        """
+        k_new, v_new = self.key_value(x)
+        start = (0, index, 0, 0)
+        cache = {"key": jax.lax.dynamic_update_slice(cache["key"], k_new.astype(cache["key"].dtype), start),
+                 "value": jax.lax.dynamic_update_slice(cache["value"], v_new.astype(cache["value"].dtype), start)}
+        return self._attend(x, cache["key"], cache["value"], mask), cache
+
+    def _attend(self, x, k, v, mask):
+        q = nn.with_logical_constraint(self.query(x), ("batch", "length", "act_heads", "act_kv"))
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
         return self.out(out)

@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.attention import MultiHeadAttention, stage_attention_mask, truncated_normal
+from magnet_jax.attention import (MultiHeadAttention, cached_causal_mask, stage_attention_mask,
+                                  truncated_normal)
 from magnet_jax.conditioner import ConditionProjection
 
 
@@ -98,13 +99,21 @@ class Block(nn.Module):
         self.linear1 = dense(c.ffn_dim, ("embed", "mlp"), c.dim)
         self.linear2 = dense(c.dim, ("mlp", "embed"), c.ffn_dim)
 
-    def __call__(self, x, condition, cross_kv, self_mask, cross_mask):
-        """One layer. `x [B, T, D]`; `condition [B, L, D]` or None when `cross_kv` (this layer's k, v) is given."""
-        x = x + self.self_attn(self.norm1(x), mask=self_mask)
+    def __call__(self, x, condition, cross_kv, self_mask, cross_mask, cache, cache_index):
+        """One layer. `x [B, T, D]`; `condition [B, L, D]` or None when `cross_kv` (this layer's k, v) is given.
+
+        With `cache` (this layer's self-attention keys/values) `x` holds positions `cache_index ...` and the updated
+        cache is returned as the second output (None otherwise).
+        """
+        if cache is None:
+            x = x + self.self_attn(self.norm1(x), mask=self_mask)
+        else:
+            attn, cache = self.self_attn.cached_self_attention(self.norm1(x), cache, cache_index, mask=self_mask)
+            x = x + attn
         x = x + self.cross_attn(self.norm_cross(x), condition, mask=cross_mask, key_value=cross_kv)
         h = nn.with_logical_constraint(self.linear1(self.norm2(x)), ("batch", "length", "act_mlp"))
         x = x + self.linear2(nn.gelu(h, approximate=False))
-        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache
 
     def cross_key_value(self, carry, condition, *unused):
         """This layer's cross-attention keys/values of `condition` (scan-compatible signature)."""
@@ -127,7 +136,8 @@ class LanguageModel(nn.Module):
         block = nn.remat(Block) if c.remat else Block
         if c.scan_layers:
             scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=c.num_layers,
+                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                              length=c.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"}, methods=["__call__", "cross_key_value"])
             self.blocks = scanned(c)
         else:
@@ -150,11 +160,11 @@ class LanguageModel(nn.Module):
         Computed once per batch in generation and passed to `__call__(cross_kv=...)`.
         """
         if self.config.scan_layers:
-            return self.blocks.cross_key_value(None, condition, None, None, None)[1]
+            return self.blocks.cross_key_value(None, condition, None, None, None, None, None)[1]
         return [blk.cross_key_value(None, condition)[1] for blk in self.blocks]
 
     def __call__(self, codes: jax.Array, condition: jax.Array | None, cond_attend: jax.Array | None = None,
-                 stage: jax.Array | int = 0, *, cross_kv=None) -> jax.Array:
+                 stage: jax.Array | int = 0, *, cross_kv=None, cache: dict | None = None):
         """Logits for every codebook.
 
         Args:
@@ -164,24 +174,48 @@ class LanguageModel(nn.Module):
             vectors up to the batch's longest description; positions beyond are False). None = all.
           stage: codebook stage (traced ok): 0 = full attention, >= 1 = restricted band (MAGNeT only).
           cross_kv: precomputed `cross_key_values(condition)`.
+          cache: causal models only: `init_cache(...)` state; `codes` are then the steps `cache['index'] ...`.
         Returns:
-          `[B, K, T, card]` float32 logits.
+          `[B, K, T, card]` float32 logits, and the updated cache when `cache` is given.
         """
         c = self.config
         _, n_q, length = codes.shape
         x = sum(self.emb[k](codes[:, k]) for k in range(n_q))
-        x = x + sinusoidal_embedding(jnp.arange(length), c.dim, c.max_period, x.dtype)[None]
+        if cache is None:
+            positions, layer_cache, index = jnp.arange(length), None, None
+            self_mask = stage_attention_mask(length, stage, subcodes_context=c.subcodes_context, causal=c.causal)
+        else:
+            if not c.causal:
+                raise ValueError("a key/value cache needs a causal model (MusicGen)")
+            index, layer_cache = cache["index"], {"key": cache["key"], "value": cache["value"]}
+            positions = index + jnp.arange(length)
+            self_mask = cached_causal_mask(length, cache["key"].shape[-3], index)
+        x = x + sinusoidal_embedding(positions, c.dim, c.max_period, x.dtype)[None]
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        self_mask = stage_attention_mask(length, stage, subcodes_context=c.subcodes_context, causal=c.causal)
         cross_mask = None if cond_attend is None else cond_attend[:, None, None, :]
         if c.scan_layers:
-            x, _ = self.blocks(x, condition, cross_kv, self_mask, cross_mask)
+            x, new_cache = self.blocks(x, condition, cross_kv, self_mask, cross_mask, layer_cache, index)
         else:
+            new_cache = []
             for i, blk in enumerate(self.blocks):
-                x, _ = blk(x, condition, None if cross_kv is None else cross_kv[i], self_mask, cross_mask)
+                x, layer = blk(x, condition, None if cross_kv is None else cross_kv[i], self_mask, cross_mask,
+                               None if cache is None else jax.tree.map(lambda a: a[i], layer_cache), index)
+                new_cache.append(layer)
+            if cache is not None:
+                new_cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
         x = self.out_norm(x)
         logits = jnp.stack([head(x) for head in self.heads], axis=1).astype(jnp.float32)
-        return nn.with_logical_constraint(logits, ("batch", None, "length", "act_vocab"))
+        logits = nn.with_logical_constraint(logits, ("batch", None, "length", "act_vocab"))
+        if cache is None:
+            return logits
+        return logits, {**new_cache, "index": index + length}
+
+
+def init_cache(config: LMConfig, batch: int, max_length: int) -> dict:
+    """Empty self-attention key/value cache `{'key', 'value': [N, B, S_max, H, Dh], 'index': 0}` (causal models)."""
+    shape = (config.num_layers, batch, max_length, config.num_heads, config.dim // config.num_heads)
+    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
+    return {"key": zeros, "value": zeros, "index": jnp.zeros((), jnp.int32)}
 
 
 def depthwise_rescale(params: Mapping, config: LMConfig) -> dict:
