@@ -41,11 +41,15 @@ def resolve_file(source: str | os.PathLike, filename: str, *, what: str) -> Path
 def _download(repo_id: str, filename: str, *, what: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError as e:  # pragma: no cover - huggingface_hub is a runtime dependency
         raise WeightsError(f"{what}: huggingface_hub is needed to download {repo_id}: {e}") from e
     try:
         return Path(hf_hub_download(repo_id, filename))
+    except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE) or unreachable, and not in the local cache
+        raise WeightsError(
+            f"{what}: could not fetch {filename} from hub id {repo_id!r} (offline or unreachable, not cached); "
+            f"pass a local directory holding {filename} instead") from e
     except (RepositoryNotFoundError, EntryNotFoundError) as e:
         raise WeightsError(f"{what}: hub repository {repo_id} has no {filename} ({type(e).__name__})") from e
     except Exception as e:  # offline mode, no network, proxy errors: all one message
