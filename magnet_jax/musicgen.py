@@ -1,0 +1,114 @@
+"""MusicGen: the autoregressive model over the delay codebook pattern (magnet-spec §8).
+
+Delay layout for K codebooks and T frames: S = T + K steps; step 0 is all special tokens; step s holds frame
+t = s - 1 - q of codebook q when 0 <= t < T and the special id otherwise. Generation streams steps 1 .. S-1 with a
+self-attention key/value cache, one compiled `lax.fori_loop`, classifier-free guidance on the `[cond; null]` batch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from magnet_jax.lm import LanguageModel, init_cache
+from magnet_jax.sampling import sample_tokens
+
+SampleFn = Callable[[jax.Array, jax.Array], jax.Array]  # (key, logits [B, K, card]) -> tokens [B, K]
+
+
+def delay_valid(n_q: int, num_steps: int) -> jax.Array:
+    """`[K, S]` bool: step s of codebook q holds a real frame (0 <= s - 1 - q < S - K)."""
+    frame = jnp.arange(num_steps)[None, :] - 1 - jnp.arange(n_q)[:, None]
+    return (frame >= 0) & (frame < num_steps - n_q)
+
+
+def apply_delay_pattern(codes: jax.Array, special: int) -> jax.Array:
+    """`[B, K, T]` codes -> `[B, K, T + K]` delay layout (step 0 all `special`)."""
+    _, n_q, length = codes.shape
+    frame = jnp.arange(length + n_q)[None, :] - 1 - jnp.arange(n_q)[:, None]  # [K, S]
+    gathered = jnp.take_along_axis(codes, jnp.clip(frame, 0, length - 1)[None], axis=2)
+    return jnp.where(delay_valid(n_q, length + n_q)[None], gathered, special)
+
+
+def revert_delay_pattern(sequence: jax.Array) -> jax.Array:
+    """Inverse of `apply_delay_pattern`: `[B, K, T + K]` -> `[B, K, T]`."""
+    _, n_q, steps = sequence.shape
+    length = steps - n_q
+    index = jnp.arange(length)[None, :] + 1 + jnp.arange(n_q)[:, None]  # [K, T]
+    return jnp.take_along_axis(sequence, index[None], axis=2)
+
+
+def greedy(key: jax.Array, logits: jax.Array) -> jax.Array:
+    del key
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def sampler(*, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0, use_sampling: bool = True) -> SampleFn:
+    """MusicGen's sampling (defaults: temperature 1, top-k 250, multinomial), built on the shared sampling rules."""
+    def sample(key, logits):
+        return sample_tokens(key, logits, jnp.float32(max(temperature, 1e-2)), use_sampling=use_sampling,
+                             top_p=top_p, top_k=top_k)[0]
+    return sample
+
+
+def generate_ar(model: LanguageModel, params, condition: jax.Array, cond_attend: jax.Array | None, key: jax.Array,
+                *, length: int, cfg_coef: float | None = 3.0, sample_fn: SampleFn = greedy,
+                prompt: jax.Array | None = None, return_layout: bool = False) -> jax.Array:
+    """Autoregressive generation of `length` frames.
+
+    Args:
+      model, params: a causal `LanguageModel` and its params.
+      condition: `[2B, L, D]` projected conditioning, conditioned rows then null rows (CFG), or `[B, L, D]` when
+        `cfg_coef` is None (no guidance).
+      cond_attend: `[rows, L]` bool key mask for cross-attention (see `LanguageModel.__call__`), or None.
+      key: PRNG key for sampling (one split per step).
+      length: T, frames to generate (prompt included).
+      cfg_coef: guidance `uncond + cfg (cond - uncond)` on the last-step logits; None = no guidance.
+      sample_fn: `(key, logits [B, K, card]) -> tokens [B, K]`; default greedy (argmax).
+      prompt: `[B, K, Tp]` codes forced at the start (audio-prompt continuation), Tp <= length.
+      return_layout: also return the raw delay-layout sequence `[B, K, T + K]`.
+    Returns:
+      `[B, K, T]` int32 codes (and the layout when asked).
+    """
+    config = model.config
+    rows = condition.shape[0]
+    batch = rows if cfg_coef is None else rows // 2
+    n_q, steps, special = config.n_q, length + config.n_q, config.mask_id
+    valid = delay_valid(n_q, steps)
+    forced = None
+    if prompt is not None:
+        padded = jnp.full((batch, n_q, length), special, jnp.int32).at[:, :, :prompt.shape[2]].set(prompt)
+        forced = apply_delay_pattern(padded, special)  # special where not forced
+
+    def run(params, condition, cond_attend, key):
+        variables = {"params": params}
+        cross_kv = model.apply(variables, condition, method=model.cross_key_values)
+        sequence = jnp.full((batch, n_q, steps), special, jnp.int32)
+
+        def step(s, carry):
+            sequence, cache, key = carry
+            key, sub = jax.random.split(key)
+            tokens = jax.lax.dynamic_slice_in_dim(sequence, s - 1, 1, axis=2)
+            if cfg_coef is not None:
+                tokens = jnp.concatenate([tokens, tokens], axis=0)
+            logits, cache = model.apply(variables, tokens, None, cond_attend, cross_kv=cross_kv, cache=cache)
+            logits = logits[:, :, 0]
+            if cfg_coef is not None:
+                cond, uncond = jnp.split(logits, 2, axis=0)
+                logits = uncond + cfg_coef * (cond - uncond)
+            new = jnp.where(jax.lax.dynamic_slice_in_dim(valid, s, 1, axis=1)[None, :, 0], sample_fn(sub, logits),
+                            special)
+            if forced is not None:
+                pinned = jax.lax.dynamic_slice_in_dim(forced, s, 1, axis=2)[:, :, 0]
+                new = jnp.where(pinned != special, pinned, new)
+            sequence = jax.lax.dynamic_update_slice_in_dim(sequence, new[:, :, None], s, axis=2)
+            return sequence, cache, key
+
+        cache = init_cache(config, rows, steps)
+        sequence, _, _ = jax.lax.fori_loop(1, steps, step, (sequence, cache, key))
+        return sequence
+
+    sequence = jax.jit(run)(params, condition, cond_attend, key)
+    codes = revert_delay_pattern(sequence)
+    return (codes, sequence) if return_layout else codes
