@@ -1,0 +1,228 @@
+"""MAGNeT generation latency: the jitted JAX decoder vs audiocraft's PyTorch `MagnetLMModel.generate`.
+
+Both sides run the same work on the same weights: LM decoding of 10 s of codes (T = 500 -> 498 frames,
+'nonoverlap' spans) for B descriptions, with CFG (2B rows per forward), top-p 0.9 sampling at temperature 3.0, the
+same decoding steps. Text conditioning is a lookup table of L tokens per description on both sides (T5 and EnCodec
+are outside the timed region on both sides). The audiocraft model is built first (its own init), its state dict is
+converted with `magnet_jax.lm_weights`, and the two are timed alternately in one run on this machine's default JAX
+backend and torch's CPU threads, float32 both.
+
+Per (model size, batch size): JAX compile time (tracing + lowering + XLA compile, from jax.monitoring events of the
+first call; a new batch size compiles a new program), the median JAX latency of the following calls, the median
+audiocraft latency, and their ratio (audiocraft / JAX, > 1 = JAX faster).
+
+  python benchmarks/generation_latency.py              # --quick (default): 512x8 model, batch 1, 2, 4, steps 4,2,2,2
+  python benchmarks/generation_latency.py --noquick    # batch 1, 2, 4, 8, 16, steps 20,10,10,10, 3 JAX repeats
+  python benchmarks/generation_latency.py --noquick --sizes=512x8,small --batch_sizes=1,4,16
+
+Writes `benchmarks/results/generation_latency.json` and `.png` (latency and ratio vs batch size).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from configs.magnet import SIZES, get_config
+from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
+from magnet_jax.lm import LanguageModel, LMConfig, count_params
+from magnet_jax.lm_weights import params_from_audiocraft
+
+_QUICK = flags.DEFINE_bool("quick", True, "short run: batch 1,2,4, steps 4,2,2,2, one timed call each")
+_SIZES = flags.DEFINE_list("sizes", ["512x8"], "models: 512x8 (dim 512, 8 layers, 8 heads) and/or presets "
+                           f"({', '.join(s for s in SIZES if s != 'tiny')})")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "override the batch sizes")
+_STEPS = flags.DEFINE_list("steps", None, "override the decoding steps per codebook")
+_DURATION = flags.DEFINE_float("duration", 10.0, "seconds of audio (50 frames per second)")
+_COND_LENGTH = flags.DEFINE_integer("cond_length", 16, "text tokens per description")
+_REPEATS = flags.DEFINE_integer("repeats", None, "timed JAX calls per point (default 1 quick, 3 full)")
+_TORCH_REPEATS = flags.DEFINE_integer("torch_repeats", 1, "timed audiocraft calls per point")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/generation_latency", "output path without extension")
+
+FRAME_RATE = 50
+N_BINS = 1000  # lookup-table text vocabulary
+
+
+def lm_config(size: str) -> LMConfig:
+    if size == "512x8":
+        return LMConfig(dim=512, num_heads=8, num_layers=8, card=2048, cond_dim=768)
+    if size not in SIZES or size == "tiny":
+        raise app.UsageError(f"--sizes: unknown model {size!r}")
+    return LMConfig.from_config(get_config(f"size={size}").model)
+
+
+def install_audiocraft() -> None:
+    """Makes audiocraft 1.3.0 importable on this machine (the test suite's import stubs, dependencies.md §7)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import audiocraft_stubs
+    audiocraft_stubs.install()
+
+
+def build_audiocraft(config: LMConfig, duration: float):
+    """audiocraft's MagnetLMModel (xformers path emulated with SDPA, band mask honoured) + the same params for JAX."""
+    import torch
+    import audiocraft.modules.transformer as transformer
+    from audiocraft.models.lm_magnet import MagnetLMModel
+    from audiocraft.modules.codebooks_patterns import ParallelPatternProvider
+    from audiocraft.modules.conditioners import ConditionFuser, ConditioningProvider, LUTConditioner
+
+    class TokensConditioner(LUTConditioner):
+        """Descriptions are space-separated token ids (all of the same length here): a T5-shaped condition."""
+
+        def tokenize(self, texts):
+            length = _COND_LENGTH.value
+            ids = torch.tensor([[int(w) for w in t.split()] if t is not None else [0] * length for t in texts])
+            mask = torch.tensor([[int(t is not None)] * length for t in texts], dtype=torch.int32)
+            return ids, mask
+
+    transformer.set_efficient_attention_backend("xformers")
+    torch.manual_seed(0)
+    c = config
+    provider = ConditioningProvider(
+        {"description": TokensConditioner(n_bins=N_BINS, dim=c.cond_dim, output_dim=c.dim, tokenizer="noop")})
+    fuser = ConditionFuser({"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []})
+    lm = MagnetLMModel(
+        pattern_provider=ParallelPatternProvider(n_q=c.n_q, empty_initial=-1), condition_provider=provider,
+        fuser=fuser, n_q=c.n_q, card=c.card, dim=c.dim, num_heads=c.num_heads, num_layers=c.num_layers,
+        hidden_scale=c.hidden_scale, cross_attention=True, causal=False, norm_first=True, bias_proj=False,
+        bias_ff=False, bias_attn=False, activation="gelu", dropout=0.0, positional_embedding="sin", device="cpu",
+        dtype=torch.float32, subcodes_context=c.subcodes_context, compression_model_framerate=FRAME_RATE,
+        segment_duration=int(np.ceil(duration)), span_len=3, memory_efficient=True).eval()
+    state = {k: v.numpy() for k, v in lm.state_dict().items() if not k.endswith("description.embed.weight")}
+    params = jax.tree.map(jnp.asarray, params_from_audiocraft(state, c, source="audiocraft benchmark model"))
+    table = provider.conditioners["description"].embed.weight.detach().numpy()
+    return lm, params, table
+
+
+def compile_seconds(fn) -> tuple[float, float]:
+    """Runs `fn` once; returns (seconds spent tracing, lowering and compiling, total seconds)."""
+    events = []
+
+    def listener(name, seconds, **_):
+        if name.startswith("/jax/core/compile/"):
+            events.append(seconds)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    start = time.perf_counter()
+    fn()
+    total = time.perf_counter() - start
+    jax.monitoring.unregister_event_duration_listener(listener)
+    return sum(events), total
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(size: str, batch_sizes: list[int], dp: DecodeParams, repeats: int) -> list[dict]:
+    import torch
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    config = lm_config(size)
+    length = int(_DURATION.value * FRAME_RATE)
+    lm, params, table = build_audiocraft(config, _DURATION.value)
+    model = LanguageModel(config)
+    rows = []
+    for batch in batch_sizes:
+        ids = np.random.default_rng(batch).integers(1, N_BINS, (batch, _COND_LENGTH.value))
+        cond = TextConditioning(jnp.asarray(table[ids]), jnp.ones(ids.shape, jnp.int32), None)
+
+        def run_jax():
+            generate_codes(model, params, cond, jax.random.key(0), dp, length=length).block_until_ready()
+
+        conditions = [ConditioningAttributes(text={"description": " ".join(map(str, r))}) for r in ids]
+
+        def run_torch():
+            with torch.no_grad():
+                lm.generate(conditions=conditions, max_gen_len=length, use_sampling=True, temp=dp.temperature,
+                            top_k=0, top_p=dp.top_p, max_cfg_coef=dp.max_cfg, min_cfg_coef=dp.min_cfg,
+                            decoding_steps=list(dp.decoding_steps), span_arrangement=dp.span_arrangement)
+
+        compile_s, first_s = compile_seconds(run_jax)
+        jax_times = timed(run_jax, repeats)
+        torch_times = timed(run_torch, _TORCH_REPEATS.value)
+        jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+        row = {"size": size, "batch": batch, "compile_s": round(compile_s, 2), "first_call_s": round(first_s, 2),
+               "jax_s": round(jax_s, 3), "jax_all_s": [round(t, 3) for t in jax_times],
+               "torch_s": round(torch_s, 3), "torch_all_s": [round(t, 3) for t in torch_times],
+               "ratio": round(torch_s / jax_s, 2),
+               "jax_ms_per_forward": round(1e3 * jax_s / sum(dp.decoding_steps), 1),
+               "audio_s_per_s": round(batch * _DURATION.value / jax_s, 2)}
+        print(f"{size:6} B={batch:<3} compile {row['compile_s']:7.2f} s  jax {row['jax_s']:8.3f} s  "
+              f"audiocraft {row['torch_s']:8.3f} s  ratio {row['ratio']:5.2f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_latency, ax_ratio) = plt.subplots(1, 2, figsize=(10, 4))
+    for size in dict.fromkeys(r["size"] for r in rows):
+        rs = [r for r in rows if r["size"] == size]
+        batches = [r["batch"] for r in rs]
+        ax_latency.plot(batches, [r["jax_s"] for r in rs], "o-", label=f"{size} JAX")
+        ax_latency.plot(batches, [r["torch_s"] for r in rs], "s--", label=f"{size} audiocraft")
+        ax_ratio.plot(batches, [r["ratio"] for r in rs], "o-", label=size)
+    ax_latency.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency (s)", title="generation latency")
+    ax_ratio.axhline(1.0, color="gray", lw=0.8)
+    ax_ratio.set(xscale="log", xlabel="batch size", ylabel="audiocraft / JAX", title="speed-up")
+    for ax in (ax_latency, ax_ratio):
+        ax.set_xticks(sorted({r["batch"] for r in rows}), labels=sorted({r["batch"] for r in rows}))
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    quick = _QUICK.value
+    batch_sizes = [int(b) for b in _BATCH_SIZES.value or ((1, 2, 4) if quick else (1, 2, 4, 8, 16))]
+    steps = tuple(int(s) for s in _STEPS.value or ((4, 2, 2, 2) if quick else (20, 10, 10, 10)))
+    repeats = _REPEATS.value or (1 if quick else 3)
+    dp = DecodeParams(decoding_steps=steps)  # music defaults: top-p 0.9, temperature 3, CFG 10 -> 1, nonoverlap
+    install_audiocraft()
+    import torch
+    device = jax.devices()[0]
+    meta = {"device": f"{device.platform}: {device.device_kind}", "jax_devices": jax.device_count(),
+            "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
+            "duration_s": _DURATION.value, "decoding_steps": list(steps), "cond_length": _COND_LENGTH.value,
+            "jax_repeats": repeats, "torch_repeats": _TORCH_REPEATS.value, "dtype": "float32",
+            "sampling": "top-p 0.9, temperature 3.0, CFG 10->1, nonoverlap spans"}
+    rows = []
+    for size in _SIZES.value:
+        print(f"{size}: {count_params(lm_config(size)) / 1e6:.1f} M params", flush=True)
+        rows += measure(size, batch_sizes, dp, repeats)
+
+    print(f"\n{meta['device']}, {meta['cpu_count']} CPUs; {_DURATION.value:g} s of audio, steps {list(steps)}")
+    print(f"{'model':7} {'batch':>5} {'compile s':>10} {'JAX s':>9} {'audiocraft s':>13} {'ratio':>6} "
+          f"{'ms/forward':>11} {'audio s/s':>10}")
+    for r in rows:
+        print(f"{r['size']:7} {r['batch']:5d} {r['compile_s']:10.2f} {r['jax_s']:9.3f} {r['torch_s']:13.3f} "
+              f"{r['ratio']:6.2f} {r['jax_ms_per_forward']:11.1f} {r['audio_s_per_s']:10.2f}")
+    out = Path(_OUT.value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    plot(rows, out.with_suffix(".png"), f"{meta['device']}, {meta['cpu_count']} CPUs, {_DURATION.value:g} s, "
+                                        f"steps {list(steps)}, float32")
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    app.run(main)

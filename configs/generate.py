@@ -1,0 +1,54 @@
+r"""Batch offline generation job config (`python -m magnet_jax.generate`).
+
+  python -m magnet_jax.generate --config=configs/generate.py:source=facebook/magnet-small-10secs \
+      --prompts=prompts.jsonl --output_dir=/tmp/magnet_out --config.batch_size=16 --config.output.write_codes
+
+Preset options (the arg string after the file name):
+  source:   the model: a hub id (audiocraft release, e.g. facebook/magnet-small-10secs), a converted checkpoint
+            directory (`config.json` + params), an audiocraft-format directory (`state_dict.bin` +
+            `compression_state_dict.bin`), or a training workdir (its newest params export)
+  duration: seconds of audio per sample (at most the model's training segment)
+  task:     music | sound: picks the generation defaults (temperature, top-p, CFG) of configs/magnet.py
+
+The `generate` section starts from configs/magnet.py's `generate` section for that duration and task (the released
+models' defaults, magnet-spec §6.2); single fields are overridden as usual (`--config.generate.top_p=0.95`,
+`--config.generate.decoding_steps='(20,10,10,10)'`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import magnet
+from configs.common import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = parse_arg(arg, source="facebook/magnet-small-10secs", duration=10, task="music")
+    if arg.duration <= 0:
+        raise ValueError(f"duration={arg.duration}: expected a positive number of seconds")
+    base = magnet.get_config(f"size=tiny,duration={arg.duration},task={arg.task}")
+    c = ml_collections.ConfigDict()
+    c.source = arg.source
+    c.t5 = ""  # text encoder (hub id or dir) instead of the checkpoint's; "" = the checkpoint's
+    c.codec = ""  # EnCodec (hub id, dir or file) instead of the checkpoint's; "" = the checkpoint's
+    c.dtype = "float32"  # LM compute dtype ("bfloat16" on accelerators); params keep their stored dtype
+
+    c.seed = 0  # seed of prompts that give none
+    c.num_samples = 1  # samples per prompt when a prompt line gives none
+    c.batch_size = 8  # rows per generation step over all devices and hosts (multiple of the data-parallel size)
+    c.text_length = base.conditioner.max_length  # descriptions are padded to this many tokens (one compile)
+
+    generate = base.generate.to_dict()  # references resolved: a plain copy
+    generate.update(duration=float(arg.duration),
+                    decoding_steps=tuple(generate["decoding_steps"]))  # a tuple can be overridden by a flag
+    c.generate = ml_collections.ConfigDict(generate)
+
+    # Data parallel over every device of every host; `tensor` > 1 shards the LM by the rules (large models).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    c.sharding_rules = list(base.sharding_rules)
+
+    c.output = ml_collections.ConfigDict()
+    c.output.format = "wav"  # soundfile container: wav | flac
+    c.output.subtype = "PCM_16"  # soundfile sample format (PCM_16, PCM_24, FLOAT)
+    c.output.write_codes = False  # also write the EnCodec codes `<id>.npy` ([K, T] int16)
+    return c

@@ -1,0 +1,167 @@
+r"""Locally created text encoder and codec for the quickstart and tests (no downloads).
+
+  python -m data_pipelines.make_tiny_assets --corpus=quickstart_out/corpus --output=quickstart_out/assets
+
+Writes, in the on-disk formats the real models use:
+  <output>/t5/     a random T5 encoder (`t5_dim` of the tiny preset) with a sentencepiece tokenizer trained on the
+                   corpus descriptions (transformers layout: config.json, model.safetensors, spiece.model)
+  <output>/codec/  a random EnCodec of the tiny preset (configs/magnet.py `CODECS["tiny"]`, 32 kHz, 50 Hz, 4 x 64)
+                   whose codebooks are fitted on corpus audio (`encodec.init_encodec`), in the transformers layout
+                   (config.json + model.safetensors; plain conv weights, weight norm already folded)
+Neither model is trained: they exercise the real pipeline (encode, train, generate) end to end, not music quality.
+`make_random_lm` adds an untrained tiny LM in the converted-checkpoint format that names both, a complete model for
+generation tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import soundfile as sf
+from safetensors.numpy import save_file
+
+from configs.magnet import get_config
+from magnet_jax import encodec
+from magnet_jax.api import to_codec_audio
+from magnet_jax.encodec import EncodecConfig
+from magnet_jax.encodec_weights import HF_CONFIG, HF_WEIGHTS, _conv_prefix, _module_names
+from magnet_jax.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.pretrained import save_pretrained
+from magnet_jax.t5 import write_random_t5
+from magnet_jax.weights import flatten_params
+
+
+def corpus_descriptions(corpus: str | os.PathLike) -> list[str]:
+    """The `description` (and other text fields) of every `.json` sidecar in `corpus`, as tokenizer training text."""
+    texts = []
+    for sidecar in sorted(Path(corpus).glob("*.json")):
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        texts += [str(v) for k, v in meta.items() if isinstance(v, str)]
+        texts += [" ".join(map(str, v)) for v in meta.values() if isinstance(v, list)]
+    if not texts:
+        raise ValueError(f"{corpus}: no .json sidecars with text (run data_pipelines.synthetic_corpus first)")
+    return texts
+
+
+def calibration_audio(corpus: str | os.PathLike, sample_rate: int, *, max_files: int = 8) -> np.ndarray:
+    """Up to `max_files` corpus clips, mono at `sample_rate`, cut to the shortest: `[B, 1, N]` float32."""
+    files = sorted(p for p in Path(corpus).iterdir() if p.suffix in (".wav", ".flac", ".ogg", ".mp3"))[:max_files]
+    if not files:
+        raise ValueError(f"{corpus}: no audio files")
+    clips = []
+    for f in files:
+        wav, sr = sf.read(str(f), dtype="float32", always_2d=True)
+        clips.append(to_codec_audio(wav.T[None], sr, sample_rate)[0])
+    n = min(c.shape[-1] for c in clips)
+    return np.stack([c[..., :n] for c in clips])
+
+
+def hf_config(config: EncodecConfig) -> dict:
+    """A transformers `EncodecConfig` dict describing `config` (the inverse of `EncodecConfig.from_hf_config`)."""
+    bits = int(np.ceil(np.log2(config.card)))
+    return {"model_type": "encodec", "sampling_rate": config.sample_rate, "audio_channels": config.channels,
+            "upsampling_ratios": list(config.ratios), "num_filters": config.n_filters,
+            "hidden_size": config.dimension, "codebook_dim": config.dimension, "codebook_size": config.card,
+            "target_bandwidths": [config.n_q * np.ceil(config.frame_rate) * bits / 1000],
+            "num_lstm_layers": config.num_lstm_layers, "pad_mode": config.pad_mode,
+            "num_residual_layers": config.n_residual_layers, "compress": config.compress,
+            "kernel_size": config.kernel_size, "last_kernel_size": config.last_kernel_size,
+            "residual_kernel_size": config.residual_kernel_size, "dilation_growth_rate": config.dilation_base,
+            "use_conv_shortcut": not config.true_skip, "use_causal_conv": False, "normalize": False,
+            "norm_type": "weight_norm", "chunk_length_s": None, "overlap": None, "trim_right_ratio": 1.0}
+
+
+def state_dict(config: EncodecConfig, params) -> dict[str, np.ndarray]:
+    """Params -> a transformers EnCodec state dict (plain `weight`s; the inverse of `params_from_state_dict`)."""
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
+    state = {}
+    for path, (module, kind) in _module_names(config).items():
+        prefix = "/".join(path)
+        if kind == "lstm":
+            for layer in range(config.num_lstm_layers):
+                base = f"{prefix}/layer_{layer}"
+                state[f"{module}.lstm.weight_ih_l{layer}"] = flat[f"{base}/input_kernel"].T
+                state[f"{module}.lstm.weight_hh_l{layer}"] = flat[f"{base}/recurrent_kernel"].T
+                state[f"{module}.lstm.bias_ih_l{layer}"] = flat[f"{base}/bias"]
+                state[f"{module}.lstm.bias_hh_l{layer}"] = np.zeros_like(flat[f"{base}/bias"])
+            continue
+        convs = [("", "")]
+        if kind == "residual":
+            convs = [("conv_a", "block.1"), ("conv_b", "block.3")]
+            convs += [] if config.true_skip else [("shortcut", "shortcut")]
+        for flax_name, sub in convs:
+            name = _conv_prefix(module, sub, "transformers", kind == "convtr")
+            kernel = flat[f"{prefix}/{flax_name}/kernel" if flax_name else f"{prefix}/kernel"]  # [k, in, out]
+            state[f"{name}.weight"] = np.ascontiguousarray(kernel.transpose(1, 2, 0) if kind == "convtr"
+                                                           else kernel.transpose(2, 1, 0))
+            state[f"{name}.bias"] = flat[f"{prefix}/{flax_name}/bias" if flax_name else f"{prefix}/bias"]
+    for level in range(config.n_q):
+        state[f"quantizer.layers.{level}.codebook.embed"] = np.ascontiguousarray(flat["quantizer/codebooks"][level])
+    return state
+
+
+def make_codec(directory: str | os.PathLike, config: EncodecConfig, calibration_wav: np.ndarray, *,
+               seed: int = 0) -> Path:
+    """Writes a random codec with codebooks fitted on `calibration_wav` `[B, 1, N]` (loadable by `load_encodec`)."""
+    params = encodec.init_encodec(config, seed, calibration_wav)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict(config, params), str(directory / HF_WEIGHTS))
+    (directory / HF_CONFIG).write_text(json.dumps(hf_config(config), indent=2) + "\n")
+    return directory
+
+
+def make_assets(corpus: str | os.PathLike, output: str | os.PathLike, *, seed: int = 0) -> dict[str, Path]:
+    """The tiny preset's text encoder and codec, built from the corpus: `{"t5": dir, "codec": dir}`."""
+    tiny = get_config("size=tiny")
+    output = Path(output)
+    codec_config = EncodecConfig.from_config(tiny.codec)
+    return {
+        "t5": write_random_t5(output / "t5", corpus=corpus_descriptions(corpus), d_model=tiny.conditioner.t5_dim,
+                              seed=seed),
+        "codec": make_codec(output / "codec", codec_config, calibration_audio(corpus, codec_config.sample_rate),
+                            seed=seed),
+    }
+
+
+def make_random_lm(directory: str | os.PathLike, assets: dict[str, Path], *, segment_seconds: float,
+                   seed: int = 0) -> Path:
+    """An untrained tiny MAGNeT LM in the converted-checkpoint format (`pretrained.save_pretrained`) whose config
+    names the `assets` text encoder and codec: a complete model for generation tests without training."""
+    tiny = get_config("size=tiny")
+    model = LMConfig.from_config(tiny.model)
+    params = nn.meta.unbox(init_params(LanguageModel(model), jax.random.key(seed)))
+    generate = {k: v for k, v in tiny.generate.to_dict().items() if k != "duration"}
+    save_pretrained(directory, params, {
+        "model": model.to_dict(), "conditioner": {"t5": str(assets["t5"]), "t5_dim": tiny.conditioner.t5_dim},
+        "codec": {"source": str(assets["codec"])}, "segment_seconds": float(segment_seconds),
+        "generate": {**generate, "span_len": tiny.masking.span_len},
+        "provenance": {"source": "data_pipelines.make_tiny_assets", "weights": "random", "seed": seed}})
+    return Path(directory)
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    try:
+        paths = make_assets(FLAGS.corpus, FLAGS.output, seed=FLAGS.seed)
+    except (ValueError, OSError) as e:
+        sys.exit(f"make_tiny_assets: {e}")
+    for name, path in paths.items():
+        print(f"{name}: {path.resolve()}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("corpus", None, "directory of audio clips with .json sidecars (synthetic_corpus)",
+                        required=True)
+    flags.DEFINE_string("output", None, "directory for t5/ and codec/", required=True)
+    flags.DEFINE_integer("seed", 0, "seed of the random weights")
+    FLAGS = flags.FLAGS
+    app.run(main)

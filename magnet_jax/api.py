@@ -1,0 +1,339 @@
+r"""Python generation API in the spirit of audiocraft's `MAGNeT` (magnet-spec §6.2, §6.10), for notebooks.
+
+  from magnet_jax.api import MAGNeT
+  model = MAGNeT.from_pretrained("facebook/magnet-small-10secs")   # or a converted dir, or a training workdir
+  model.set_generation_params(temperature=3.0, top_p=0.9, decoding_steps=[20, 10, 10, 10])
+  out = model.generate(["80s rock song with a guitar solo", "calm piano"], seed=0)
+  out.audio        # [B, 1, N] float32 at model.sample_rate
+  out.codes        # [B, K, T] int32 EnCodec codes
+  out = model.generate_continuation(wav, 44100, ["jazz trio"], seed=1)   # wav [B, C, N] or [C, N]
+
+`source` is a hub id (audiocraft release: `state_dict.bin` + `compression_state_dict.bin`, imported by
+`magnet_jax.lm_weights`), a directory (converted checkpoint in the `magnet_jax.pretrained` format, or audiocraft
+files), or a training workdir (its params export, else the EMA params of its newest checkpoint). The text encoder
+and the codec named by the checkpoint are loaded with it (override with `t5=` / `codec=`).
+
+Differences from audiocraft, all deliberate:
+  * Randomness is explicit: row i of a call with `seed=s` uses the key `fold_in(key(s), i)`, so the same call gives
+    the same audio, and `seed` picks others. The batch job (`magnet_jax.generate`) uses the same keys.
+  * Each row is conditioned as in a batch of one (it attends its own description's tokens). audiocraft pads every
+    row to the batch's longest description and attends the zero padding, so there a sample depends on its batch
+    mates; here it depends only on its description, prompt and key.
+  * Generation parameters use the config names (`max_cfg`, `min_cfg`, as in configs/magnet.py's `generate`
+    section) and `set_generation_params` changes only the parameters it is given. `duration` may be shortened
+    below the model's training segment (default: the segment, as audiocraft).
+
+Everything runs on a device mesh (default: every device, data parallel; `mesh=` takes a `mesh` config section):
+rows are sharded over the batch axes, the LM params follow the logical-axis rules, T5 and EnCodec are replicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import soxr
+from jax.experimental import multihost_utils
+
+from configs.generate import get_config as generate_defaults
+from magnet_jax import checkpointing, conditioner, decoding, encodec, pretrained, sharding, train_lib
+from magnet_jax.encodec_weights import load_encodec
+from magnet_jax.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.t5 import load_t5
+from magnet_jax.weights import WeightsError
+
+GENERATION_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.DecodeParams)) + ("duration",)
+SETTINGS = ("t5", "codec", "dtype", "mesh", "sharding_rules", "text_length")  # configs/generate.py fields read here
+
+
+class Generation(NamedTuple):
+    """What `generate` / `generate_continuation` return (host NumPy)."""
+    audio: np.ndarray  # [B, 1, N] float32 at `MAGNeT.sample_rate`, N = T * hop
+    codes: np.ndarray  # [B, K, T] int32, prompt codes included
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model sources
+
+def load_lm(source: str) -> tuple[dict, dict]:
+    """Any LM source -> (config.json dict, host params): a training workdir (params export, else the EMA params of its
+    newest checkpoint), a converted checkpoint, or released weights (hub id, directory or file)."""
+    path = Path(source).expanduser()
+    if (path / "checkpoints").is_dir() or (path / "export").is_dir():
+        export = path / "export"
+        if (export / pretrained.CONFIG_FILE).is_file():
+            return pretrained.load_pretrained(export)
+        return _load_training_checkpoint(path)
+    return pretrained.load_lm(source)
+
+
+def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
+    """EMA params of the newest checkpoint of a run without a params export yet (still training), and the config
+    its export will have."""
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    if not steps or not (workdir / "config.json").is_file():
+        raise WeightsError(f"training workdir {workdir}: no params export and no checkpoint with a config.json")
+    train_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    state_dir = workdir / "checkpoints" / str(steps[-1]) / checkpointing.STATE
+    abstract, _ = train_lib.train_state_shardings(train_config, _host_mesh())
+    target = {"ema_params": abstract.ema_params}
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+            partial_restore=True))
+    except Exception as e:  # missing or truncated checkpoint files: one line
+        raise WeightsError(f"{state_dir}: cannot restore the EMA params ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    model = LMConfig.from_config(train_config.model).to_dict()
+    config = {  # what `train_lib.export_params` writes at the end of the run
+        "model": model,
+        "conditioner": {"t5": train_config.conditioner.t5, "t5_dim": train_config.conditioner.t5_dim},
+        "codec": {"source": train_config.codec.source},
+        "segment_seconds": float(train_config.data.segment_seconds),
+        "generate": train_config.generate.to_dict(),
+        "provenance": {"source": str(workdir), "step": steps[-1], "weights": "ema", "dtype": model["param_dtype"]},
+    }
+    return config, restored["ema_params"]
+
+
+def _host_mesh():
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Audio
+
+def to_codec_audio(wav: np.ndarray, sample_rate: int, codec_rate: int) -> np.ndarray:
+    """`[B, C, N]` audio at `sample_rate` -> mono `[B, 1, N']` float32 at `codec_rate` (channel mean, soxr VHQ)."""
+    mono = np.asarray(wav, np.float32).mean(axis=1)
+    if sample_rate != codec_rate:
+        mono = np.stack([soxr.resample(row, sample_rate, codec_rate, quality="VHQ") for row in mono])
+    return np.ascontiguousarray(mono[:, None], dtype=np.float32)
+
+
+def row_keys(seeds_and_indices: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Raw `[B, 2]` uint32 PRNG keys `fold_in(key(seed), index)`, one per row (seeds in [0, 2**32))."""
+    bad = [seed for seed, _ in seeds_and_indices if not 0 <= seed < 2 ** 32]
+    if bad:
+        raise ValueError(f"seed {bad[0]}: expected an integer in [0, 2**32)")
+    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index)))
+                     for seed, index in seeds_and_indices]).astype(np.uint32)
+
+
+def _global(x: np.ndarray, sharding_: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host array every process holds in full."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
+
+
+def local_rows(x: jax.Array) -> dict[int, np.ndarray]:
+    """The rows of a batch-sharded global array held by this process: `{row index: row}`."""
+    rows = {}
+    for shard in x.addressable_shards:
+        start = shard.index[0].start or 0
+        data = np.asarray(shard.data)
+        for i in range(data.shape[0]):
+            rows.setdefault(start + i, data[i])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+class MAGNeT:
+    """A MAGNeT text-to-music / text-to-sound model ready to generate: LM + T5 + EnCodec on a device mesh."""
+
+    def __init__(self, config: Mapping[str, Any], lm_params, settings: ml_collections.ConfigDict):
+        """Builds from a config.json dict, its LM params, and `settings` (a configs/generate.py config: t5, codec,
+        dtype, mesh, sharding_rules, text_length; its `source` and `generate` sections are not read here)."""
+        self.config = dict(config)
+        lm_config = LMConfig.from_config({**config["model"], "dtype": settings.dtype})
+        if lm_config.causal:
+            raise WeightsError(f"{config.get('provenance', {}).get('source', 'model')}: a causal (MusicGen) model; "
+                               "MAGNeT generation needs a non-causal one")
+        self.model = LanguageModel(lm_config)
+        self.mesh = sharding.make_mesh(settings.mesh)
+        self.rules = sharding.logical_rules(settings)
+        self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+        self.batch_multiple = math.prod(self.mesh.shape[a] for a in self.batch_sharding.spec[0])
+        self.text_length = int(settings.text_length)
+
+        abstract = jax.eval_shape(lambda k: init_params(self.model, k), jax.random.key(0))
+        self.lm_params = jax.device_put(lm_params, sharding.logical_shardings(abstract, self.mesh, self.rules))
+        self.t5_source = settings.t5 or config["conditioner"]["t5"]
+        self.tokenizer = conditioner.TextTokenizer(self.t5_source, max_length=self.text_length)
+        self.t5_config, t5_params = load_t5(self.t5_source)
+        if self.t5_config.d_model != lm_config.cond_dim:
+            raise WeightsError(f"text encoder {self.t5_source}: d_model {self.t5_config.d_model} but the LM expects "
+                               f"cond_dim {lm_config.cond_dim}")
+        self.t5_params = jax.device_put(
+            t5_params, train_lib.text_encoder_shardings(self.t5_config, self.mesh, self.rules))
+        self.codec_source = settings.codec or config["codec"]["source"]
+        self.codec_config, codec_params = load_encodec(self.codec_source)
+        if (self.codec_config.n_q, self.codec_config.card) != (lm_config.n_q, lm_config.card):
+            raise WeightsError(f"codec {self.codec_source}: {self.codec_config.n_q} codebooks of "
+                               f"{self.codec_config.card} but the LM models {lm_config.n_q} of {lm_config.card}")
+        self.codec_params = jax.device_put(codec_params, sharding.replicated(self.mesh))
+        self.segment_seconds = float(config["segment_seconds"])
+        stored = {k: v for k, v in config.get("generate", {}).items() if k in GENERATION_PARAMS}
+        self._params = {**dataclasses.asdict(decoding.DecodeParams()), **stored, "duration": self.segment_seconds}
+        self._condition = jax.jit(functools.partial(_condition, self.t5_config, self.tokenizer.pad_id))
+
+    @classmethod
+    def from_pretrained(cls, source: str, **settings) -> "MAGNeT":
+        """Loads a model.
+
+        Args:
+          source: hub id, converted checkpoint dir, audiocraft-format dir/file, or training workdir.
+          **settings: top-level fields of configs/generate.py: `t5` / `codec` (sources instead of the ones the
+            checkpoint names), `dtype` (LM compute dtype, "bfloat16" on accelerators), `mesh` (a mesh section;
+            default every device data parallel), `sharding_rules`, `text_length` (descriptions are padded and
+            truncated to this many tokens).
+        """
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+        config = generate_defaults()
+        config.update(settings)
+        return cls(*load_lm(source), config)
+
+    # --- properties -----------------------------------------------------------------------------------------
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.codec_config.sample_rate)
+
+    @property
+    def frame_rate(self) -> float:
+        return float(self.codec_config.frame_rate)
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio per sample (prompt included)."""
+        return float(self._params["duration"])
+
+    @property
+    def generation_params(self) -> dict:
+        return dict(self._params)
+
+    @property
+    def decode_params(self) -> decoding.DecodeParams:
+        return decoding.DecodeParams.from_config(self._params)
+
+    @property
+    def num_frames(self) -> int:
+        """Code frames per sample: `int(duration * frame_rate)`, trimmed to whole spans in 'nonoverlap' mode."""
+        return self.decode_params.output_length(int(self.duration * self.frame_rate))
+
+    def set_generation_params(self, **params) -> None:
+        """Changes the given generation parameters (the others keep their values).
+
+        Names: decoding_steps, temperature, anneal_temp, top_p, top_k, use_sampling, max_cfg, min_cfg,
+        span_arrangement, span_scoring, span_len (see `magnet_jax.decoding.DecodeParams`), and duration (seconds,
+        at most the model's training segment).
+        """
+        unknown = sorted(set(params) - set(GENERATION_PARAMS))
+        if unknown:
+            raise ValueError(f"unknown generation parameter(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(GENERATION_PARAMS)}")
+        updated = {**self._params, **params}
+        if "decoding_steps" in params:
+            updated["decoding_steps"] = [int(s) for s in params["decoding_steps"]]
+        decode_params = decoding.DecodeParams.from_config(updated)  # validates
+        if len(decode_params.decoding_steps) != self.model.config.n_q:
+            raise ValueError(f"decoding_steps={list(decode_params.decoding_steps)}: expected "
+                             f"{self.model.config.n_q} entries (one per codebook)")
+        if not 0 < float(updated["duration"]) <= self.segment_seconds:
+            raise ValueError(f"duration={updated['duration']}: expected 0 < duration <= the model's training "
+                             f"segment {self.segment_seconds:g} s")
+        if decode_params.output_length(int(float(updated["duration"]) * self.frame_rate)) < 1:
+            raise ValueError(f"duration={updated['duration']}: shorter than one span")
+        updated["duration"] = float(updated["duration"])
+        self._params = updated
+
+    # --- generation -----------------------------------------------------------------------------------------
+
+    def generate(self, descriptions: Sequence[str | None], *, seed: int = 0) -> Generation:
+        """Text-to-music: one sample per description (None or "" = unconditional)."""
+        return self._generate(list(descriptions), seed, prompt=None)
+
+    def generate_continuation(self, prompt, prompt_sample_rate: int,
+                              descriptions: Sequence[str | None] | None = None, *, seed: int = 0) -> Generation:
+        """Continues audio prompts: `prompt` `[B, C, N]` or `[C, N]` at `prompt_sample_rate`.
+
+        The prompt is downmixed, resampled to the codec rate and encoded (Tp = ceil(N' / hop) frames, fewer than
+        `num_frames`); its codes stay in the output, which still has `num_frames` frames in all.
+        """
+        wav = np.asarray(prompt, np.float32)
+        wav = wav[None] if wav.ndim == 2 else wav
+        if wav.ndim != 3 or wav.shape[-1] == 0:
+            raise ValueError(f"prompt: expected audio [B, C, N] or [C, N], got shape {np.shape(prompt)}")
+        descriptions = [None] * wav.shape[0] if descriptions is None else list(descriptions)
+        if len(descriptions) != wav.shape[0]:
+            raise ValueError(f"{len(descriptions)} descriptions for {wav.shape[0]} prompts")
+        return self._generate(descriptions, seed, prompt=self.encode_audio(wav, prompt_sample_rate))
+
+    def _generate(self, descriptions: list, seed: int, prompt: np.ndarray | None) -> Generation:
+        n = len(descriptions)
+        if n == 0:
+            raise ValueError("no descriptions given")
+        pad = -n % self.batch_multiple  # rows that fill the last device; dropped below
+        keys = row_keys([(seed, i) for i in range(n)] + [(seed, 0)] * pad)
+        if prompt is not None:
+            prompt = np.concatenate([prompt, np.repeat(prompt[:1], pad, axis=0)])
+        codes = self.generate_codes(descriptions + descriptions[:1] * pad, keys, prompt)
+        audio = self.decode_audio(codes)
+        gather = functools.partial(multihost_utils.process_allgather, tiled=True)
+        return Generation(audio=np.asarray(gather(audio))[:n], codes=np.asarray(gather(codes))[:n])
+
+    def encode_audio(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Audio `[B, C, N]` at `sample_rate` -> codes `[B, K, ceil(N' / hop)]` int32 (N' samples at the codec rate)."""
+        audio = to_codec_audio(wav, sample_rate, self.sample_rate)
+        codes = encodec.encode(self.codec_config, self.codec_params, _global(audio, sharding.replicated(self.mesh)))
+        return np.asarray(codes.addressable_data(0))
+
+    def generate_codes(self, descriptions: Sequence[str | None], keys: np.ndarray,
+                       prompt: np.ndarray | None = None) -> jax.Array:
+        """The sharded core: B rows -> codes `[B, K, num_frames]` (a global array sharded over the batch axes).
+
+        Args:
+          descriptions: B descriptions (None = unconditional); B a multiple of `batch_multiple`.
+          keys: `[B, 2]` uint32 row keys (`row_keys`).
+          prompt: optional `[B, K, Tp]` prompt codes, the same Tp for every row.
+        Every process passes the same arguments.
+        """
+        n = len(descriptions)
+        if n % self.batch_multiple:
+            raise ValueError(f"{n} rows: expected a multiple of {self.batch_multiple} (the batch's device count)")
+        tokens = self.tokenizer(descriptions)
+        extra = ((0, 0), (0, self.text_length - tokens["ids"].shape[1]))
+        ids = np.pad(tokens["ids"], extra, constant_values=self.tokenizer.pad_id)
+        mask = np.pad(tokens["mask"], extra)
+        # The computation follows the shardings of its inputs (rows over the batch axes, params as placed). No mesh
+        # context: under one, Linen's shape check of DenseGeneral kernels constrains their flattened init at the
+        # wrong rank; the logical-axis rules are what the decoder reads at trace time.
+        cond = self._condition(self.t5_params, _global(ids, self.batch_sharding), _global(mask, self.batch_sharding))
+        with nn.logical_axis_rules(self.rules):
+            if prompt is not None:
+                prompt = _global(np.asarray(prompt, np.int32), self.batch_sharding)
+            return decoding.generate_codes(self.model, self.lm_params, cond, _global(keys, self.batch_sharding),
+                                           self.decode_params, length=int(self.duration * self.frame_rate),
+                                           prompt=prompt)
+
+    def decode_audio(self, codes: jax.Array) -> jax.Array:
+        """Codes `[B, K, T]` -> audio `[B, 1, T * hop]` float32 (sharded as `codes`)."""
+        return encodec.decode(self.codec_config, self.codec_params, codes)
+
+
+def _condition(t5_config, pad_id: int, t5_params, ids: jax.Array, mask: jax.Array) -> decoding.TextConditioning:
+    """T5 states of the rows, each attending its own tokens (`cross_attend` of a batch of one, row by row)."""
+    states = conditioner.encode_text(t5_config, t5_params, ids, mask)
+    attend = jax.vmap(lambda row: conditioner.cross_attend(row[None], pad_id)[0])(ids)
+    return decoding.TextConditioning(states=states, mask=mask, attend=attend)

@@ -1,0 +1,347 @@
+"""MAGNeT iterative decoding (magnet-spec §6): codebook stages one after another, MaskGIT-style steps within each.
+
+One jitted program runs the whole generation: the text conditioning is projected and its cross-attention keys/values
+computed once, then a `lax.fori_loop` over the codebook stages runs a `lax.fori_loop` over that stage's decoding
+steps (the stage and the step are traced, so the LM is compiled once). Each step
+
+  1. re-masks the least confident units of the previous step: non-overlapping 3-token chunks ('nonoverlap'), the
+     least probable overlapping spans ('stride1', binary search of spec §6.9), or single tokens (span_len 1);
+     the prompt is written back;
+  2. runs the LM once on the classifier-free-guidance batch (2B rows: each row followed by its null-condition twin,
+     so a batch sharded over devices keeps both on the same device) and guides the logits of the stage's head,
+     `uncond + (cond - uncond) * cfg`, cfg annealed from `max_cfg` to `min_cfg` with the mask rate;
+  3. samples (nucleus / top-k / multinomial / greedy argmax) at the annealed temperature and writes the samples
+     into the masked positions only;
+  4. scores the units sampled in this step (1 - max prob, or sum of -log prob) and freezes every other unit.
+
+The per-step schedule (number of units to re-mask, CFG coefficient, temperature) is computed on the host with the
+reference's float32 arithmetic (`stage_schedule`) and enters the program as arrays: the prompt length, the step
+counts (up to the same largest one), the temperature and the CFG coefficients do not force a recompilation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from magnet_jax.lm import LanguageModel
+from magnet_jax.sampling import (FROZEN_SCORE, chunk_scores, least_probable_span_mask, sample_tokens,
+                                 top_units_mask)
+
+SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
+SPAN_SCORINGS = ("max", "prod")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeParams:
+    """Decoding settings (frozen, hashable). Defaults are the reference's music defaults (spec §6.2, §14).
+
+    decoding_steps: steps per codebook stage (one entry per codebook).
+    temperature / anneal_temp: initial softmax temperature; annealed as `temperature * (n - 1 - i) / n`, clamped
+      at 0.01 (spec §6.5).
+    top_p / top_k / use_sampling: nucleus when top_p > 0, else top-k when top_k > 0, else multinomial; greedy
+      argmax when use_sampling is False (confidences still use the tempered softmax).
+    max_cfg / min_cfg: CFG coefficient annealed from max_cfg (all masked) to min_cfg (spec §6.6).
+    span_arrangement: 'nonoverlap' (chunks of span_len tokens, length trimmed to a multiple of span_len) or
+      'stride1' (overlapping spans, spec §6.9).
+    span_scoring: 'max' (1 - max prob in the chunk) or 'prod' (sum of -log prob); nonoverlap only.
+    span_len: span length of the masking scheme (`config.masking.span_len`).
+    """
+    decoding_steps: tuple[int, ...] = (20, 10, 10, 10)
+    temperature: float = 3.0
+    anneal_temp: bool = True
+    top_p: float = 0.9
+    top_k: int = 0
+    use_sampling: bool = True
+    max_cfg: float = 10.0
+    min_cfg: float = 1.0
+    span_arrangement: str = "nonoverlap"
+    span_scoring: str = "max"
+    span_len: int = 3
+
+    def __post_init__(self):
+        steps = tuple(self.decoding_steps)
+        if not steps or any(isinstance(n, bool) or int(n) != n or n < 1 for n in steps):
+            raise ValueError(f"decoding_steps={list(steps)}: expected positive integers, one per codebook")
+        object.__setattr__(self, "decoding_steps", tuple(int(n) for n in steps))
+        if self.span_arrangement not in SPAN_ARRANGEMENTS:
+            raise ValueError(f"span_arrangement={self.span_arrangement!r}: expected one of {SPAN_ARRANGEMENTS}")
+        if self.span_scoring not in SPAN_SCORINGS:
+            raise ValueError(f"span_scoring={self.span_scoring!r}: expected one of {SPAN_SCORINGS}")
+        if int(self.span_len) != self.span_len or self.span_len < 1:
+            raise ValueError(f"span_len={self.span_len!r}: expected a positive integer")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r}: expected a value in [0, 1] (0 = off)")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 = off)")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r}: expected a value >= 0")
+
+    @classmethod
+    def from_config(cls, generate_cfg: Mapping[str, Any], **overrides) -> "DecodeParams":
+        """From the `generate` section of `configs/magnet.py` (or config.json's "generate"), then `overrides`
+        (e.g. `span_len=config.masking.span_len`). `duration` (output length, not a decoding setting) is skipped;
+        any other unknown key is an error."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dict(generate_cfg).items() if k != "duration"}
+        values.update(overrides)
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"generate config: unknown field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @property
+    def chunked(self) -> bool:
+        """Non-overlapping chunk mode (else token mode: stride1 spans, or single tokens when span_len is 1)."""
+        return self.span_len > 1 and self.span_arrangement == "nonoverlap"
+
+    def output_length(self, length: int) -> int:
+        """Frames generated for a requested `length`: trimmed to a multiple of span_len in chunk mode (500 -> 498)."""
+        return self.span_len * (length // self.span_len) if self.chunked else length
+
+    def num_units(self, num_frames: int) -> int:
+        """Re-masking units covering `num_frames` frames: whole chunks (chunk mode) or tokens."""
+        return num_frames // self.span_len if self.chunked else num_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSchedule:
+    """Per-step values of one stage (host NumPy, length n_steps)."""
+    num_masked: np.ndarray   # int32: units re-masked at each step
+    cfg_coef: np.ndarray     # float32: CFG coefficient
+    temperature: np.ndarray  # float32: softmax temperature (clamped at 0.01)
+
+
+def _torch_linspace01(n: int) -> np.ndarray:
+    """`torch.linspace(0, 1, n)` in float32 as the reference computes it on CPU: the first half `step * i`, the
+    second half `1 - step * (n - 1 - i)` with one rounding (the kernel's multiply-add is fused on AVX2 builds)."""
+    if n == 1:
+        return np.zeros(1, np.float32)
+    step = np.float32(1.0) / np.float32(n - 1)
+    idx = np.arange(n)
+    low = (step * idx.astype(np.float32)).astype(np.float32)
+    high = (1.0 - np.float64(step) * (n - 1 - idx)).astype(np.float32)  # exact in float64, rounded once
+    return np.where(idx < n // 2, low, high)
+
+
+def stage_schedule(n_steps: int, n_gen_units: int, params: DecodeParams) -> StageSchedule:
+    """The reference's schedule for one stage with `n_gen_units` units to generate (spec §6.4–6.6).
+
+    mask_p_i = cos(pi/2 * linspace(0, 1, n)_i) in float32; units re-masked = max(int(mask_p_i * n_gen_units), 1)
+    (float32 product, truncated); cfg_i = mask_p_i * max_cfg + (1 - mask_p_i) * min_cfg; temperature_i =
+    temperature * (n - 1 - i) / n when annealed, clamped at 0.01. The cosine is correctly rounded (torch's SIMD
+    cosine is off by one ulp for some angles: no unit count differs for up to 75 steps and 1500 units, a CFG
+    coefficient may differ by one float32 ulp).
+    """
+    angle = _torch_linspace01(n_steps) * np.float32(math.pi) * np.float32(0.5)
+    mask_p = np.cos(angle.astype(np.float64)).astype(np.float32)  # correctly rounded float32 cosine
+    num_masked = np.maximum((mask_p * np.float32(n_gen_units)).astype(np.float32).astype(np.int64), 1)
+    rate = mask_p.astype(np.float64)
+    cfg = rate * params.max_cfg + (1.0 - rate) * params.min_cfg
+    left = np.arange(n_steps - 1, -1, -1, dtype=np.float64)
+    temp = params.temperature * (left / n_steps) if params.anneal_temp else np.full(n_steps, params.temperature)
+    return StageSchedule(num_masked.astype(np.int32), cfg.astype(np.float32),
+                         np.maximum(temp, 1e-2).astype(np.float32))
+
+
+@flax.struct.dataclass
+class TextConditioning:
+    """Text conditioning of the B rows to generate (the null-condition twins are built inside).
+
+    states: `[B, L, Dt]` text-encoder (T5) states.
+    mask:   `[B, L]` text mask (0 at padding and for null descriptions); the projection zeroes those positions.
+    attend: `[B, L]` bool, condition positions cross-attention attends (the reference attends every position up
+      to the batch's longest description, padded zeros included); None = all L positions.
+    """
+    states: jax.Array
+    mask: jax.Array
+    attend: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Loop carry of one stage.
+
+    codes:  `[B, K, T]` int32, mask id (= card) where nothing is decoded yet.
+    scores: `[B, U]` float32 re-masking scores of the stage's units (chunks or tokens); larger = re-masked first,
+      `FROZEN_SCORE` = may not be re-masked.
+    """
+    codes: jax.Array
+    scores: jax.Array
+
+
+def generate_codes(model: LanguageModel, params, condition_inputs: TextConditioning, key: jax.Array,
+                   decode_params: DecodeParams, *, length: int, prompt: jax.Array | None = None) -> jax.Array:
+    """MAGNeT generation of `[B, K, T']` codes.
+
+    Args:
+      model: a non-causal `LanguageModel`.
+      params: its parameters (the `params` collection; boxed or plain).
+      condition_inputs: `TextConditioning` of the B rows (T5 states, masks); the CFG batch adds a null twin per row.
+      key: one PRNG key (split into B row keys) or `[B]` keys, one per row: a row's samples then depend only on
+        its own key and inputs, not on the rest of the batch.
+      decode_params: `DecodeParams`; its sampling and span settings are static (a new value compiles a new
+        program), its step counts, temperature and CFG range are not.
+      length: frames to generate (duration x frame rate), prompt included.
+      prompt: optional `[B, K, Tp]` prompt codes (0 <= Tp < T'), written into all codebooks; their units are never
+        re-masked.
+    Returns:
+      `[B, K, T']` int32 codes, T' = `decode_params.output_length(length)` (498 for 500 in 'nonoverlap'), prompt
+      included. Inputs sharded over the batch keep that sharding (call under the mesh and logical-axis rules the
+      params were sharded with; they are read at trace time).
+    """
+    config, dp = model.config, decode_params
+    if config.causal:
+        raise ValueError("generate_codes: MAGNeT decoding needs a non-causal LanguageModel (config.causal=False)")
+    if len(dp.decoding_steps) != config.n_q:
+        raise ValueError(f"decoding_steps={list(dp.decoding_steps)}: expected {config.n_q} entries (one per codebook)")
+    if dp.use_sampling and dp.top_p == 0.0 and dp.top_k > config.card:
+        raise ValueError(f"top_k={dp.top_k}: expected at most card={config.card}")
+    batch = condition_inputs.states.shape[0]
+    out_len = dp.output_length(length)
+    if out_len < 1:
+        raise ValueError(f"length={length}: too short for span_len={dp.span_len}")
+    prompt_len = 0 if prompt is None else prompt.shape[-1]
+    if prompt is not None:
+        if prompt.ndim != 3 or prompt.shape[:2] != (batch, config.n_q):
+            raise ValueError(f"prompt: shape {tuple(prompt.shape)}, expected [{batch}, {config.n_q}, Tp]")
+        if prompt_len >= out_len:
+            raise ValueError(f"prompt: {prompt_len} frames, expected fewer than the {out_len} generated frames")
+        init_codes = jnp.pad(prompt.astype(jnp.int32), ((0, 0), (0, 0), (0, out_len - prompt_len)),
+                             constant_values=config.mask_id)
+    else:
+        init_codes = jnp.full((batch, config.n_q, out_len), config.mask_id, jnp.int32)
+
+    n_gen_units = dp.num_units(out_len) - dp.num_units(prompt_len)
+    width = max(dp.decoding_steps)
+    tables = {name: np.zeros((config.n_q, width), dtype) for name, dtype in
+              (("num_masked", np.int32), ("cfg_coef", np.float32), ("temperature", np.float32))}
+    for stage, n_steps in enumerate(dp.decoding_steps):
+        for name, values in dataclasses.asdict(stage_schedule(n_steps, n_gen_units, dp)).items():
+            tables[name][stage, :n_steps] = values
+    steps = np.asarray(dp.decoding_steps, np.int32)
+    # The program depends only on the sampling / masking modes: step counts, temperatures and CFG coefficients
+    # arrive in the tables, so changing them (within the same largest step count) reuses the compiled program.
+    program = dataclasses.replace(dp, decoding_steps=(width,) * config.n_q, temperature=1.0, anneal_temp=False,
+                                  max_cfg=1.0, min_cfg=1.0)
+    return _generate(model, program, nn.meta.unbox(params), condition_inputs, _row_keys(key, batch), init_codes,
+                     jnp.int32(prompt_len), steps, tables)
+
+
+def _row_keys(key: jax.Array, batch: int) -> jax.Array:
+    """`[B]` keys from one key (split) or from `[B]` keys (as given); typed or raw uint32 keys."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    single = key.ndim == (0 if typed else 1)
+    if single:
+        return jax.random.split(key, batch)
+    if key.shape[0] != batch:
+        raise ValueError(f"key: {key.shape[0]} row keys for a batch of {batch}")
+    return key
+
+
+def _with_null_rows(x: jax.Array) -> jax.Array:
+    """`[B, ...]` -> `[2B, ...]`: each row followed by a zero row (null condition)."""
+    return jnp.stack([x, jnp.zeros_like(x)], axis=1).reshape(-1, *x.shape[1:])
+
+
+def _twice(x: jax.Array) -> jax.Array:
+    """`[B, ...]` -> `[2B, ...]`: each row repeated (the CFG batch's conditioned / null pair)."""
+    return jnp.repeat(x, 2, axis=0)
+
+
+def guided_logits_fn(model: LanguageModel, params, cond: TextConditioning) -> Callable:
+    """Projects the conditioning of the CFG batch and computes its cross-attention keys/values (once), and returns
+    `fn(codes [B, K, T], stage, cfg_coef) -> [B, T, card]` guided logits of the stage's head (one LM pass over 2B
+    rows: row b at 2b with its condition, at 2b + 1 with the null condition)."""
+    variables = {"params": params}
+    condition = model.apply(variables, _with_null_rows(cond.states), _with_null_rows(cond.mask),
+                            method=model.project_condition)
+    cross_kv = model.apply(variables, condition, method=model.cross_key_values)
+    attend = None if cond.attend is None else _twice(cond.attend.astype(bool))
+
+    def guided_logits(codes: jax.Array, stage: jax.Array, cfg_coef: jax.Array) -> jax.Array:
+        batch, _, length = codes.shape
+        logits = model.apply(variables, _twice(codes), None, attend, stage, cross_kv=cross_kv)
+        logits = jax.lax.dynamic_index_in_dim(logits, stage, axis=1, keepdims=False).reshape(batch, 2, length, -1)
+        cond_logits, uncond_logits = logits[:, 0], logits[:, 1]
+        return uncond_logits + (cond_logits - uncond_logits) * cfg_coef
+    return guided_logits
+
+
+def decode_step(guided_logits: Callable, decode_params: DecodeParams, state: DecodeState, *, stage: jax.Array,
+                step: jax.Array, num_masked: jax.Array, cfg_coef: jax.Array, temperature: jax.Array,
+                prompt_row: jax.Array, prompt_len: jax.Array, row_keys: jax.Array, mask_id: int) -> DecodeState:
+    """One decoding step of codebook `stage` (spec §6.3): re-mask `num_masked` units by the previous scores, restore
+    the prompt, run the guided LM, sample into the masked positions, score the re-masked units, freeze the rest.
+
+    Args:
+      guided_logits: from `guided_logits_fn`.
+      state: carry; `state.scores` are the previous step's scores (initially 0, prompt units frozen).
+      stage, step: codebook and step index (traced); they select each row's key `fold_in(fold_in(key, stage), step)`.
+      num_masked, cfg_coef, temperature: this step's schedule values (`stage_schedule`).
+      prompt_row: `[B, T]` the stage's codebook before decoding (prompt codes, mask id elsewhere).
+      prompt_len: prompt frames Tp (traced).
+      row_keys: `[B]` PRNG keys.
+      mask_id: the LM's mask id (= card).
+    """
+    dp = decode_params
+    x = jax.lax.dynamic_index_in_dim(state.codes, stage, axis=1, keepdims=False)  # [B, T]
+    if dp.chunked:
+        chosen = jax.vmap(top_units_mask, in_axes=(0, None))(state.scores, num_masked)  # [B, C]
+        remask = jnp.repeat(chosen, dp.span_len, axis=-1)
+    elif dp.span_len > 1:
+        remask = jax.vmap(least_probable_span_mask, in_axes=(0, None, None))(state.scores, num_masked, dp.span_len)
+    else:
+        remask = jax.vmap(top_units_mask, in_axes=(0, None))(state.scores, num_masked)
+    is_prompt = jnp.arange(x.shape[-1]) < prompt_len
+    x = jnp.where(is_prompt, prompt_row, jnp.where(remask, mask_id, x))
+    codes = state.codes.at[:, stage].set(x)
+
+    logits = guided_logits(codes, stage, cfg_coef)
+    keys = jax.vmap(lambda key: jax.random.fold_in(jax.random.fold_in(key, stage), step))(row_keys)
+    sample = functools.partial(sample_tokens, use_sampling=dp.use_sampling, top_p=dp.top_p, top_k=dp.top_k)
+    tokens, probs = jax.vmap(sample, in_axes=(0, 0, None))(keys, logits, temperature)
+    masked = x == mask_id
+    x = jnp.where(masked, tokens, x)
+    if dp.chunked:
+        scores = jnp.where(chosen, chunk_scores(probs, dp.span_len, dp.span_scoring), FROZEN_SCORE)
+    else:
+        scores = jnp.where(masked, -jnp.log(probs), FROZEN_SCORE)
+    codes = nn.with_logical_constraint(codes.at[:, stage].set(x), ("batch", None, "length"))
+    return DecodeState(codes, nn.with_logical_constraint(scores, ("batch", None)))
+
+
+def initial_scores(decode_params: DecodeParams, batch: int, length: int, prompt_len: jax.Array) -> jax.Array:
+    """`[B, U]` scores at the start of a stage: 0, and `FROZEN_SCORE` for the prompt's whole units."""
+    dp = decode_params
+    n_prompt_units = prompt_len // dp.span_len if dp.chunked else prompt_len
+    units = jnp.arange(dp.num_units(length))
+    return jnp.broadcast_to(jnp.where(units < n_prompt_units, FROZEN_SCORE, 0.0).astype(jnp.float32),
+                            (batch, units.size))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "decode_params"))
+def _generate(model: LanguageModel, decode_params: DecodeParams, params, cond: TextConditioning,
+              row_keys: jax.Array, init_codes: jax.Array, prompt_len: jax.Array, steps, tables) -> jax.Array:
+    batch, n_q, length = init_codes.shape
+    guided_logits = guided_logits_fn(model, params, cond)
+
+    def decode_stage(stage, codes):
+        prompt_row = jax.lax.dynamic_index_in_dim(codes, stage, axis=1, keepdims=False)  # prompt, else mask id
+
+        def body(i, state):
+            return decode_step(guided_logits, decode_params, state, stage=stage, step=i,
+                               num_masked=tables["num_masked"][stage, i], cfg_coef=tables["cfg_coef"][stage, i],
+                               temperature=tables["temperature"][stage, i], prompt_row=prompt_row,
+                               prompt_len=prompt_len, row_keys=row_keys, mask_id=model.config.mask_id)
+        state = DecodeState(codes, initial_scores(decode_params, batch, length, prompt_len))
+        return jax.lax.fori_loop(0, steps[stage], body, state).codes
+
+    return jax.lax.fori_loop(0, n_q, decode_stage, init_codes)

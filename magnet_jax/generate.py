@@ -1,0 +1,470 @@
+r"""Batch offline generation: a prompts file in, one audio file per sample and a JSONL manifest out.
+
+  python -m magnet_jax.generate --config=configs/generate.py:source=facebook/magnet-small-10secs \
+      --prompts=prompts.jsonl --output_dir=/tmp/magnet_out [--config.batch_size=16] [--distributed]
+
+Prompts file (UTF-8):
+  * `.txt`: one description per line; blank lines and lines starting with `#` are skipped.
+  * `.jsonl`: one JSON object per line with keys `text` (description; null or "" = unconditional), `audio` (audio
+    prompt to continue, relative to the prompts file or absolute; any rate and channel count), `seed` (integer in
+    [0, 2**32), default `config.seed`), `num_samples` (default `config.num_samples`) and `id` (output name; default
+    `line<N>`). Any other key, a wrong type, a missing or unreadable audio file, or a prompt at least as long as
+    the generated audio makes that line malformed: it is reported with its line number and skipped.
+
+Each sample is a function of its text, audio prompt, seed and sample index only (not of the batch it lands in):
+sample j of a prompt uses the key `fold_in(key(seed), j)`, and the text is conditioned as in a batch of one. The
+job writes, into `--output_dir`:
+  * `<id>-<j>.wav` (or `.flac`, `config.output.format`), and `<id>-<j>.npy` codes `[K, T]` int16 when
+    `config.output.write_codes`; each file is written under a temporary name and renamed when complete;
+  * `manifest.jsonl`: one line per finished sample (prompt, seed, files, parameters, timings), appended after the
+    sample's files are in place, so a listed sample is always complete;
+  * `job.json`: the settings that determine the outputs. A restart with the same settings skips the samples in the
+    manifest and generates the rest; a restart with other settings is refused (use another `--output_dir`).
+
+Batches of `config.batch_size` samples (samples with audio prompts are batched by prompt length) are sharded over
+every device of every host (`config.mesh`, data parallel); the last batch is padded. With several hosts
+(`--distributed`), every host reads the prompts file, each writes the audio of the rows it holds, and process 0
+writes the manifest once all hosts have finished the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import soundfile as sf
+import tqdm
+from absl import logging
+from jax.experimental import multihost_utils
+
+from magnet_jax.api import MAGNeT, load_lm, local_rows, row_keys
+from magnet_jax.weights import WeightsError, flatten_params
+
+PROMPT_KEYS = ("text", "audio", "seed", "num_samples", "id")
+MANIFEST = "manifest.jsonl"
+JOB_FILE = "job.json"
+AUDIO_FORMATS = {"wav": "WAV", "flac": "FLAC"}
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TMP_PREFIX = ".tmp-"
+
+
+class JobError(ValueError):
+    """The job cannot start or resume (bad flags, prompts file, output dir or settings); the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One valid line of the prompts file."""
+    line: int  # 1-based line number in the prompts file
+    id: str  # output name stem
+    text: str | None  # None = unconditional
+    audio: str | None  # absolute path of the audio prompt
+    seed: int
+    num_samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Sample `index` of `prompt` (key `fold_in(key(prompt.seed), index)`)."""
+    prompt: Prompt
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.prompt.id}-{self.index}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Prompts file
+
+def read_prompts(path: str | os.PathLike, *, seed: int, num_samples: int) -> tuple[list[Prompt], list[str]]:
+    """Parses a `.txt` or `.jsonl` prompts file.
+
+    Returns:
+      The valid prompts in file order, and one `"<file>:<line>: <problem>"` message per malformed line.
+    Raises:
+      JobError: the file cannot be read, has another extension, or holds no prompt at all.
+    """
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise JobError(f"prompts file {path}: expected a .txt or .jsonl file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"prompts file {path}: cannot read it ({e})") from e
+    prompts, errors, ids = [], [], set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or (path.suffix == ".txt" and line.lstrip().startswith("#")):
+            continue
+        try:
+            if path.suffix == ".txt":
+                prompt = Prompt(number, f"line{number:05d}", line.strip(), None, seed, num_samples)
+            else:
+                prompt = _parse_json_prompt(line, number, path.parent, seed=seed, num_samples=num_samples)
+            if prompt.id in ids:
+                raise ValueError(f"id {prompt.id!r} is used by an earlier line")
+        except ValueError as e:
+            errors.append(f"{path}:{number}: {e}")
+            continue
+        ids.add(prompt.id)
+        prompts.append(prompt)
+    if not prompts:
+        raise JobError(f"prompts file {path}: no valid prompt" + (f" ({len(errors)} malformed lines)" if errors
+                                                                    else " (the file is empty)"))
+    return prompts, errors
+
+
+def _parse_json_prompt(line: str, number: int, base: Path, *, seed: int, num_samples: int) -> Prompt:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(PROMPT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(PROMPT_KEYS)}")
+    text = obj.get("text")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"'text' must be a string or null, got {type(text).__name__}")
+    seed = obj.get("seed", seed)
+    if not _is_int(seed) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"'seed' must be an integer in [0, 2**32), got {seed!r}")
+    num_samples = obj.get("num_samples", num_samples)
+    if not _is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"'num_samples' must be a positive integer, got {num_samples!r}")
+    prompt_id = obj.get("id", f"line{number:05d}")
+    if not isinstance(prompt_id, str) or not _ID_PATTERN.fullmatch(prompt_id):
+        raise ValueError(f"'id' must be a file-name-safe string ([A-Za-z0-9._-], not starting with a dot), "
+                         f"got {prompt_id!r}")
+    audio = obj.get("audio")
+    if audio is not None:
+        if not isinstance(audio, str) or not audio:
+            raise ValueError(f"'audio' must be a path string, got {audio!r}")
+        audio_path = (base / Path(audio).expanduser()).resolve()
+        if not audio_path.is_file():
+            raise ValueError(f"audio prompt {audio_path} does not exist")
+        audio = str(audio_path)
+    return Prompt(number, prompt_id, text or None, audio, int(seed), int(num_samples))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_audio(path: str) -> tuple[np.ndarray, int]:
+    """An audio file as float32 `[C, N]` and its sample rate; a ValueError names the file and the problem."""
+    try:
+        wav, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile errors come in several types; all mean "unreadable"
+        raise ValueError(f"cannot read audio prompt {path} ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    if wav.shape[0] == 0:
+        raise ValueError(f"audio prompt {path} is empty")
+    if not np.all(np.isfinite(wav)):
+        raise ValueError(f"audio prompt {path} contains NaN or Inf samples")
+    return np.ascontiguousarray(wav.T), int(sample_rate)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Outputs
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` under a temporary name in the same directory, then renames it to `path`."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def audio_bytes(wav: np.ndarray, sample_rate: int, fmt: str, subtype: str) -> bytes:
+    """`wav` `[C, N]` (clipped to [-1, 1]) encoded as a `fmt` file."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wav, -1.0, 1.0).T, sample_rate, format=AUDIO_FORMATS[fmt], subtype=subtype)
+    return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+class Manifest:
+    """`manifest.jsonl`: one JSON line per finished sample, appended and fsynced after the sample's files exist.
+
+    A line cut short by a crash (the only way a line can be incomplete) is dropped when the manifest is opened with
+    `repair` (process 0); other processes open it read-only.
+    """
+
+    def __init__(self, path: Path, *, repair: bool):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if not path.exists():
+            return
+        text = path.read_text(encoding="utf-8")
+        kept = []
+        for i, line in enumerate(text.splitlines(keepends=True)):
+            try:
+                record = json.loads(line)
+                if not line.endswith("\n"):
+                    raise ValueError("no newline")
+            except ValueError:
+                if i != text.count("\n"):  # only the last line may be torn
+                    raise JobError(f"{path}:{i + 1}: not a manifest record; the output dir is damaged") from None
+                if repair:
+                    logging.warning("%s: dropping the incomplete last line (interrupted write)", path)
+                    write_atomic(path, "".join(kept).encode("utf-8"))
+                break
+            kept.append(line)
+            self.records[record["id"]] = record
+
+    def append(self, records: Sequence[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                self.records[record["id"]] = record
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def is_finished(sample: Sample, manifest: Manifest, output_dir: Path) -> bool:
+    """Whether the manifest lists `sample` with the same prompt and its files are all present."""
+    record = manifest.records.get(sample.name)
+    p = sample.prompt
+    if record is None or (record["text"], record["audio_prompt"], record["seed"]) != (p.text, p.audio, p.seed):
+        return False
+    return all((output_dir / record[k]).is_file() for k in ("file", "codes_file") if record.get(k))
+
+
+def job_settings(config: ml_collections.ConfigDict) -> dict:
+    """The config fields that determine the output bytes (pinned in `job.json`); batch size and mesh are not."""
+    c = json.loads(config.to_json())
+    return {k: c[k] for k in ("source", "t5", "codec", "dtype", "text_length", "generate", "output")}
+
+
+def pin_settings(output_dir: Path, settings: dict) -> None:
+    """Writes `job.json`, or checks that an existing one holds the same settings."""
+    path = output_dir / JOB_FILE
+    if path.exists():
+        stored = flatten_params(json.loads(path.read_text(encoding="utf-8")), sep=".")
+        current = flatten_params(settings, sep=".")
+        diffs = [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(stored) | set(current))
+                 if stored.get(k) != current.get(k)]
+        if diffs:
+            raise JobError(f"{output_dir} holds a job with other settings ({'; '.join(diffs)}); use another "
+                           "--output_dir or the same settings")
+        return
+    write_atomic(path, (json.dumps(settings, indent=1) + "\n").encode("utf-8"))
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    for stale in output_dir.glob(f"{_TMP_PREFIX}*"):
+        stale.unlink()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The job
+
+def make_batches(samples: Sequence[Sample], batch_size: int, prompt_frames: dict[int, int]) -> list[list[Sample]]:
+    """Consecutive samples in batches of at most `batch_size`, samples of one audio-prompt length per batch.
+
+    `prompt_frames` maps a prompt's line to its prompt length in frames (absent: no audio prompt).
+    """
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(prompt_frames.get(s.prompt.line, 0), []).append(s)
+    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_dir: str | os.PathLike, *,
+        model: MAGNeT | None = None) -> dict:
+    """Generates every sample of `prompts` not yet in `output_dir`'s manifest; returns the job summary.
+
+    Args:
+      config: a configs/generate.py config.
+      prompts: the prompts file (`.txt` or `.jsonl`).
+      output_dir: where audio, codes, `manifest.jsonl` and `job.json` go.
+      model: an already loaded model (else `config.source` is loaded).
+    Raises:
+      JobError: bad prompts file, output dir or settings (malformed lines only skip themselves).
+    """
+    start = time.perf_counter()
+    out, primary = Path(output_dir), jax.process_index() == 0
+    fmt, subtype = config.output.format, config.output.subtype
+    if fmt not in AUDIO_FORMATS or not sf.check_format(AUDIO_FORMATS[fmt], subtype):
+        raise JobError(f"config.output.format={fmt!r} / subtype={subtype!r}: expected format one of "
+                       f"{', '.join(AUDIO_FORMATS)} with a subtype soundfile writes for it (PCM_16, PCM_24, FLOAT)")
+    prompt_list, errors = read_prompts(prompts, seed=config.seed, num_samples=config.num_samples)
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        pin_settings(out, job_settings(config))
+        remove_stale_temporaries(out)
+        manifest = Manifest(out / MANIFEST, repair=True)
+    _sync("generate:prepared")
+    if not primary:
+        manifest = Manifest(out / MANIFEST, repair=False)
+    samples = [Sample(p, j) for p in prompt_list for j in range(p.num_samples)]
+    todo = [s for s in samples if not is_finished(s, manifest, out)]
+    logging.info("generate: %d prompts, %d samples, %d already done, %d malformed lines", len(prompt_list),
+                 len(samples), len(samples) - len(todo), len(errors))
+
+    timings = {"first_batch_seconds": None, "steady_seconds": 0.0, "steady_samples": 0}
+    if todo:
+        if model is None:
+            model = MAGNeT(*load_lm(config.source), config)
+        try:
+            model.set_generation_params(**config.generate)
+        except ValueError as e:
+            raise JobError(f"config.generate: {e}") from e
+        if config.batch_size < 1 or config.batch_size % model.batch_multiple:
+            raise JobError(f"config.batch_size={config.batch_size}: expected a positive multiple of "
+                           f"{model.batch_multiple} (the devices the batch is sharded over)")
+        prompt_codes = _encode_prompts(model, todo, prompts, errors)
+        todo = [s for s in todo if s.prompt.audio is None or s.prompt.line in prompt_codes]
+        _generate_all(model, config, todo, prompt_codes, out, manifest, timings)
+
+    finished = sum(is_finished(s, manifest, out) for s in samples)
+    summary = {
+        "output_dir": str(out), "prompts": len(prompt_list), "samples": len(samples), "finished": finished,
+        "generated": len(todo), "malformed_lines": errors, "elapsed_seconds": time.perf_counter() - start,
+        **timings,
+        "samples_per_second": (timings["steady_samples"] / timings["steady_seconds"]
+                               if timings["steady_seconds"] else None),
+    }
+    for error in errors:
+        logging.warning("generate: skipped %s", error)
+    return summary
+
+
+def _encode_prompts(model: MAGNeT, todo: Sequence[Sample], prompts_file, errors: list[str]) -> dict[int, np.ndarray]:
+    """Codes `[K, Tp]` of every audio prompt `todo` needs, by prompt line; a bad prompt becomes an error line."""
+    codes = {}
+    for prompt in {s.prompt.line: s.prompt for s in todo if s.prompt.audio}.values():
+        try:
+            wav, sample_rate = read_audio(prompt.audio)
+            c = model.encode_audio(wav[None], sample_rate)[0]
+            if c.shape[-1] >= model.num_frames:
+                raise ValueError(f"audio prompt {prompt.audio} is {c.shape[-1] / model.frame_rate:.2f} s, not "
+                                 f"shorter than the {model.num_frames / model.frame_rate:.2f} s generated")
+        except ValueError as e:
+            errors.append(f"{prompts_file}:{prompt.line}: {e}")
+            continue
+        codes[prompt.line] = c
+    return codes
+
+
+def _generate_all(model: MAGNeT, config, todo: Sequence[Sample], prompt_codes: dict[int, np.ndarray], out: Path,
+                  manifest: Manifest, timings: dict) -> None:
+    primary = jax.process_index() == 0
+    params = {**model.generation_params, "decoding_steps": list(model.decode_params.decoding_steps)}
+    fmt = config.output.format
+    progress = tqdm.tqdm(total=len(todo), unit="sample", disable=not primary, dynamic_ncols=True)
+    for number, batch in enumerate(make_batches(todo, config.batch_size,
+                                                {line: c.shape[-1] for line, c in prompt_codes.items()})):
+        t0 = time.perf_counter()
+        rows = batch + batch[:1] * (config.batch_size - len(batch))  # the last batch is padded with copies
+        keys = row_keys([(s.prompt.seed, s.index) for s in rows])
+        prompt = np.stack([prompt_codes[s.prompt.line] for s in rows]) if batch[0].prompt.audio else None
+        codes = model.generate_codes([s.prompt.text for s in rows], keys, prompt)
+        local_codes, local_audio = local_rows(codes), local_rows(model.decode_audio(codes))
+        seconds = time.perf_counter() - t0
+        for i, s in enumerate(batch):
+            if i in local_audio:
+                write_atomic(out / f"{s.name}.{fmt}",
+                             audio_bytes(local_audio[i], model.sample_rate, fmt, config.output.subtype))
+                if config.output.write_codes:
+                    write_atomic(out / f"{s.name}.npy", npy_bytes(local_codes[i].astype(np.int16)))
+        _sync(f"generate:batch{number}")
+        if number == 0:
+            timings["first_batch_seconds"] = seconds  # includes compilation
+        else:
+            timings["steady_seconds"] += seconds
+            timings["steady_samples"] += len(batch)
+        if primary:
+            manifest.append([_record(s, model, params, config, prompt_codes, seconds, len(batch), number)
+                             for s in batch])
+        progress.update(len(batch))
+    progress.close()
+
+
+def _record(s: Sample, model: MAGNeT, params: dict, config, prompt_codes, seconds: float, batch_rows: int,
+            batch_number: int) -> dict:
+    p = s.prompt
+    return {
+        "id": s.name, "file": f"{s.name}.{config.output.format}",
+        "codes_file": f"{s.name}.npy" if config.output.write_codes else None,
+        "line": p.line, "prompt_id": p.id, "sample": s.index, "text": p.text, "audio_prompt": p.audio,
+        "prompt_frames": int(prompt_codes[p.line].shape[-1]) if p.audio else 0, "seed": p.seed,
+        "frames": model.num_frames, "duration": model.num_frames / model.frame_rate,
+        "sample_rate": model.sample_rate, "model": config.source, "params": params,
+        "timing": {"batch": batch_number, "batch_rows": batch_rows, "batch_seconds": round(seconds, 4)},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    rate = summary["samples_per_second"]
+    lines = [f"generate: {summary['finished']}/{summary['samples']} samples of {summary['prompts']} prompts in "
+             f"{summary['output_dir']} ({summary['generated']} generated now in {summary['elapsed_seconds']:.1f} s"
+             + (f"; first batch {summary['first_batch_seconds']:.1f} s incl. compilation" if
+                summary["first_batch_seconds"] is not None else "")
+             + (f"; {rate:.3f} samples/s after it" if rate else "") + ")"]
+    if summary["malformed_lines"]:
+        lines.append(f"skipped {len(summary['malformed_lines'])} malformed prompt lines:")
+        lines += [f"  {e}" for e in summary["malformed_lines"]]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        print(f"generate: error: unexpected arguments {list(argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.config is None or not FLAGS.prompts or not FLAGS.output_dir:
+        print("generate: error: --config, --prompts and --output_dir are required", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    try:
+        summary = run(FLAGS.config, FLAGS.prompts, FLAGS.output_dir)
+    except (JobError, WeightsError) as e:
+        print(f"generate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if jax.process_index() == 0:
+        print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from magnet_jax.train import _describe_flag_error
+
+    def parse_flags(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as e:
+            print(f"generate: error: {_describe_flag_error(e, argv)}", file=sys.stderr)
+            sys.exit(2)
+
+    config_flags.DEFINE_config_file("config", None, "config file and preset, e.g. "
+                                    "configs/generate.py:source=facebook/magnet-small-10secs", lock_config=True)
+    flags.DEFINE_string("prompts", None, "prompts file: .txt (one description per line) or .jsonl")
+    flags.DEFINE_string("output_dir", None, "directory for the audio files, manifest.jsonl and job.json")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")
+    FLAGS = flags.FLAGS
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,195 @@
+"""Training metrics: interval summaries, throughput and MFU, writers (stdout, JSONL, TensorBoard), profiler window.
+
+Throughput definitions (per optimizer step, global batch B, K codebooks, T frames, segment S seconds):
+  tokens/s         = B·K·T / step time        (codebook tokens, the unit audio LMs count)
+  audio-seconds/s  = B·S / step time
+  MFU              = model FLOPs per step / (step time · peak FLOP/s per device · devices)
+Model FLOPs per step come from `magnet_jax.flops` (documented formula there). The peak is the device's dense bf16
+peak from `PEAK_FLOPS` (matched on `device.device_kind`); on CPU it is a matmul FLOP/s measured at start-up with
+every local device busy at once (`measure_matmul_peak`), so simulated CPU devices sharing cores are not overcounted.
+
+Step time is wall time over a logging interval divided by its steps, measured after the interval's last metrics
+are fetched (so it includes dispatch and the device work, and excludes evaluation and checkpoint time).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Dense bf16 peak FLOP/s per JAX device, matched as substrings of `device_kind` (first match wins; order matters).
+# TPU v4/v5p devices are megacore chips. GPU figures are the SXM parts without sparsity.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v6", 918e12),  # v6e (Trillium)
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),  # v5p
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The table peak for a `device_kind` ("TPU v5", "NVIDIA H100 80GB HBM3"), None when unknown (CPUs included)."""
+    return next((flops for name, flops in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
+
+
+def measure_matmul_peak(devices: Sequence[jax.Device], *, size: int = 512, chain: int = 4, repeats: int = 3) -> float:
+    """FLOP/s per device of float32 `[size, size]` matmuls running on all `devices` at once (best of `repeats`)."""
+    mesh = Mesh(np.asarray(devices), ("d",))
+    x = jax.device_put(jnp.full((len(devices), size, size), 1.0 / size, jnp.float32), NamedSharding(mesh, P("d")))
+
+    @jax.jit
+    def chained(a):
+        return jax.lax.fori_loop(0, chain, lambda _, b: jnp.einsum("bij,bjk->bik", b, a), a)
+
+    chained(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        chained(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 * chain / best
+
+
+def device_peak_flops(devices: Sequence[jax.Device]) -> tuple[float, str]:
+    """(peak FLOP/s per device, where it came from) for the devices of this run."""
+    peak = peak_flops(devices[0].device_kind)
+    if peak is not None:
+        return peak, f"table ({devices[0].device_kind}, bf16 dense)"
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    return measure_matmul_peak(local), f"measured float32 matmul on {len(local)} {devices[0].platform} device(s)"
+
+
+class Throughput:
+    """Per-step sizes of a run; turns an interval's step time into tokens/s, audio-seconds/s and MFU."""
+
+    def __init__(self, *, batch_size: int, n_q: int, seq_len: int, segment_seconds: float, flops_per_step: float,
+                 peak_flops: float, num_devices: int):
+        self.tokens_per_step = batch_size * n_q * seq_len
+        self.audio_seconds_per_step = batch_size * segment_seconds
+        self.flops_per_step = flops_per_step
+        self.peak_total = peak_flops * num_devices
+
+    def __call__(self, step_time: float) -> dict[str, float]:
+        return {"step_time": step_time,
+                "tokens_per_s": self.tokens_per_step / step_time,
+                "audio_seconds_per_s": self.audio_seconds_per_step / step_time,
+                "mfu": self.flops_per_step / (step_time * self.peak_total)}
+
+
+def summarize(history: Sequence[Mapping[str, Any]], *, last: Sequence[str] = ()) -> dict[str, float]:
+    """Mean over an interval's per-step metrics, ignoring NaN (a per-stage metric is NaN on steps that trained
+    another stage; a key with no finite value in the interval is left out); keys in `last` (counters, the learning
+    rate) take their final value. Fetches device values."""
+    host = jax.device_get(list(history))
+    out = {}
+    for key in host[-1]:
+        values = np.asarray([float(np.asarray(h[key])) for h in host if key in h], np.float64)
+        if key in last:
+            out[key] = float(values[-1])
+        elif not np.isnan(values).all():
+            out[key] = float(np.nanmean(values))
+    return out
+
+
+class MetricWriter:
+    """Writes scalars to stdout (absl log), `<logdir>/metrics.jsonl` and TensorBoard (`<logdir>/tensorboard`).
+
+    Only process 0 writes (others get a no-op writer). `resume_step` drops JSONL entries logged after the checkpoint
+    a run resumes from, so the file stays one line per (split, step). `logdir` may be remote (gs://, through
+    etils.epath); object stores cannot append, so there the JSONL file is rewritten whole at each write.
+    """
+
+    def __init__(self, logdir: str, *, resume_step: int | None = None, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = epath.Path(logdir) / "metrics.jsonl"
+        self._remote = "://" in str(logdir)
+        self._lines: list[str] = []
+        self._tb = None
+        if not self.enabled:
+            return
+        self._jsonl.parent.mkdir(parents=True, exist_ok=True)
+        if self._jsonl.exists():
+            self._lines = [line for line in self._jsonl.read_text().splitlines(keepends=True) if line.strip()]
+            if resume_step is not None:
+                self._lines = [line for line in self._lines if json.loads(line)["step"] <= resume_step]
+                self._rewrite()
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(epath.Path(logdir) / "tensorboard"))
+
+    def _rewrite(self) -> None:
+        tmp = self._jsonl.parent / f".{self._jsonl.name}.tmp"
+        tmp.write_text("".join(self._lines))
+        tmp.rename(self._jsonl)
+
+    def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        logging.info("[%s] step %d: %s", split, step, "  ".join(f"{k}={_fmt(v)}" for k, v in scalars.items()))
+        line = json.dumps({"step": int(step), "split": split, **scalars}) + "\n"
+        self._lines.append(line)
+        if self._remote:
+            self._rewrite()
+        else:
+            with self._jsonl.open("a") as f:
+                f.write(line)
+        for key, value in scalars.items():
+            self._tb.add_scalar(f"{split}/{key}", value, step)
+        self._tb.flush()
+
+    def write_text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self._tb.add_text(tag, text, 0)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if value == value and abs(value) < 1e6 else f"{value:.4e}"
+
+
+class ProfileWindow:
+    """A `jax.profiler` trace of steps [start, start + num_steps) on every process, written under `logdir`.
+
+    Call `step(step, outputs)` after each step; `outputs` is blocked on before the trace stops so it holds the device
+    work of the traced steps. `start < 0` disables it.
+    """
+
+    def __init__(self, logdir: str, start: int, num_steps: int):
+        self.logdir, self.start, self.stop = logdir, start, start + max(num_steps, 1)
+        self.active = False
+
+    def step(self, step: int, outputs: Any = None) -> None:
+        """`step` = the number of steps completed so far."""
+        if self.start < 0:
+            return
+        if step == self.start and not self.active:
+            logging.info("profiler: tracing steps %d..%d to %s", self.start, self.stop - 1, self.logdir)
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+        elif step >= self.stop and self.active:
+            self.close(outputs)
+
+    def close(self, outputs: Any = None) -> None:
+        if self.active:
+            jax.block_until_ready(outputs)
+            jax.profiler.stop_trace()
+            self.active = False

@@ -1,0 +1,189 @@
+"""The converted checkpoint format that training exports and generation loads.
+
+A directory holding
+  config.json   {"model": LMConfig.to_dict(), "conditioner": {"t5", "t5_dim"}, "codec": {"source"},
+                 "segment_seconds", "generate": {...}, "provenance": {...}, "audiocraft_cfg": <xp.cfg YAML, optional>}
+  params/       the LM param tree (plain arrays, layout of `model.scan_layers`) as an orbax checkpoint.
+`model.param_dtype` always states the dtype the params are stored in. Writes are atomic: a temporary sibling directory
+is renamed into place, so a crash never leaves a half-written checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from magnet_jax.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.lm_weights import import_lm, set_layer_layout
+from magnet_jax.weights import WeightsError, check_state_dict, flatten_params
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+REQUIRED_SECTIONS = ("model", "conditioner", "codec", "segment_seconds")
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling of `directory` to fill; renames it to `directory` when the block succeeds.
+
+    Multi-host: every process enters; only process 0 touches the file system outside orbax (call it on all).
+    """
+    final = Path(directory).expanduser().absolute()
+    tmp = final.with_name(f".{final.name}.partial")
+    primary = jax.process_index() == 0
+    if final.exists() and not overwrite:
+        raise WeightsError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed write
+        tmp.mkdir(parents=True)
+    _sync("atomic_directory:start")
+    try:
+        yield tmp
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if primary:
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    _sync("atomic_directory:done")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_params(params: Mapping, model: LMConfig, source: str) -> None:
+    """Strict key/shape check of a param tree against the architecture in `model` (its layer layout)."""
+    abstract = jax.eval_shape(lambda k: nn.meta.unbox(init_params(LanguageModel(model), k)), jax.random.key(0))
+    expected = {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
+    check_state_dict(flatten_params(params), expected, source=source)  # leaves: arrays or orbax metadata (.shape)
+
+
+def _stored_dtype(params: Mapping, source: str) -> str:
+    dtypes = {jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)}
+    if len(dtypes) != 1:
+        raise WeightsError(f"{source}: params mix dtypes {sorted(dtypes)}; cast them to one dtype first")
+    return dtypes.pop()
+
+
+def save_pretrained(directory: str | Path, params: Mapping, config: Mapping, *, overwrite: bool = False) -> None:
+    """Writes `params` (plain or boxed tree, host or sharded device arrays) and `config.json` atomically.
+
+    `config` follows the schema above; `model.param_dtype` is set to the params' dtype. Multi-host: call on every
+    process (orbax writes each process's shards).
+    """
+    missing = [k for k in REQUIRED_SECTIONS if k not in config]
+    if missing:
+        raise WeightsError(f"save_pretrained({directory}): config lacks {', '.join(missing)}")
+    params = nn.meta.unbox(params)
+    try:
+        config = json.loads(json.dumps(dict(config)))  # a plain copy
+    except TypeError as e:
+        raise WeightsError(f"save_pretrained({directory}): config is not JSON-serializable ({e})") from e
+    config.setdefault("generate", {})
+    config["model"]["param_dtype"] = _stored_dtype(params, str(directory))
+    try:
+        model = LMConfig.from_config(config["model"])
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"save_pretrained({directory}): bad model section ({e})") from e
+    _check_params(params, model, f"save_pretrained({directory})")
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / PARAMS_DIR, params)
+        if jax.process_index() == 0:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_config(directory: str | Path) -> dict:
+    """config.json of a converted checkpoint (one-line WeightsError when missing or malformed)."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise WeightsError(f"{path}: no such checkpoint directory")
+    file = path / CONFIG_FILE
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: not a converted checkpoint (no {CONFIG_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{file}: not valid JSON ({str(e).splitlines()[0]})") from e
+    missing = [k for k in REQUIRED_SECTIONS if k not in config] if isinstance(config, dict) else REQUIRED_SECTIONS
+    if missing:
+        raise WeightsError(f"{file}: missing section(s) {', '.join(missing)}")
+    try:
+        LMConfig.from_config(config["model"])
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{file}: bad model section ({e})") from e
+    return config
+
+
+def load_pretrained(directory: str | Path, *, dtype: Any = None, scan_layers: bool | None = None,
+                    shardings: Any = None) -> tuple[dict, dict]:
+    """Reads a converted checkpoint -> (config, params).
+
+    Args:
+      dtype: cast the params (e.g. "bfloat16"); None keeps the stored dtype. `config.model.param_dtype` follows.
+      scan_layers: re-layout the transformer layers (stacked `blocks` vs `block_{i}`); None keeps the stored layout.
+        `config.model.scan_layers` follows.
+      shardings: a tree of `jax.sharding.Sharding` matching the returned params: sharded device arrays on any mesh /
+        host count (each device reads only its shard when no re-layout is needed). None: host NumPy arrays.
+    """
+    path = Path(directory).expanduser()
+    config = read_config(path)
+    model = LMConfig.from_config(config["model"])
+    dtype = jnp.dtype(dtype or model.param_dtype)
+    try:
+        metadata = ocp.PyTreeCheckpointer().metadata(path / PARAMS_DIR).item_metadata.tree
+    except Exception as e:  # missing dir, truncated or foreign files: one line
+        raise WeightsError(f"{path / PARAMS_DIR}: not a readable orbax checkpoint "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    _check_params(metadata, model, str(path / PARAMS_DIR))
+    scan_layers = model.scan_layers if scan_layers is None else scan_layers
+    direct = shardings is not None and scan_layers == model.scan_layers  # orbax reads each device's shard only
+    if direct:
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype), shardings)
+    else:
+        restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), metadata)
+    try:
+        params = ocp.PyTreeCheckpointer().restore(path / PARAMS_DIR,
+                                                  args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:
+        raise WeightsError(f"{path / PARAMS_DIR}: cannot restore ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if not direct:
+        params = set_layer_layout(params, scan_layers)
+        if shardings is not None:
+            params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), params,
+                                  shardings)
+    config["model"].update(param_dtype=dtype.name, scan_layers=scan_layers)
+    return config, params
+
+
+def load_lm(source: str | Path, *, dtype: Any = None, scan_layers: bool | None = None) -> tuple[dict, dict]:
+    """Any LM source -> (config, host params): a converted checkpoint directory, or released weights (audiocraft
+    `state_dict.bin` / transformers MusicGen; hub id, directory or file) converted on the fly."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
+        return load_pretrained(path, dtype=dtype, scan_layers=scan_layers)
+    config, params = import_lm(str(source), scan_layers=True if scan_layers is None else scan_layers)
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+        config["model"]["param_dtype"] = dtype.name
+    return config, params

@@ -1,0 +1,180 @@
+"""Python generation API (`magnet_jax.api.MAGNeT`) on a tiny locally created model.
+
+The model is complete and real on disk: a random T5 + sentencepiece tokenizer dir, a tiny EnCodec in the transformers
+layout with codebooks fitted on synthetic music, and an untrained tiny LM saved with `pretrained.save_pretrained`.
+The mesh is the 8 simulated CPU devices of conftest.py, rows sharded data parallel.
+"""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+import soxr
+import torch
+
+from configs.magnet import get_config
+from data_pipelines.make_tiny_assets import calibration_audio, make_assets, make_random_lm, state_dict
+from data_pipelines.synthetic_corpus import generate_corpus
+from magnet_jax import api, checkpointing, encodec, train, train_lib
+from magnet_jax.api import MAGNeT
+from magnet_jax.encodec_weights import load_encodec, params_from_state_dict
+from magnet_jax.lm_weights import export_audiocraft
+from magnet_jax.pretrained import load_pretrained
+from magnet_jax.weights import WeightsError, flatten_params
+
+STEPS = [2, 2, 2, 2]  # decoding steps per codebook: enough to exercise every stage, cheap to compile
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    generate_corpus(root / "corpus", num_clips=4, seconds=1.0, seed=0)
+    assets = make_assets(root / "corpus", root / "assets")
+    return {"root": root, **assets, "lm": make_random_lm(root / "lm", assets, segment_seconds=1.0)}
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    m = MAGNeT.from_pretrained(str(tiny["lm"]))
+    m.set_generation_params(decoding_steps=STEPS)
+    return m
+
+
+def test_tiny_codec_round_trips_through_the_transformers_layout(tiny):
+    config, params = load_encodec(tiny["codec"])
+    again = params_from_state_dict(config, state_dict(config, params), layout="transformers", source="round trip")
+    for path, value in flatten_params(params).items():
+        np.testing.assert_array_equal(np.asarray(flatten_params(again)[path]), np.asarray(value), err_msg=path)
+    codes = np.asarray(encodec.encode(config, params, calibration_audio(tiny["root"] / "corpus", 32000)))
+    assert all(len(np.unique(codes[:, k])) > config.card // 4 for k in range(config.n_q))  # fitted, not collapsed
+
+
+def test_generate_returns_codes_and_audio_of_the_segment_length(model):
+    out = model.generate(["a calm piano piece", None, "fast techno with drums"], seed=0)
+    frames = 48  # 1 s at 50 Hz, trimmed to whole 3-frame spans ('nonoverlap')
+    assert model.num_frames == frames
+    assert out.codes.shape == (3, 4, frames) and out.codes.dtype == np.int32
+    assert out.audio.shape == (3, 1, frames * 640) and out.audio.dtype == np.float32
+    assert out.codes.min() >= 0 and out.codes.max() < 64
+    assert all(len(np.unique(row)) > 8 for row in out.codes.reshape(-1, frames))  # sampled, not degenerate
+    assert np.all(np.isfinite(out.audio)) and np.abs(out.audio).max() > 1e-3
+    np.testing.assert_allclose(  # the audio is the codec's decoding of the returned codes
+        out.audio, np.asarray(encodec.decode(model.codec_config, model.codec_params, out.codes)), atol=1e-5)
+
+
+def test_a_row_depends_only_on_its_description_and_seed(model):
+    batch = model.generate(["a calm piano piece", "fast techno with drums", None], seed=7)
+    alone = model.generate(["a calm piano piece"], seed=7)
+    np.testing.assert_array_equal(alone.codes[0], batch.codes[0])
+    np.testing.assert_allclose(alone.audio[0], batch.audio[0], atol=1e-6)
+    other_seed = model.generate(["a calm piano piece"], seed=8)
+    assert not np.array_equal(other_seed.codes[0], batch.codes[0])
+
+
+def test_rows_are_sharded_over_every_device(model):
+    rows = model.batch_multiple
+    assert rows == len(jax.devices()) == 8
+    codes = model.generate_codes(["a"] * rows, api.row_keys([(0, i) for i in range(rows)]))
+    assert codes.sharding.shard_shape(codes.shape) == (1, 4, 48)  # one row per device
+    assert {s.device for s in codes.addressable_shards} == set(jax.devices())
+
+
+def test_continuation_resamples_encodes_and_keeps_the_prompt(model):
+    rng = np.random.default_rng(0)
+    prompt = (0.2 * rng.standard_normal((2, 2, 11025))).astype(np.float32)  # 0.25 s of stereo at 44.1 kHz
+    out = model.generate_continuation(prompt, 44100, ["jazz trio", None], seed=3)
+
+    mono = np.stack([soxr.resample(p.mean(axis=0), 44100, 32000, quality="VHQ") for p in prompt])[:, None]
+    expected = np.asarray(encodec.encode(model.codec_config, model.codec_params, mono.astype(np.float32)))
+    assert expected.shape[-1] == math.ceil(mono.shape[-1] / 640) == 13
+    np.testing.assert_array_equal(out.codes[..., :13], expected)  # prompt codes in every codebook, unchanged
+    assert out.codes.shape == (2, 4, 48)
+    assert not np.array_equal(out.codes[..., 13:26], np.broadcast_to(expected[..., :13], (2, 4, 13)))
+
+
+def test_continuation_prompt_must_be_shorter_than_the_output(model):
+    with pytest.raises(ValueError, match="fewer than the 48 generated frames"):
+        model.generate_continuation(np.zeros((1, 32000), np.float32), 32000, ["x"])
+    with pytest.raises(ValueError, match=r"2 descriptions for 1 prompts"):
+        model.generate_continuation(np.zeros((1, 1, 3200), np.float32), 32000, ["x", "y"])
+
+
+def test_set_generation_params_validates_names_and_values(model):
+    before = model.generation_params
+    with pytest.raises(ValueError, match="unknown generation parameter.*max_cfg_coef"):
+        model.set_generation_params(max_cfg_coef=3.0)
+    with pytest.raises(ValueError, match="duration=2.*training segment 1 s"):
+        model.set_generation_params(duration=2.0)
+    with pytest.raises(ValueError, match="decoding_steps=.*4 entries"):
+        model.set_generation_params(decoding_steps=[2, 2])
+    with pytest.raises(ValueError, match="span_arrangement"):
+        model.set_generation_params(span_arrangement="zigzag")
+    assert model.generation_params == before  # a rejected call changes nothing
+    model.set_generation_params(duration=0.5)
+    assert model.num_frames == 24
+    model.set_generation_params(duration=1.0)
+
+
+def test_defaults_come_from_the_checkpoint_config(tiny, model):
+    stored = json.loads((tiny["lm"] / "config.json").read_text())["generate"]
+    params = model.generation_params
+    assert params["duration"] == 1.0  # the model's training segment
+    assert {k: params[k] for k in ("temperature", "top_p", "max_cfg", "min_cfg", "span_arrangement")} == \
+        {k: stored[k] for k in ("temperature", "top_p", "max_cfg", "min_cfg", "span_arrangement")}
+
+
+def test_audiocraft_format_directory_generates_like_the_converted_checkpoint(tiny, model, tmp_path):
+    config, params = load_pretrained(tiny["lm"])
+    export_audiocraft(tmp_path / "ac", params, config)
+    torch.save({"pretrained": str(tiny["codec"])}, tmp_path / "ac" / "compression_state_dict.bin")
+    other = MAGNeT.from_pretrained(str(tmp_path / "ac"), t5=str(tiny["t5"]))
+    assert other.codec_source == str(tiny["codec"])
+    other.set_generation_params(decoding_steps=STEPS)
+    np.testing.assert_array_equal(other.generate(["a calm piano piece"], seed=4).codes,
+                                  model.generate(["a calm piano piece"], seed=4).codes)
+
+
+def _train_config(tiny):
+    c = get_config("size=tiny,duration=1")
+    c.conditioner.t5 = str(tiny["t5"])
+    c.codec.source = str(tiny["codec"])
+    return c
+
+
+def test_training_workdir_gives_its_newest_checkpoint_ema_params_then_its_export(tiny, tmp_path):
+    config, workdir = _train_config(tiny), tmp_path / "run"
+    state = train_lib.create_train_state(config, jax.random.key(1))
+    state = state.replace(ema_params=jax.tree.map(lambda x: x + 1.0, state.params), step=state.step + 5)
+    workdir.mkdir()
+    train.write_config(config, str(workdir))
+    ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
+    ckpt.save(5, state, None, config, force=True)
+    ckpt.close()
+
+    loaded_config, params = api.load_lm(str(workdir))
+    assert loaded_config["provenance"]["step"] == 5 and loaded_config["codec"]["source"] == str(tiny["codec"])
+    for path, value in flatten_params(jax.device_get(state.ema_params)).items():
+        np.testing.assert_array_equal(flatten_params(params)[path], value, err_msg=path)
+    assert MAGNeT(loaded_config, params, api.generate_defaults()).segment_seconds == 1.0
+
+    train_lib.export_params(state.replace(ema_params=state.params), str(workdir / "export"), config)
+    exported_config, exported = api.load_lm(str(workdir))
+    assert exported_config["provenance"]["source"] == "magnet_jax training"
+    for path, value in flatten_params(jax.device_get(state.params)).items():
+        np.testing.assert_array_equal(flatten_params(exported)[path], value, err_msg=path)
+
+
+@pytest.mark.parametrize("source,fragment", [
+    ("facebook/magnet-small-10secs", "offline or unreachable"),
+    ("/nonexistent/model_dir", "/nonexistent/model_dir"),
+])
+def test_unavailable_source_is_a_one_line_error(source, fragment):
+    with pytest.raises(WeightsError, match=fragment) as e:
+        MAGNeT.from_pretrained(source)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_setting_is_rejected(tiny):
+    with pytest.raises(ValueError, match="unknown setting.*temperature"):
+        MAGNeT.from_pretrained(str(tiny["lm"]), temperature=2.0)
