@@ -3,6 +3,9 @@ r"""Input pipeline throughput (samples/s per process) against what the train ste
   python benchmarks/input_pipeline.py                      # tiny train step, 0/1/2 grain workers
   python benchmarks/input_pipeline.py --sizes=tiny,small --small_batch=2 --files='/data/codes/*.array_record'
 
+The pipeline's cost per sample does not depend on the model, and a bigger model's step consumes fewer samples/s, so
+the tiny ratio is a lower bound for the other sizes. (The small step on CPU needs > 20 GB of host memory.)
+
 Without `--files` it writes `--num_records` records of `--record_seconds` of random codes (synthetic-corpus
 descriptions) with the encode job's shard writer, so only the pipeline is measured (reading, decoding, cropping,
 metadata merge, T5 tokenization with word dropout, batching). The tokenizer is a sentencepiece model trained on those
@@ -12,6 +15,7 @@ its consumption is global batch / step time. Prints a table and writes JSON to `
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -25,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 flags.DEFINE_string("files", "", "shards to read (default: synthetic records in a temporary directory)")
-flags.DEFINE_string("t5", "", "T5 directory for the tokenizer (default: a tokenizer trained on the descriptions)")
+flags.DEFINE_string("t5", "", "T5 directory for the pipeline's tokenizer (default: one trained on the descriptions)")
 flags.DEFINE_integer("num_records", 256, "synthetic records")
 flags.DEFINE_float("record_seconds", 30.0, "length of each synthetic record")
 flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts to measure")
@@ -93,7 +97,8 @@ def train_step_rate(size: str, t5_dir: str, batch: int, steps: int) -> dict:
     step = train_lib.make_train_step(config, mesh, t5_config)
     rng = np.random.default_rng(0)
     put = sharding.batch_sharding(mesh, rules)
-    data = {"codes": jax.device_put(rng.integers(0, config.codec.card, (batch, 4, config.data.seq_len)).astype(np.int32), put),
+    codes = rng.integers(0, config.codec.card, (batch, 4, config.data.seq_len)).astype(np.int32)
+    data = {"codes": jax.device_put(codes, put),
             "text_ids": jax.device_put(np.tile(np.arange(2, 34, dtype=np.int32), (batch, 1)), put),
             "text_mask": jax.device_put(np.ones((batch, 32), np.int32), put)}
     times = []
@@ -109,44 +114,56 @@ def train_step_rate(size: str, t5_dir: str, batch: int, steps: int) -> dict:
 
 def main(argv):
     del argv
+    with tempfile.TemporaryDirectory(prefix="pipeline_bench_") as tmp:
+        results = benchmark(Path(tmp))
+    out = Path(FLAGS.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+def benchmark(work: Path) -> dict:
+    """Measures the pipeline and the train steps, prints the table, returns the results."""
     from configs.magnet import get_config
     from magnet_jax import input_pipeline
     from magnet_jax.conditioner import TextTokenizer
-    from magnet_jax.records import CodeRecord
+    from magnet_jax.records import CodeRecord, read_header
     from magnet_jax.t5 import write_random_t5
 
-    work = Path(tempfile.mkdtemp(prefix="pipeline_bench_"))
     files = FLAGS.files or synthetic_shards(work / "codes", FLAGS.num_records, FLAGS.record_seconds,
                                            get_config("size=tiny").codec.card)
     source = input_pipeline.open_source(files)
     descriptions = [CodeRecord.from_bytes(source[i]).description or "" for i in range(min(len(source), 256))]
     results = {"host": platform.node(), "cpus": os.cpu_count(), "records": len(source), "pipeline": [], "train": []}
 
-    def t5_dir(width: int, layers: int) -> str:  # random T5 encoder + tokenizer of the descriptions
+    def random_t5(width: int, layers: int) -> str:  # random T5 encoder + a tokenizer of the descriptions
         path = work / f"t5_{width}"
-        if FLAGS.t5 or path.is_dir():
-            return FLAGS.t5 or str(path)
-        heads = max(4, width // 64)
-        return str(write_random_t5(path, corpus=descriptions * 4, d_model=width, num_layers=layers,
-                                   num_heads=heads, d_kv=width // heads, d_ff=4 * width, vocab_size=1000))
+        if not path.is_dir():
+            heads = max(4, width // 64)
+            write_random_t5(path, corpus=descriptions * 4, d_model=width, num_layers=layers, num_heads=heads,
+                            d_kv=width // heads, d_ff=4 * width, vocab_size=1000)
+        return str(path)
 
     for size in FLAGS.sizes:
         size_config = get_config(f"size={size}")
         batch = size_config.data.batch_size if size == "tiny" else FLAGS.small_batch
         layers = 2 if size == "tiny" else 12  # t5-base depth for the real sizes
-        results["train"].append(train_step_rate(size, t5_dir(size_config.conditioner.t5_dim, layers), batch,
+        results["train"].append(train_step_rate(size, random_t5(size_config.conditioner.t5_dim, layers), batch,
                                                 FLAGS.steps))
 
     config = get_config("size=tiny")  # the pipeline settings: 10 s crops, batch 8, word dropout 0.3, merge 0.25
     config.data.train_files = files
-    tokenizer = TextTokenizer(t5_dir(config.conditioner.t5_dim, 2), max_length=config.conditioner.max_length,
-                              word_dropout=config.conditioner.word_dropout)
-    base = input_pipeline.PipelineConfig.from_config(config, train=True)
+    tokenizer = TextTokenizer(FLAGS.t5 or random_t5(config.conditioner.t5_dim, 2),
+                              max_length=config.conditioner.max_length, word_dropout=config.conditioner.word_dropout)
+    head = read_header(source[0])  # the codec the records come from
+    base = dataclasses.replace(input_pipeline.PipelineConfig.from_config(config, train=True),
+                               sample_rate=head["sample_rate"], frame_rate=head["frame_rate"], card=head["card"],
+                               n_q=head["codes_shape"][0])
     for workers in map(int, FLAGS.workers):
-        settings = input_pipeline.PipelineConfig(**{**base.__dict__, "worker_count": workers})
+        settings = dataclasses.replace(base, worker_count=workers)
         results["pipeline"].append(pipeline_rate(settings, tokenizer, FLAGS.batches))
 
-    print(f"\nrecords: {len(source)} x {FLAGS.record_seconds:g} s, crop {base.seq_len} frames, batch "
+    print(f"\nrecords: {len(source)}, crop {base.seq_len} frames, batch "
           f"{base.global_batch_size}, text {base.max_text_len} tokens, host cpus {os.cpu_count()}")
     print(f"{'pipeline':<24}{'samples/s':>12}{'startup s':>12}")
     for r in results["pipeline"]:
@@ -157,10 +174,7 @@ def main(argv):
         r["pipeline_over_step"] = best / r["samples_per_s"]
         print(f"{r['size'] + ' (batch ' + str(r['global_batch']) + ')':<24}{r['samples_per_s']:>12.1f}"
               f"{r['step_s']:>12.3f}{r['pipeline_over_step']:>23.1f}x")
-    out = Path(FLAGS.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out}")
+    return results
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ class EncodecConfig:
         hop = math.prod(c["upsampling_ratios"])
         frame_rate = math.ceil(c["sampling_rate"] / hop)
         bits = math.ceil(math.log2(c["codebook_size"]))
-        n_q = int(1000 * max(c["target_bandwidths"]) // (frame_rate * bits))
+        n_q = int(1000 * c["target_bandwidths"][-1] // (frame_rate * bits))
         return cls(sample_rate=c["sampling_rate"], ratios=c["upsampling_ratios"], n_filters=c["num_filters"],
                    dimension=c["hidden_size"], card=c["codebook_size"], n_q=n_q, channels=c["audio_channels"],
                    num_lstm_layers=c["num_lstm_layers"], pad_mode=c["pad_mode"],

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from magnet_jax.records import CodeRecord, RecordError, read_header
 
@@ -296,8 +298,6 @@ class BatchIterator(grain.DatasetIterator):
         batch = next(self._parent)
         if self._sharding is None:
             return batch
-        import jax
-
         return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
 
     def get_state(self) -> dict[str, Any]:
@@ -325,8 +325,6 @@ def make_iterator(config: PipelineConfig, tokenize: TokenizeFn, *, sharding=None
       process_index, process_count: default to JAX's.
     """
     if process_index is None or process_count is None:
-        import jax
-
         process_index, process_count = jax.process_index(), jax.process_count()
     source = open_source(config.files, config.split)
     check_source(source, config)
@@ -342,12 +340,11 @@ class InputCheckpointHandler(grain.checkpoint.CheckpointHandler):
 
     def restore(self, directory, item=None, args=None):
         item = item or args.item
-        import jax
-
-        own = Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        directory = epath.Path(directory)  # local or remote (gs://...)
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if own.exists():
             return super().restore(directory, item=item)
-        saved = sorted(Path(directory).glob("process_*-of-*.json"))
+        saved = sorted(directory.glob("process_*-of-*.json"), key=str)
         if not saved:
             raise ValueError(f"{directory}: no input pipeline state (process_*-of-*.json)")
         if not isinstance(item, BatchIterator):

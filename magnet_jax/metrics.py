@@ -45,7 +45,7 @@ def peak_flops(device_kind: str) -> float | None:
     return next((flops for name, flops in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
 
 
-def measure_matmul_peak(devices: Sequence[jax.Device], *, size: int = 512, chain: int = 4, repeats: int = 3) -> float:
+def measure_matmul_peak(devices: Sequence[jax.Device], *, size: int = 512, chain: int = 4, repeats: int = 2) -> float:
     """FLOP/s per device of float32 `[size, size]` matmuls running on all `devices` at once (best of `repeats`)."""
     mesh = Mesh(np.asarray(devices), ("d",))
     x = jax.device_put(jnp.full((len(devices), size, size), 1.0 / size, jnp.float32), NamedSharding(mesh, P("d")))
@@ -133,7 +133,7 @@ class MetricWriter:
     def _rewrite(self) -> None:
         tmp = self._jsonl.parent / f".{self._jsonl.name}.tmp"
         tmp.write_text("".join(self._lines))
-        tmp.rename(self._jsonl)
+        tmp.replace(self._jsonl)
 
     def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
         if not self.enabled:

@@ -45,13 +45,28 @@ def make_optimizer(optim_cfg) -> optax.GradientTransformation:
         base = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                            weight_decay=optim_cfg.weight_decay)
     elif optim_cfg.name == "dadam":
-        base = optax.contrib.dadapt_adamw(schedule, betas=(optim_cfg.b1, optim_cfg.b2), eps=optim_cfg.eps,
-                                          weight_decay=optim_cfg.weight_decay)
+        base = _wait_for_first_step(optax.contrib.dadapt_adamw(
+            schedule, betas=(optim_cfg.b1, optim_cfg.b2), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay))
     else:
         raise ValueError(f"optim.name={optim_cfg.name!r}: expected 'adamw' or 'dadam'")
     if optim_cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), base)
     return base
+
+
+def _wait_for_first_step(dadapt: optax.GradientTransformation) -> optax.GradientTransformation:
+    """D-Adaptation that, like the reference's DAdaptAdam, makes no update while its gradient sum is still zero.
+
+    With warm-up the first learning rate is 0, so optax's estimate would be 0 / 0 (NaN forever); the reference
+    returns early on such a step. Here the step only advances the schedule's count.
+    """
+    def update(updates, state, params=None):
+        new_updates, new_state = dadapt.update(updates, state, params)
+        started = optax.tree.sum(jax.tree.map(jnp.abs, new_state.grad_sum)) > 0
+        kept = state._replace(count=new_state.count)
+        return (jax.tree.map(lambda u: jnp.where(started, u, jnp.zeros_like(u)), new_updates),
+                jax.tree.map(lambda n, k: jnp.where(started, n, k), new_state, kept))
+    return optax.GradientTransformation(dadapt.init, update)
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, *, decay: float, every: int) -> Any:

@@ -20,7 +20,9 @@ Workdir layout:
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
+import re
 import sys
 import time
 
@@ -195,12 +197,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_s
 
 def _describe_flag_error(e: BaseException, argv: list[str]) -> str:
     """One line for a failed `--config...` parse (config_flags raises several types with multi-line texts)."""
-    lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
-    if isinstance(e, (KeyError, AttributeError)):  # unknown override key
-        key = lines[0].strip("'\"") if lines else "?"
-        culprit = next((a for a in argv if a.startswith("--config.") and key in a.split("=")[0]), "--config.*")
-        hint = next((line.strip("'\"") for line in lines[1:] if line.startswith("Did you mean")), "")
-        return f"{culprit.split('=')[0]}: unknown config key {key!r}" + (f" ({hint})" if hint else "")
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(e, (KeyError, AttributeError)):  # unknown override key; the text nests quoted reprs
+        key = next(iter(re.findall(r"'([A-Za-z0-9_]+)", text)), "?")
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        culprit = next((a for a in overrides if key in a.split(".")), "--config.*")
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        return f"{culprit}: unknown config key {key!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
     if any(line.startswith("Traceback") for line in lines):  # the config file itself raised
         return f"{lines[0].rstrip(':')} {lines[-1]}"
     if isinstance(e, OSError):  # config file not found
@@ -211,13 +215,24 @@ def _describe_flag_error(e: BaseException, argv: list[str]) -> str:
 def parse_flags(argv: list[str], prog: str = "train") -> list[str]:
     """absl flag parsing for `app.run(flags_parser=...)`: a bad flag or config override is one line, exit code 2."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+            flags.FLAGS.config.to_dict()  # config_flags defers a failed config-file load to first use
+        return rest
     except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as e:
         print(f"{prog}: error: {_describe_flag_error(e, argv)}", file=sys.stderr)
         sys.exit(2)
 
 
+class _QuietCheckpointLogs(std_logging.Filter):
+    """Drops orbax's per-save INFO chatter from the run log (its warnings and errors stay)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+    logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
     if len(argv) > 1:
         print(f"train: error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)

@@ -2,7 +2,9 @@
 
 Runs on the 8 simulated CPU devices of conftest.py, with real ArrayRecord shards and a random local T5.
 """
+import json
 import os
+import shutil
 import signal
 
 import jax
@@ -99,11 +101,21 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_resume_after_a_stop_equals_an_uninterrupted_run(corpus, tmp_path):
-    config = tiny_config(corpus, fsdp=4, data=2)
+@pytest.fixture(scope="module")
+def stopped_at_3(corpus, tmp_path_factory):
+    """(config, workdir) of a 6-step run on the mesh fsdp=8 stopped after step 3 (checkpoint saved), as a job
+    killed there would leave it. Every run of this module uses this config, so compiles are shared."""
+    config = tiny_config(corpus, fsdp=8)
+    workdir = str(tmp_path_factory.mktemp("stopped"))
+    train_and_evaluate(config, workdir, run_steps=3)
+    return config, workdir
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(stopped_at_3, tmp_path):
+    config, stopped = stopped_at_3
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     train_and_evaluate(config, straight)
-    train_and_evaluate(config, split, run_steps=3)  # stops after step 3 (checkpoint saved), as a killed job would
+    shutil.copytree(stopped, split)
     first, _ = restore(config, split, with_data=False)
     assert int(first.step) == 3
     train_and_evaluate(config, split)  # the restarted job resumes from step 3 and runs 3 more
@@ -134,24 +146,13 @@ def restore_fresh_iterator(config):
 
 
 def train_losses(workdir):
-    import json
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-@pytest.fixture(scope="module")
-def trained_fsdp8(corpus, tmp_path_factory):
-    """(config, workdir) of a 3-step run on the mesh fsdp=8."""
-    config = tiny_config(corpus, fsdp=8)
-    config.train.num_steps = 3
-    workdir = str(tmp_path_factory.mktemp("fsdp8"))
-    train_and_evaluate(config, workdir)
-    return config, workdir
-
-
-def test_checkpoint_restores_onto_a_different_mesh_and_device_count(corpus, trained_fsdp8):
-    config, workdir = trained_fsdp8
+def test_checkpoint_restores_onto_a_different_mesh_and_device_count(corpus, stopped_at_3):
+    config, workdir = stopped_at_3
     saved, _ = restore(config, workdir, with_data=False)
     kernel = saved.params["blocks"]["linear1"]["kernel"]
     assert kernel.sharding.spec[1] == "fsdp" and len(kernel.sharding.device_set) == 8
@@ -171,8 +172,8 @@ def test_checkpoint_restores_onto_a_different_mesh_and_device_count(corpus, trai
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(alone))
 
 
-def test_checkpoint_from_another_model_is_a_clear_error(trained_fsdp8):
-    config, workdir = trained_fsdp8
+def test_checkpoint_from_another_model_is_a_clear_error(stopped_at_3):
+    config, workdir = stopped_at_3
     config = config.copy_and_resolve_references()
     config.model.num_layers = 3
     with pytest.raises(checkpointing.CheckpointError, match=r"model.num_layers: checkpoint 2 vs config 3"):

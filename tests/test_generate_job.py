@@ -217,3 +217,17 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tiny, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert typo.returncode == 2 and "unknown config key" in typo.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arg,steps,temperature", [("", [20, 10, 10, 10], 3.0),
+                                                   ("duration=30", [60, 10, 10, 10], 3.0),
+                                                   ("task=sound", [20, 10, 10, 10], 3.5)])
+def test_generation_defaults_are_the_released_models(arg, steps, temperature):
+    c = get_config(arg)
+    assert c.source == "facebook/magnet-small-10secs"
+    assert (list(c.generate.decoding_steps), c.generate.temperature) == (steps, temperature)
+    assert c.generate.duration == (30.0 if "30" in arg else 10.0)
+    c.lock()
+    c.generate.decoding_steps = (3, 3, 3, 3)  # a tuple field: overridable from the command line
+    with pytest.raises(AttributeError):
+        c.generate.top_q = 0.5

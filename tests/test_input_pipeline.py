@@ -14,7 +14,7 @@ from data_pipelines import synthetic_corpus as sc
 from data_pipelines.encode_audio import write_shard
 from magnet_jax import input_pipeline as ip
 from magnet_jax.conditioner import TextTokenizer
-from magnet_jax.records import CodeRecord, RecordError, normalize_metadata, shard_name
+from magnet_jax.records import CodeRecord, RecordError, normalize_metadata, read_header, shard_name
 from magnet_jax.t5 import write_random_t5
 
 NUM_CLIPS = 12
@@ -167,7 +167,7 @@ def test_restoring_the_state_of_another_dataset_is_refused(data):
         iterator.set_state(state | {"num_records": 99})
 
 
-def test_metadata_merge_matches_audiocraft():
+def test_metadata_cleaning_and_merge_match_audiocraft():
     import audiocraft_stubs
 
     audiocraft_stubs.install()
@@ -184,6 +184,17 @@ def test_metadata_merge_matches_audiocraft():
         {"key": "a minor", "genre": "rock", "moods": ["dark"]},  # no description
         {"description": "Only bpm", "bpm": 120.0},
     ]
+
+    sidecars = [  # audiocraft's per-field cleaning, applied once by the encode job (records.normalize_metadata)
+        {"description": "  A song.  ", "genre": " Rock ", "bpm": "120", "key": "C, G", "moods": "Happy, upbeat",
+         "keywords": ["Guitar", "None", ""], "instrument": "Piano", "title": "None", "artist": ""},
+        {"genre": ["not", "a", "string"], "bpm": "fast", "key": " A Minor ", "moods": float("nan"), "keywords": 3},
+    ]
+    for raw in sidecars:
+        reference = MusicInfo.from_dict({**raw, **segment}, fields_required=False)
+        expected = {k: getattr(reference, k) for k in ("title", "artist", "key", "bpm", "genre", "moods",
+                                                        "keywords", "description", "instrument")}
+        assert normalize_metadata(raw) == {k: v for k, v in expected.items() if v is not None}
 
     def pieces(text):
         return None if text is None else sorted(text.split(". "))
@@ -259,3 +270,27 @@ def test_damaged_or_foreign_shards_are_clear_errors(data, tmp_path):
     with pytest.raises(RecordError, match=r"encoded with segment_seconds 1 \(50 frames\) but training crops "
                                           r"seq_len 100"):
         open_iterator(data["files"], seq_len=100)
+
+
+def test_records_round_trip_and_detect_damage():
+    record = CodeRecord(codes=np.arange(40, dtype=np.int16).reshape(4, 10) % 7, sample_rate=16000, frame_rate=50.0,
+                        card=7, duration=0.2, segment_seconds=0.2, source="a/b.flac", offset=1.5,
+                        metadata={"description": "déjà vu", "moods": ["x"]})
+    data = record.to_bytes()
+    back = CodeRecord.from_bytes(data)
+    np.testing.assert_array_equal(back.codes, record.codes)
+    assert back.codes.dtype == np.int16 and back.description == "déjà vu"
+    assert {k: v for k, v in back.__dict__.items() if k != "codes"} == \
+        {k: v for k, v in record.__dict__.items() if k != "codes"}
+    assert read_header(data)["codes_shape"] == [4, 10]
+
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x01
+    with pytest.raises(RecordError, match=r"shard.ar record 3 \(a/b.flac\): codes payload is damaged"):
+        CodeRecord.from_bytes(bytes(flipped), where="shard.ar record 3")
+    with pytest.raises(RecordError, match=r"codes payload is damaged"):
+        CodeRecord.from_bytes(data[:-2])
+    with pytest.raises(RecordError, match=r"record format version 2, this reader expects 1"):
+        CodeRecord.from_bytes(data.replace(b'"version":1', b'"version":2'))
+    with pytest.raises(RecordError, match=r"a/b.flac: codes outside \[0, 7\)"):
+        CodeRecord(**{**record.__dict__, "codes": record.codes + 1}).to_bytes()
