@@ -7,9 +7,9 @@ Input is a directory (searched recursively for .wav/.flac/.ogg/.mp3, each with a
 `artist`) or a JSONL manifest (one object per line: `path` (relative to the manifest's folder or absolute), optional
 `offset`/`excerpt_seconds` to encode part of a file, optional metadata fields that override the sidecar; audiocraft's
 manifest keys `duration`/`sample_rate` are checked against the file). Each file is read with soundfile, downmixed
-to mono (channel mean), resampled to the codec rate with soxr (VHQ, `magnet_jax.api.to_codec_audio`), and encoded in fixed windows of
-`--chunk_seconds` batched across files and sharded over `jax.local_devices()`; long files are the concatenation of
-their windows' codes. A file shorter than `--segment_seconds` but at least `--min_segment_ratio` of it is zero-padded
+to mono (channel mean) and resampled to the codec rate with soxr VHQ (`magnet_jax.api.to_codec_audio`), then encoded
+in fixed windows of `--chunk_seconds` batched across files and sharded over `jax.local_devices()`; long files are the
+concatenation of their windows' codes (as `magnet_jax.encodec.encode_long`). A file shorter than `--segment_seconds` but at least `--min_segment_ratio` of it is zero-padded
 to the segment (as audiocraft pads short training segments); shorter, empty, unreadable or non-finite files are
 skipped and listed with their reason.
 

@@ -112,7 +112,8 @@ def make_codec(directory: str | os.PathLike, config: EncodecConfig, calibration_
     params = encodec.init_encodec(config, seed, calibration_wav)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict(config, params), str(directory / HF_WEIGHTS))
+    # state_dict() returns transposed views (LSTM); safetensors writes memory order, so make them contiguous.
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict(config, params).items()}, str(directory / HF_WEIGHTS))
     (directory / HF_CONFIG).write_text(json.dumps(hf_config(config), indent=2) + "\n")
     return directory
 

@@ -1,8 +1,8 @@
 r"""Synthetic music corpus: short synthesized clips with matching descriptions, as real audio files + sidecars.
 
 Each clip is a chord progression in a random key and tempo, played in one of a few patterns (sustained chords,
-arpeggio, melody over a pad, bass line) on one of a few timbres (sine, square, sawtooth, organ, pluck, FM electric piano), with
-or without a drum beat. Its description and audiocraft-format sidecar (`clip_00003.json`: description, genre, key,
+arpeggio, melody over a pad, bass line) on one of a few timbres (sine, square, sawtooth, organ, pluck, FM electric
+piano), with or without a drum beat. Its description and audiocraft-format sidecar (`clip_00003.json`: description, genre, key,
 bpm, moods, keywords, instrument, title) say exactly what was synthesized, so audio → codes → training is exercised
 on real files with text that matches the audio.
 
