@@ -78,7 +78,10 @@ def hf_config(config: EncodecConfig) -> dict:
 
 
 def state_dict(config: EncodecConfig, params) -> dict[str, np.ndarray]:
-    """Params -> a transformers EnCodec state dict (plain `weight`s; the inverse of `params_from_state_dict`)."""
+    """Params -> a transformers EnCodec state dict (plain `weight`s; the inverse of `params_from_state_dict`).
+
+    Arrays are C-contiguous: safetensors writes an array's memory, so a transposed view would be stored scrambled.
+    """
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
     state = {}
     for path, (module, kind) in _module_names(config).items():
@@ -98,12 +101,11 @@ def state_dict(config: EncodecConfig, params) -> dict[str, np.ndarray]:
         for flax_name, sub in convs:
             name = _conv_prefix(module, sub, "transformers", kind == "convtr")
             kernel = flat[f"{prefix}/{flax_name}/kernel" if flax_name else f"{prefix}/kernel"]  # [k, in, out]
-            state[f"{name}.weight"] = np.ascontiguousarray(kernel.transpose(1, 2, 0) if kind == "convtr"
-                                                           else kernel.transpose(2, 1, 0))
+            state[f"{name}.weight"] = kernel.transpose(1, 2, 0) if kind == "convtr" else kernel.transpose(2, 1, 0)
             state[f"{name}.bias"] = flat[f"{prefix}/{flax_name}/bias" if flax_name else f"{prefix}/bias"]
     for level in range(config.n_q):
-        state[f"quantizer.layers.{level}.codebook.embed"] = np.ascontiguousarray(flat["quantizer/codebooks"][level])
-    return state
+        state[f"quantizer.layers.{level}.codebook.embed"] = flat["quantizer/codebooks"][level]
+    return {k: np.ascontiguousarray(v) for k, v in state.items()}
 
 
 def make_codec(directory: str | os.PathLike, config: EncodecConfig, calibration_wav: np.ndarray, *,
@@ -112,8 +114,7 @@ def make_codec(directory: str | os.PathLike, config: EncodecConfig, calibration_
     params = encodec.init_encodec(config, seed, calibration_wav)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # state_dict() returns transposed views (LSTM); safetensors writes memory order, so make them contiguous.
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict(config, params).items()}, str(directory / HF_WEIGHTS))
+    save_file(state_dict(config, params), str(directory / HF_WEIGHTS))
     (directory / HF_CONFIG).write_text(json.dumps(hf_config(config), indent=2) + "\n")
     return directory
 
