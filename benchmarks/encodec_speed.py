@@ -121,8 +121,9 @@ def main(argv):
         add("jax", f"encode_long({FLAGS.chunk_seconds:g}s chunks)", 1, FLAGS.long_seconds,
             *_time(lambda: encodec.encode_long(config, params, wav, FLAGS.chunk_seconds), FLAGS.repeats))
 
+    load = os.getloadavg()[0]  # other processes on a shared host slow every row down
     print(f"EnCodec {FLAGS.codec} (sr {config.sample_rate}, hop {config.hop_length}, K {config.n_q}), "
-          f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs")
+          f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, load average {load:.1f}")
     print(f"{'impl':6} {'op':28} {'batch':>5} {'audio s':>8} {'first s':>8} {'median s':>9} {'audio s/s':>10}")
     for r in rows:
         print(f"{r['impl']:6} {r['op']:28} {r['batch']:>5} {r['audio_seconds']:>8.1f} {r['first_call_s']:>8.2f} "
@@ -131,7 +132,7 @@ def main(argv):
     out.parent.mkdir(parents=True, exist_ok=True)
     report = dict(codec=FLAGS.codec, config=config.__dict__, device=jax.devices()[0].device_kind,
                   device_count=jax.device_count(), cpu_count=os.cpu_count(), platform=platform.platform(),
-                  jax=jax.__version__, seconds=FLAGS.seconds, repeats=FLAGS.repeats, rows=rows,
+                  load_average=load, jax=jax.__version__, seconds=FLAGS.seconds, repeats=FLAGS.repeats, rows=rows,
                   timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=list))

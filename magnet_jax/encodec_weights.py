@@ -119,6 +119,9 @@ def _load_audiocraft(file: Path, *, via_pointer: bool) -> tuple[EncodecConfig, d
     missing = [key for key in ("best_state", "xp.cfg") if key not in package]
     if missing:
         raise WeightsError(f"{WHAT}: {file}: missing {', '.join(missing)} (keys: {', '.join(map(str, package))})")
+    if not isinstance(package["best_state"], Mapping):
+        raise WeightsError(f"{WHAT}: {file}: best_state is a {type(package['best_state']).__name__}, expected a "
+                           "state dict")
     try:
         xp = package["xp.cfg"]
         xp = yaml.safe_load(xp) if isinstance(xp, str) else xp
@@ -194,7 +197,8 @@ def params_from_state_dict(config: EncodecConfig, state: Mapping[str, np.ndarray
     lstms: dict[str, str] = {}
     for path, (module, kind) in _module_names(config).items():
         if kind == "residual":
-            subs = [("conv_a", "block.1"), ("conv_b", "block.3")] + ([] if config.true_skip else [("shortcut", "shortcut")])
+            subs = [("conv_a", "block.1"), ("conv_b", "block.3")]
+            subs += [] if config.true_skip else [("shortcut", "shortcut")]
             for flax_name, sub in subs:
                 convs[_conv_prefix(module, sub, layout, False)] = ("/".join(path + (flax_name,)), False)
         elif kind == "lstm":

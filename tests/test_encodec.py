@@ -5,6 +5,7 @@ every code 0 and code parity trivial); every parity test asserts the codes sprea
 """
 import dataclasses
 import json
+import warnings
 
 import flax.linen as nn
 import jax
@@ -250,7 +251,8 @@ def test_codes_match_transformers_encodec_32khz_architecture(real_32khz_model):
 
 def test_encodec_32khz_config_gives_spec_architecture():
     config = EncodecConfig.from_hf_config({"model_type": "encodec", **REAL_32KHZ_HF})
-    assert (config.hop_length, config.frame_rate, config.n_q, config.card, config.dimension) == (640, 50.0, 4, 2048, 128)
+    assert (config.hop_length, config.frame_rate, config.n_q) == (640, 50.0, 4)
+    assert (config.card, config.dimension) == (2048, 128)
     assert config.true_skip and config.num_lstm_layers == 2 and config.pad_mode == "reflect"  # transformers default
     shapes = nn.unbox(encodec.abstract_params(config))
     assert shapes["encoder"]["block_3"]["down"]["kernel"].shape == (16, 512, 1024)  # k16 s8, 512 -> 1024
@@ -294,7 +296,9 @@ def audiocraft_encodec(tmp_path_factory):
     cfg = OmegaConf.create(TINY_AUDIOCRAFT_XP)
     cfg.device = "cpu"
     torch.manual_seed(0)
-    model = builders.get_compression_model(cfg).eval()
+    with warnings.catch_warnings():  # audiocraft uses the deprecated torch.nn.utils.weight_norm
+        warnings.simplefilter("ignore", FutureWarning)
+        model = builders.get_compression_model(cfg).eval()
     frames = centered_latent_frames(model.encoder, model.encoder.model[-1].conv.conv, audio(2, SR, seed=102))
     books = encodec.fit_codebooks(frames, 32, 4, seed=0)
     with torch.no_grad():
@@ -432,12 +436,13 @@ def test_encode_long_equals_encoding_each_fixed_chunk(tiny_codec):
     wav = audio(2, int(2.3 * SR), seed=6)
     codes = encodec.encode_long(config, params, wav, chunk_seconds=1.0)
     assert codes.shape == (2, 4, 115) and codes.dtype == np.int32
-    chunks = [wav[..., :SR], wav[..., SR:2 * SR], np.pad(wav[..., 2 * SR:], ((0, 0), (0, 0), (0, 3 * SR - wav.shape[-1])))]
+    tail = np.pad(wav[..., 2 * SR:], ((0, 0), (0, 0), (0, 3 * SR - wav.shape[-1])))
+    chunks = [wav[..., :SR], wav[..., SR:2 * SR], tail]
     expected = np.concatenate([np.asarray(encodec.encode(config, params, c)) for c in chunks], -1)[..., :115]
     np.testing.assert_array_equal(codes, expected)
     # one chunk spanning the whole file is whole-file encoding
-    whole = wav[..., : 2 * SR]
-    np.testing.assert_array_equal(encodec.encode_long(config, params, whole, chunk_seconds=2.0),
+    whole = wav[..., :SR]
+    np.testing.assert_array_equal(encodec.encode_long(config, params, whole, chunk_seconds=1.0),
                                   np.asarray(encodec.encode(config, params, whole)))
 
 
