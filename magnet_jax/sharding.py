@@ -58,11 +58,13 @@ def device_grid(mesh_cfg: Mapping[str, Any], devices: Sequence[Any] | None = Non
     devices = list(jax.devices() if devices is None else devices)
     dcn_names = tuple(f"dcn_{a}" for a in MESH_AXES)
     dcn_given = [mesh_cfg.get(n, 1) for n in dcn_names]
-    if all(d == 1 for d in dcn_given):
-        ici = _fill_degrees([mesh_cfg[a] for a in MESH_AXES], len(devices), MESH_AXES, "devices")
-        return mesh_utils.create_device_mesh(ici, devices)
     by_slice = hasattr(devices[0], "slice_index")
     slices = len({getattr(d, "slice_index" if by_slice else "process_index") for d in devices})
+    if all(d == 1 for d in dcn_given):
+        if by_slice and slices > 1:
+            raise ValueError(f"the devices span {slices} slices: set a mesh.dcn_* degree (e.g. mesh.dcn_data=-1)")
+        ici = _fill_degrees([mesh_cfg[a] for a in MESH_AXES], len(devices), MESH_AXES, "devices")
+        return mesh_utils.create_device_mesh(ici, devices)
     dcn = _fill_degrees(dcn_given, slices, dcn_names, "slices" if by_slice else "processes (slices)")
     if len(devices) % slices:
         raise ValueError(f"{len(devices)} devices do not split evenly over {slices} slices")

@@ -209,7 +209,7 @@ def _train_step(config, mesh, t5_config, state: TrainState, t5_params, batch: Ma
                **_per_stage(ppl, masked.stage, lm.n_q, "ppl"),
                "stage": masked.stage.astype(jnp.float32),
                "mask_fraction": count / masked.mask.size,
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "lr": learning_rate_schedule(config.optim)(state.step - state.skipped_steps).astype(jnp.float32),
                "skipped_steps": skipped.astype(jnp.float32)}
     return new_state, metrics
@@ -221,6 +221,8 @@ def make_train_step(config, mesh, t5_config: T5Config):
     `t5_params` (frozen, not donated, not optimised) must be placed with `text_encoder_shardings`, the batch with
     `sharding.batch_sharding`, `state` with `train_state_shardings` (as `create_train_state(mesh=...)` does).
     """
+    if config.optim.grad_accum_steps < 1:
+        raise ValueError(f"optim.grad_accum_steps={config.optim.grad_accum_steps}: expected >= 1")
     rules = sharding.logical_rules(config)
     _, state_shardings = train_state_shardings(config, mesh)
 

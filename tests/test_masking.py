@@ -58,7 +58,8 @@ def test_time_mask_equals_audiocraft_on_same_noise(solver, monkeypatch, seq_len,
     table = masking.span_count_table(seq_len, span_len)
 
     monkeypatch.setattr(torch, "rand", lambda shape, device=None: torch.from_numpy(noise.copy()))
-    ref = solver._get_mask(_solver_self(solver, span_len, table), torch.from_numpy(rates), batch, seq_len, "cpu").numpy()
+    this = _solver_self(solver, span_len, table)
+    ref = solver._get_mask(this, torch.from_numpy(rates), batch, seq_len, "cpu").numpy()
     ours = np.asarray(masking.time_mask_from_noise(jnp.asarray(noise), jnp.asarray(rates), table, span_len))
     assert ref.any(axis=1).all() and not ref.all()  # non-degenerate: every row masked somewhere, not everything
     np.testing.assert_array_equal(ours, ref)

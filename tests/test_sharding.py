@@ -60,6 +60,12 @@ def test_multislice_grid_puts_dcn_degree_across_slices():
     assert (slices[0] == 0).all() and (slices[1] == 1).all()  # the data axis crosses slices, fsdp/tensor stay inside
 
 
+def test_multislice_devices_need_a_dcn_degree():
+    devices = [_SliceDevice(i, i // 4) for i in range(8)]
+    with pytest.raises(ValueError, match="span 2 slices: set a mesh.dcn_"):
+        sharding.device_grid(_mesh_cfg(fsdp=-1), devices)
+
+
 def test_logical_rules_come_from_config():
     rules = dict(sharding.logical_rules(get_config("size=tiny")))
     assert rules["batch"] == ("data", "fsdp") and rules["mlp"] == "tensor" and rules["layers"] is None

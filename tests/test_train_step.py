@@ -8,9 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
-
 from jax.sharding import PartitionSpec as P
 
 from configs.magnet import get_config
@@ -203,6 +203,25 @@ def test_lr_schedule_matches_audiocraft_cosine_scheduler():
         scheduler.step()
 
 
+def test_dadapt_adam_makes_progress_from_a_zero_first_learning_rate():
+    """D-Adaptation (the reference's small-model optimizer) with warm-up: no NaN from the lr-0 first step."""
+    config = _config(name="dadam", lr=1.0, warmup_steps=3, clip_norm=0.0, weight_decay=0.0)
+    tx = optim.make_optimizer(config.optim)
+    target = jnp.linspace(-1.0, 1.0, 16)
+    params = {"w": jnp.zeros(16)}
+    state = tx.init(params)
+
+    def loss(p):
+        return jnp.sum((p["w"] - target) ** 2)
+    for _ in range(60):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    assert np.isfinite(float(loss(params))) and float(loss(params)) < 0.1 * float(loss({"w": jnp.zeros(16)}))
+    config = _config(name="dadam", lr=1.0)  # clipping, then D-Adaptation: its state shards like the params
+    _, shardings = train_lib.train_state_shardings(config, sharding.make_mesh(dict(data=2, fsdp=2, tensor=2)))
+    assert shardings.opt_state[1].grad_sum["blocks"]["linear1"]["kernel"].spec == P(None, "fsdp", "tensor")
+
+
 def test_export_then_fine_tune_from_the_exported_checkpoint(tiny_t5, tmp_path):
     config = _config()
     mesh = _one_device()
@@ -244,40 +263,48 @@ def test_eval_step_scores_every_stage_deterministically(tiny_t5):
     np.testing.assert_allclose(first["loss"], np.mean(stages), rtol=1e-6)
 
 
-def test_state_memory_per_device_with_fsdp8_is_an_eighth(tiny_t5):
-    """Compiled memory analysis of the real train step: the state's bytes per device <= 1.1 x total / 8."""
+def test_fsdp8_state_memory_is_an_eighth_and_bfloat16_compute_keeps_float32_weights(tiny_t5):
+    """Compiled memory analysis of the real train step on fsdp = 8 (state bytes per device <= 1.1 x total / 8);
+    the same step computes in bfloat16 and keeps float32 master weights."""
     config = _config()
-    config.mesh.fsdp = 8
-    mesh = sharding.make_mesh(config.mesh)
+    config.model.dtype = "bfloat16"
+    mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
     rules = sharding.logical_rules(config)
-    t5_config, t5_params, _ = tiny_t5
+    t5_config, t5_params, tokenizer = tiny_t5
     abstract, state_shardings = train_lib.train_state_shardings(config, mesh)
-    t5_abstract = jax.eval_shape(lambda: t5_params)
-    batch = {"codes": jax.ShapeDtypeStruct((8, 4, config.data.seq_len), jnp.int32),
-             "text_ids": jax.ShapeDtypeStruct((8, TEXT_LEN), jnp.int32),
-             "text_mask": jax.ShapeDtypeStruct((8, TEXT_LEN), jnp.int32)}
+    t5_shardings = train_lib.text_encoder_shardings(t5_config, mesh, rules)
+    batch = jax.device_put(_batch(config, tokenizer), sharding.batch_sharding(mesh, rules))
     step = train_lib.make_train_step(config, mesh, t5_config)
-    memory = step.lower(abstract, t5_abstract, batch, jax.random.key(0)).compile().memory_analysis()
+    compiled = step.lower(abstract, jax.eval_shape(lambda: t5_params), batch, jax.random.key(0)).compile()
+    memory = compiled.memory_analysis()
 
     def per_device(tree, shardings):
         return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
                    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
     total_state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     state_per_device = per_device(abstract, state_shardings)
-    others = (per_device(t5_abstract, train_lib.text_encoder_shardings(t5_config, mesh, rules))
-              + per_device(batch, {k: sharding.batch_sharding(mesh, rules) for k in batch})
+    others = (per_device(t5_params, t5_shardings) + sum(x.addressable_shards[0].data.nbytes for x in batch.values())
               + jax.random.key_data(jax.random.key(0)).nbytes)
     assert memory.argument_size_in_bytes == state_per_device + others  # the compiled step holds just this state
     ratio = state_per_device / (total_state / 8)
     print(f"state bytes: total {total_state}, per device {state_per_device} ({ratio:.3f} x total/8)")
     assert ratio <= 1.1
 
+    state = _initial_state(config, mesh)
+    t5_params = jax.device_put(t5_params, t5_shardings)
+    for _ in range(3):
+        state, metrics = compiled(state, t5_params, batch, jax.random.key(0))
+        assert np.isfinite(float(metrics["loss"]))
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.ema_params))} == {jnp.dtype("float32")}
+    assert _norm_rel_diff(state.params, _initial_state(config, _one_device()).params) > 1e-4
+
 
 def test_flops_formula_matches_xla_cost_analysis():
-    """Analytic FLOPs vs XLA's count for an unscanned model (XLA also counts elementwise work: within 15%)."""
-    config = LMConfig(dim=128, num_heads=4, num_layers=1, n_q=4, card=256, cond_dim=64, scan_layers=False)
+    """Analytic FLOPs vs XLA's count of the lowered forward / gradient of an unscanned model (XLA also counts
+    elementwise work and skips the gradient of the frozen text states: within 10%)."""
+    config = LMConfig(dim=128, num_heads=4, num_layers=2, n_q=4, card=256, cond_dim=64, scan_layers=False)
     model = LanguageModel(config)
-    params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+    params = jax.eval_shape(lambda k: nn.meta.unbox(init_params(model, k)), jax.random.key(0))
     batch, length, cond_len = 2, 64, 16
     codes = jnp.zeros((batch, 4, length), jnp.int32)
     states, mask = jnp.ones((batch, cond_len, 64)), jnp.ones((batch, cond_len), jnp.int32)
@@ -285,9 +312,9 @@ def test_flops_formula_matches_xla_cost_analysis():
     def forward(p):
         return model.apply({"params": p}, codes, model.apply({"params": p}, states, mask,
                                                              method=model.project_condition))
-    counted_fwd = jax.jit(forward).lower(params).compile().cost_analysis()["flops"]
-    counted_train = jax.jit(jax.grad(lambda p: forward(p).sum())).lower(params).compile().cost_analysis()["flops"]
+    counted_fwd = jax.jit(forward).lower(params).cost_analysis()["flops"]
+    counted_train = jax.jit(jax.grad(lambda p: forward(p).sum())).lower(params).cost_analysis()["flops"]
     expected_fwd = flops.forward_flops(config, batch=batch, seq_len=length, cond_len=cond_len)
     expected_train = flops.train_flops(config, batch=batch, seq_len=length, cond_len=cond_len)
     assert expected_train == 3 * expected_fwd
-    assert abs(counted_fwd / expected_fwd - 1) < 0.15 and abs(counted_train / expected_train - 1) < 0.15
+    assert abs(counted_fwd / expected_fwd - 1) < 0.1 and abs(counted_train / expected_train - 1) < 0.1
