@@ -51,7 +51,11 @@ shift
 recipe_flags=()
 if [ $# -ge 1 ] && [ "$1" != "--" ]; then
   # shellcheck source=/dev/null
-  source "$1"  # sets RECIPE_FLAGS
+  source "$1"  # sets TOPOLOGY and RECIPE_FLAGS
+  if [ "${TOPOLOGY:-$accel}" != "$accel" ]; then
+    echo "tpu_vm.sh: recipe $1 is for $TOPOLOGY, not $accel" >&2
+    exit 2
+  fi
   recipe_flags=("${RECIPE_FLAGS[@]}")
   shift
 fi

@@ -23,9 +23,18 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from magnet_jax import flops, metrics, sharding, train_lib
+from magnet_jax.lm import LMConfig
+from magnet_jax.t5 import T5Config, T5Encoder
+from magnet_jax.train import parse_flags
+from magnet_jax.weights import resolve_file
 
 GiB = 1024**3
 
@@ -112,9 +121,6 @@ def target_devices(target: Target, num_slices: int = 1, *, simulate: bool = Fals
 
 def text_encoder_config(config: ml_collections.ConfigDict):
     """The T5 architecture of `conditioner.t5` (known hub ids need no download; a directory's config.json)."""
-    from magnet_jax.t5 import T5Config
-    from magnet_jax.weights import resolve_file
-
     known = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
              "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12),
              "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16)}
@@ -128,11 +134,6 @@ def text_encoder_config(config: ml_collections.ConfigDict):
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence) -> tuple[Any, jax.sharding.Mesh]:
     """(compiled train step, its mesh) for a mesh over `devices`, lowered from abstract inputs only."""
-    import flax.linen as nn
-
-    from magnet_jax import sharding, train_lib
-    from magnet_jax.t5 import T5Encoder
-
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config)
     t5_config = text_encoder_config(config)
@@ -156,7 +157,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence) -> 
 
 
 def memory_report(compiled, target: Target) -> dict[str, float]:
-    """Per-device bytes from XLA's memory analysis; `total` = arguments + outputs - aliased + temporaries."""
+    """Per-device bytes from XLA's memory analysis; `total` = arguments + outputs - aliased + temporaries, and
+    whether that fits the target's HBM."""
     m = compiled.memory_analysis()
     report = {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
               "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
@@ -165,31 +167,38 @@ def memory_report(compiled, target: Target) -> dict[str, float]:
                              + report["temp_bytes"])
     report["hbm_bytes"] = target.hbm_bytes
     report["hbm_fraction"] = report["total_bytes"] / target.hbm_bytes
+    report["fits"] = report["total_bytes"] <= target.hbm_bytes
     return report
 
 
 def check(config: ml_collections.ConfigDict, target: Target, *, num_slices: int = 1, simulate: bool = False
           ) -> dict[str, Any]:
-    """Compiles the train step of `config` for `target` and returns the report (see the module docstring)."""
-    from magnet_jax import flops, metrics
-    from magnet_jax.lm import LMConfig
+    """Compiles the train step of `config` for `target` and returns the report (see the module docstring).
 
+    A compiler that refuses the program for lack of memory (the TPU compiler does) gives `fits: False` and its
+    message under `compile_error`, without the memory breakdown.
+    """
     devices, simulated = target_devices(target, num_slices, simulate=simulate)
-    compiled, mesh = compile_train_step(config, devices)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model_flops = flops.train_flops(LMConfig.from_config(config.model), batch=config.data.batch_size,
+                                    seq_len=config.data.seq_len, cond_len=config.conditioner.max_length)
+    peak = metrics.peak_flops(target.device_kind)
     report = {"topology": target.name, "num_slices": num_slices, "devices": len(devices),
               "compiler": "cpu (simulated mesh)" if simulated else devices[0].platform,
               "device_kind": target.device_kind, "mesh": {k: int(v) for k, v in mesh.shape.items()},
-              "batch_size": config.data.batch_size, "seq_len": config.data.seq_len}
+              "batch_size": config.data.batch_size, "seq_len": config.data.seq_len, "hbm_bytes": target.hbm_bytes,
+              "model_flops_per_device": model_flops / len(devices)}
+    report["min_step_seconds"] = report["model_flops_per_device"] / peak if peak else float("nan")
+    try:
+        compiled, _ = compile_train_step(config, devices)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {**report, "fits": False, "compile_error": " ".join(str(e).split())}
     report.update(memory_report(compiled, target))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report["xla_flops_per_device"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    model_flops = flops.train_flops(LMConfig.from_config(config.model), batch=config.data.batch_size,
-                                    seq_len=config.data.seq_len, cond_len=config.conditioner.max_length)
-    report["model_flops_per_device"] = model_flops / len(devices)
-    peak = metrics.peak_flops(target.device_kind)
-    report["min_step_seconds"] = report["model_flops_per_device"] / peak if peak else float("nan")
-    report["fits"] = report["total_bytes"] <= target.hbm_bytes
     return report
 
 
@@ -199,17 +208,22 @@ def format_report(report: dict[str, Any]) -> str:
         f"compile check: {report['topology']} x{report['num_slices']} slice(s), {report['devices']} devices "
         f"({report['device_kind']}), compiler: {report['compiler']}",
         f"  mesh {report['mesh']}, global batch {report['batch_size']}, seq_len {report['seq_len']}",
-        "  per-device memory:",
-        f"    arguments   {gib(report['argument_bytes'])}",
-        f"    outputs     {gib(report['output_bytes'])}",
-        f"    aliased    -{gib(report['alias_bytes'])}  (donated state)",
-        f"    temporaries {gib(report['temp_bytes'])}",
-        f"    total       {gib(report['total_bytes'])} of {gib(report['hbm_bytes'])} HBM "
-        f"({100 * report['hbm_fraction']:.1f}%): {'fits' if report['fits'] else 'DOES NOT FIT'}",
-        f"  per-device FLOPs per step: XLA {report['xla_flops_per_device']:.4g}, model "
-        f"{report['model_flops_per_device']:.4g} (magnet_jax.flops)",
-        f"  compute-bound step time at peak: {report['min_step_seconds'] * 1e3:.3g} ms",
     ]
+    if "compile_error" in report:
+        lines.append(f"  DOES NOT FIT: the compiler ran out of memory ({report['compile_error']})")
+    else:
+        lines += [
+            "  per-device memory:",
+            f"    arguments   {gib(report['argument_bytes'])}",
+            f"    outputs     {gib(report['output_bytes'])}",
+            f"    aliased    -{gib(report['alias_bytes'])}  (donated state)",
+            f"    temporaries {gib(report['temp_bytes'])}",
+            f"    total       {gib(report['total_bytes'])} of {gib(report['hbm_bytes'])} HBM "
+            f"({100 * report['hbm_fraction']:.1f}%): {'fits' if report['fits'] else 'DOES NOT FIT'}",
+            f"  per-device FLOPs per step: XLA {report['xla_flops_per_device']:.4g} (frozen T5 included; a scanned "
+            f"layer stack counted once), model {report['model_flops_per_device']:.4g} (magnet_jax.flops)",
+        ]
+    lines.append(f"  compute-bound step time at the chip's peak: {report['min_step_seconds'] * 1e3:.3g} ms")
     if report["compiler"].startswith("cpu"):
         lines.append("  NOTE: simulated on CPU devices (no libtpu, or a GPU target): memory is the CPU compiler's, "
                      "a rough guide; install 'magnet_jax[tpu]' for TPU numbers")
@@ -217,8 +231,6 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         print(f"compile_check: error: unexpected arguments {argv[1:]}", file=sys.stderr)
@@ -226,21 +238,18 @@ def main(argv: list[str]) -> None:
     try:
         report = check(FLAGS.config, get_target(FLAGS.topology), num_slices=FLAGS.num_slices,
                        simulate=FLAGS.simulate)
-    except (ValueError, TypeError, KeyError, OSError) as e:
+    except (ValueError, TypeError, KeyError, OSError, NotImplementedError) as e:
         print(f"compile_check: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     print(format_report(report))
     if FLAGS.json:
-        Path(FLAGS.json).write_text(json.dumps(report, indent=2, default=float))
+        tmp = Path(FLAGS.json).with_name(f".{Path(FLAGS.json).name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=float))
+        tmp.replace(FLAGS.json)
     sys.exit(0 if report["fits"] else 1)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from magnet_jax.train import parse_flags
-
     config_flags.DEFINE_config_file("config", None, "config file and preset (as for magnet_jax.train)",
                                     lock_config=True)
     flags.DEFINE_string("topology", None, "accelerator name: v4-N, v5p-N, v5litepod-N, v6e-N, 8xh100, 8xh200",
@@ -250,7 +259,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("json", None, "also write the report as JSON to this file")
 
     def _parse(argv):
-        rest = parse_flags(argv, prog="compile_check")
+        rest = parse_flags(argv, prog="compile_check")  # train's one-line errors for bad flags and overrides
         target = TARGETS.get(flags.FLAGS.topology)
         if target is not None and (target.topology is None or flags.FLAGS.simulate or not libtpu_available()):
             jax.config.update("jax_num_cpu_devices", target.devices)  # before JAX initializes its CPU backend

@@ -167,10 +167,12 @@ def _fmt(value: float) -> str:
 
 
 class ProfileWindow:
-    """A `jax.profiler` trace of steps [start, start + num_steps) on every process, written under `logdir`.
+    """A `jax.profiler` trace of steps [start, start + num_steps) on every process, written under `logdir`
+    (`plugins/profile/<run>/<host>.xplane.pb`, for TensorBoard's profile plugin or XProf).
 
-    Call `step(step, outputs)` after each step; `outputs` is blocked on before the trace stops so it holds the device
-    work of the traced steps. `start < 0` disables it.
+    Call `step(step, outputs)` before running step `step` (0-based), with the outputs of the previous step: the
+    trace starts before step `start` and stops, after blocking on `outputs`, before step `start + num_steps`.
+    `start < 0` disables it.
     """
 
     def __init__(self, logdir: str, start: int, num_steps: int):
@@ -178,15 +180,14 @@ class ProfileWindow:
         self.active = False
 
     def step(self, step: int, outputs: Any = None) -> None:
-        """`step` = the number of steps completed so far."""
         if self.start < 0:
             return
-        if step == self.start and not self.active:
+        if step >= self.stop:
+            self.close(outputs)
+        elif step == self.start and not self.active:
             logging.info("profiler: tracing steps %d..%d to %s", self.start, self.stop - 1, self.logdir)
             jax.profiler.start_trace(self.logdir)
             self.active = True
-        elif step >= self.stop and self.active:
-            self.close(outputs)
 
     def close(self, outputs: Any = None) -> None:
         if self.active:

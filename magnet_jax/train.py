@@ -65,6 +65,10 @@ class Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config, self.workdir = config, workdir
+        tc = config.train
+        if min(tc.num_steps, tc.log_every, tc.eval_steps) < 1:
+            raise ValueError(f"train.num_steps={tc.num_steps}, train.log_every={tc.log_every} and "
+                             f"train.eval_steps={tc.eval_steps} must be >= 1")
         self.mesh = sharding.make_mesh(config.mesh)
         rules = sharding.logical_rules(config)
         # Frozen text encoder (weights placed by their logical axes) and its tokenizer for the input pipeline.
@@ -77,8 +81,8 @@ class Run:
                           if config.data.eval_files else None)
         self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
         self.train_iter = input_pipeline.make_iterator(self.train_data, self.tokenizer, sharding=self.batch_sharding)
-        if self.eval_data is not None:  # opened once here so a bad eval split fails before training
-            input_pipeline.make_iterator(self.eval_data, self.tokenizer, sharding=self.batch_sharding)
+        if self.eval_data is not None:  # read once here so a bad or too small eval split fails before training
+            self._eval_batches()
 
         self.init_key, self.step_key, self.eval_key = jax.random.split(jax.random.key(config.seed), 3)
         abstract, self.state_shardings = train_lib.train_state_shardings(config, self.mesh)
@@ -92,16 +96,20 @@ class Run:
         self.train_step = train_lib.make_train_step(config, self.mesh, self.t5_config)
         self.eval_step = train_lib.make_eval_step(config, self.mesh, self.t5_config)
 
+    def _eval_batches(self):
+        """The first `train.eval_steps` batches of the held-out split (at least one)."""
+        data = input_pipeline.make_iterator(self.eval_data, self.tokenizer, sharding=self.batch_sharding)
+        batches = [batch for _, batch in zip(range(self.config.train.eval_steps), data)]
+        if not batches:
+            raise SetupError(f"data.eval_files={self.config.data.eval_files!r}: fewer records than one batch of "
+                             f"{self.eval_data.global_batch_size}")
+        return batches
+
     def evaluate(self, params) -> dict[str, float]:
         """Mean eval metrics of `params` over `train.eval_steps` batches of the held-out split, read from its start
         with the same masks every time."""
-        data = input_pipeline.make_iterator(self.eval_data, self.tokenizer, sharding=self.batch_sharding)
-        history = [self.eval_step(params, self.t5_params, batch, jax.random.fold_in(self.eval_key, i))
-                   for i, batch in zip(range(self.config.train.eval_steps), data)]
-        if not history:
-            raise SetupError(f"data.eval_files={self.config.data.eval_files!r}: fewer records than one batch of "
-                             f"{self.eval_data.global_batch_size}")
-        return metrics.summarize(history)
+        return metrics.summarize([self.eval_step(params, self.t5_params, batch, jax.random.fold_in(self.eval_key, i))
+                                  for i, batch in enumerate(self._eval_batches())])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_steps: int | None = None
@@ -120,10 +128,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_s
     """
     tc = config.train
     try:
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        write_config(config, workdir)
         run = Run(config, workdir)
-    except (ValueError, TypeError, KeyError, OSError) as e:
+        write_config(config, workdir)
+    except (ValueError, TypeError, KeyError, OSError, NotImplementedError) as e:
+        # (NotImplementedError: jax's mesh_utils, for mesh degrees that do not fit the device torus)
         raise SetupError(_one_line(e)) from e
 
     start = run.resumed_from or 0
@@ -149,12 +157,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_s
     step = start
     try:
         while step < end:
+            profiler.step(step, state)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(run.train_iter)
                 state, step_metrics = run.train_step(state, run.t5_params, batch, run.step_key)
             step += 1
             history.append(step_metrics)
-            profiler.step(step, step_metrics)
             if timer is None:  # the first step compiles: time from its end
                 jax.block_until_ready(step_metrics)
                 logging.info("train: first step done in this process (includes compilation)")
