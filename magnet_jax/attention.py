@@ -56,6 +56,29 @@ def cached_causal_mask(length: int, max_length: int, index: jax.Array) -> jax.Ar
     return (jnp.arange(max_length)[None, :] <= q)[None, None]
 
 
+class Projection(nn.Module):
+    """Bias-free linear map contracting the last `in_ndim` axes of `x` with a kernel `[*in_shape, *features]`.
+
+    Like `nn.DenseGeneral`, but the kernel is created in its final shape, so its logical-axis box stays valid when
+    a mesh is active (DenseGeneral initialises a flattened kernel and reshapes it, and flax then applies the 3-axis
+    sharding constraint to the 2-D array - also inside `apply`, which re-traces the initializer for shape checks).
+    """
+    features: tuple[int, ...]
+    in_ndim: int
+    axes: tuple[str, ...]
+    kernel_init: Initializer
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape[x.ndim - self.in_ndim:] + tuple(self.features)
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), shape,
+                            self.param_dtype)
+        contract = tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim))
+        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+
+
 class MultiHeadAttention(nn.Module):
     """Bias-free multi-head attention; q from `x`, k/v from `x` (self) or a context sequence (cross).
 
@@ -71,15 +94,15 @@ class MultiHeadAttention(nn.Module):
     def setup(self):
         head_dim = self.dim // self.num_heads
 
-        def dense(features, axes, init, in_axis=-1):
-            return nn.DenseGeneral(features, axis=in_axis, use_bias=False, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, kernel_init=nn.with_logical_partitioning(init, axes))
+        def dense(features, axes, init, in_ndim=1):
+            features = features if isinstance(features, tuple) else (features,)
+            return Projection(features, in_ndim, axes, init, self.dtype, self.param_dtype)
         # The packed in_proj_weight is not an nn.Linear in audiocraft, so it keeps PyTorch's default init.
         in_init = torch_linear_uniform(self.dim)
         self.query = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
         self.key = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
         self.value = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
-        self.out = dense(self.dim, ("heads", "kv", "embed"), truncated_normal(self.dim ** -0.5), in_axis=(-2, -1))
+        self.out = dense(self.dim, ("heads", "kv", "embed"), truncated_normal(self.dim ** -0.5), in_ndim=2)
 
     def key_value(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values `[B, S, H, Dh]` of `context [B, S, D]`."""

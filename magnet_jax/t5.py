@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magnet_jax.attention import Projection
 from magnet_jax.weights import WeightsError, check_state_dict, load_safetensors, resolve_file
 
 
@@ -88,9 +89,9 @@ class T5Block(nn.Module):
         dtype = jnp.dtype(c.dtype)
         init = nn.initializers.normal(c.d_model ** -0.5)
 
-        def dense(features, axes, name, axis=-1):
-            return nn.DenseGeneral(features, axis=axis, use_bias=False, dtype=dtype, name=name,
-                                   kernel_init=nn.with_logical_partitioning(init, axes))
+        def dense(features, axes, name, in_ndim=1):
+            features = features if isinstance(features, tuple) else (features,)
+            return Projection(features, in_ndim, axes, init, dtype, name=name)
         h = T5LayerNorm(c.layer_norm_epsilon, dtype, name="attn_norm")(x)
         heads = ("embed", "heads", "kv")
         q = dense((c.num_heads, c.d_kv), heads, "query")(h)
@@ -99,8 +100,7 @@ class T5Block(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias  # no 1/sqrt(d) in T5
         weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
         attn = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        x = x + nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, name="out",
-                                kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")))(attn)
+        x = x + dense(c.d_model, ("heads", "kv", "embed"), "out", in_ndim=2)(attn)
         h = T5LayerNorm(c.layer_norm_epsilon, dtype, name="ffn_norm")(x)
         if c.gated:
             h = nn.gelu(dense(c.d_ff, ("embed", "mlp"), "wi_0")(h), approximate=True) * \

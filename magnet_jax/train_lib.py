@@ -227,7 +227,7 @@ def make_train_step(config, mesh, t5_config: T5Config):
     _, state_shardings = train_state_shardings(config, mesh)
 
     def step(state, t5_params, batch, key):
-        with nn.logical_axis_rules(rules):
+        with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return _train_step(config, mesh, t5_config, state, t5_params, batch, key)
     return jax.jit(step, donate_argnums=(0,),
                    in_shardings=(state_shardings, text_encoder_shardings(t5_config, mesh, rules),
@@ -269,7 +269,7 @@ def make_eval_step(config, mesh, t5_config: T5Config):
     _, state_shardings = train_state_shardings(config, mesh)
 
     def step(params, t5_params, batch, key):
-        with nn.logical_axis_rules(rules):
+        with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return _eval_step(config, t5_config, params, t5_params, batch, key)
     return jax.jit(step, in_shardings=(state_shardings.params, text_encoder_shardings(t5_config, mesh, rules),
                                        sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)),
