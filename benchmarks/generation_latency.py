@@ -8,11 +8,11 @@ converted with `magnet_jax.lm_weights`, and the two are timed alternately in one
 backend and torch's CPU threads, float32 both.
 
 Per (model size, batch size): JAX compile time (tracing + lowering + XLA compile, from jax.monitoring events of the
-first call; a new batch size compiles a new program), the median JAX latency of the following calls, the median
-audiocraft latency, and their ratio (audiocraft / JAX, > 1 = JAX faster).
+first call; a new batch size compiles a new program), then the median JAX and audiocraft latencies of calls timed
+alternately (both see the same machine load), and their ratio (audiocraft / JAX, > 1 = JAX faster).
 
   python benchmarks/generation_latency.py              # --quick (default): 512x8 model, batch 1, 2, 4, steps 4,2,2,2
-  python benchmarks/generation_latency.py --noquick    # batch 1, 2, 4, 8, 16, steps 20,10,10,10, 3 JAX repeats
+  python benchmarks/generation_latency.py --noquick    # batch 1, 2, 4, 8, 16, steps 20,10,10,10, 3 repeats
   python benchmarks/generation_latency.py --noquick --sizes=512x8,small --batch_sizes=1,4,16
 
 Writes `benchmarks/results/generation_latency.json` and `.png` (latency and ratio vs batch size).
@@ -44,8 +44,8 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "override the batch sizes"
 _STEPS = flags.DEFINE_list("steps", None, "override the decoding steps per codebook")
 _DURATION = flags.DEFINE_float("duration", 10.0, "seconds of audio (50 frames per second)")
 _COND_LENGTH = flags.DEFINE_integer("cond_length", 16, "text tokens per description")
-_REPEATS = flags.DEFINE_integer("repeats", None, "timed JAX calls per point (default 1 quick, 3 full)")
-_TORCH_REPEATS = flags.DEFINE_integer("torch_repeats", 1, "timed audiocraft calls per point")
+_REPEATS = flags.DEFINE_integer("repeats", None, "timed calls per point and side, alternating JAX and audiocraft "
+                                 "(default 1 quick, 3 full)")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/generation_latency", "output path without extension")
 
 FRAME_RATE = 50
@@ -118,12 +118,14 @@ def compile_seconds(fn) -> tuple[float, float]:
     return sum(events), total
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
+def interleaved(fns, repeats: int) -> list[list[float]]:
+    """Times the functions alternately (so both see the same machine load), `repeats` rounds; seconds per call."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
     return times
 
 
@@ -135,6 +137,10 @@ def measure(size: str, batch_sizes: list[int], dp: DecodeParams, repeats: int) -
     length = int(_DURATION.value * FRAME_RATE)
     lm, params, table = build_audiocraft(config, _DURATION.value)
     model = LanguageModel(config)
+    with torch.no_grad():  # torch's one-time lazy initialisation, outside the timings
+        warm_up = ConditioningAttributes(text={"description": " ".join(["1"] * _COND_LENGTH.value)})
+        lm.generate(conditions=[warm_up], max_gen_len=length,
+                    use_sampling=True, temp=3.0, top_k=0, top_p=0.9, decoding_steps=[1] * config.n_q)
     rows = []
     for batch in batch_sizes:
         ids = np.random.default_rng(batch).integers(1, N_BINS, (batch, _COND_LENGTH.value))
@@ -152,8 +158,7 @@ def measure(size: str, batch_sizes: list[int], dp: DecodeParams, repeats: int) -
                             decoding_steps=list(dp.decoding_steps), span_arrangement=dp.span_arrangement)
 
         compile_s, first_s = compile_seconds(run_jax)
-        jax_times = timed(run_jax, repeats)
-        torch_times = timed(run_torch, _TORCH_REPEATS.value)
+        jax_times, torch_times = interleaved([run_jax, run_torch], repeats)
         jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
         row = {"size": size, "batch": batch, "compile_s": round(compile_s, 2), "first_call_s": round(first_s, 2),
                "jax_s": round(jax_s, 3), "jax_all_s": [round(t, 3) for t in jax_times],
@@ -178,11 +183,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax_latency.plot(batches, [r["jax_s"] for r in rs], "o-", label=f"{size} JAX")
         ax_latency.plot(batches, [r["torch_s"] for r in rs], "s--", label=f"{size} audiocraft")
         ax_ratio.plot(batches, [r["ratio"] for r in rs], "o-", label=size)
-    ax_latency.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency (s)", title="generation latency")
+    ax_latency.set(xlabel="batch size", ylabel="latency (s)", title="generation latency", ylim=(0, None))
     ax_ratio.axhline(1.0, color="gray", lw=0.8)
-    ax_ratio.set(xscale="log", xlabel="batch size", ylabel="audiocraft / JAX", title="speed-up")
+    ax_ratio.set(xlabel="batch size", ylabel="audiocraft / JAX", title="speed-up (> 1: JAX faster)", ylim=(0, None))
+    batches = sorted({r["batch"] for r in rows})
     for ax in (ax_latency, ax_ratio):
-        ax.set_xticks(sorted({r["batch"] for r in rows}), labels=sorted({r["batch"] for r in rows}))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, labels=[str(b) for b in batches])
+        ax.minorticks_off()
         ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -203,7 +211,7 @@ def main(argv):
             "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
             "duration_s": _DURATION.value, "decoding_steps": list(steps), "cond_length": _COND_LENGTH.value,
-            "jax_repeats": repeats, "torch_repeats": _TORCH_REPEATS.value, "dtype": "float32",
+            "repeats": repeats, "dtype": "float32",
             "sampling": "top-p 0.9, temperature 3.0, CFG 10->1, nonoverlap spans"}
     rows = []
     for size in _SIZES.value:

@@ -206,8 +206,8 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
         raise ValueError(f"top_k={dp.top_k}: expected at most card={config.card}")
     batch = condition_inputs.states.shape[0]
     out_len = dp.output_length(length)
-    if out_len < 1:
-        raise ValueError(f"length={length}: too short for span_len={dp.span_len}")
+    if out_len < dp.span_len:
+        raise ValueError(f"length={length}: expected at least span_len={dp.span_len} frames")
     prompt_len = 0 if prompt is None else prompt.shape[-1]
     if prompt is not None:
         if prompt.ndim != 3 or prompt.shape[:2] != (batch, config.n_q):
@@ -216,8 +216,10 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
             raise ValueError(f"prompt: {prompt_len} frames, expected fewer than the {out_len} generated frames")
         init_codes = jnp.pad(prompt.astype(jnp.int32), ((0, 0), (0, 0), (0, out_len - prompt_len)),
                              constant_values=config.mask_id)
-    else:
-        init_codes = jnp.full((batch, config.n_q, out_len), config.mask_id, jnp.int32)
+    else:  # host array: replicated as given on every process
+        init_codes = np.full((batch, config.n_q, out_len), config.mask_id, np.int32)
+    if not _is_single_key(key) and key.shape[0] != batch:
+        raise ValueError(f"key: {key.shape[0]} row keys for a batch of {batch}")
 
     n_gen_units = dp.num_units(out_len) - dp.num_units(prompt_len)
     width = max(dp.decoding_steps)
@@ -231,19 +233,13 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
     # arrive in the tables, so changing them (within the same largest step count) reuses the compiled program.
     program = dataclasses.replace(dp, decoding_steps=(width,) * config.n_q, temperature=1.0, anneal_temp=False,
                                   max_cfg=1.0, min_cfg=1.0)
-    return _generate(model, program, nn.meta.unbox(params), condition_inputs, _row_keys(key, batch), init_codes,
-                     jnp.int32(prompt_len), steps, tables)
+    return _generate(model, program, nn.meta.unbox(params), condition_inputs, key, init_codes,
+                     np.int32(prompt_len), steps, tables)
 
 
-def _row_keys(key: jax.Array, batch: int) -> jax.Array:
-    """`[B]` keys from one key (split) or from `[B]` keys (as given); typed or raw uint32 keys."""
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    single = key.ndim == (0 if typed else 1)
-    if single:
-        return jax.random.split(key, batch)
-    if key.shape[0] != batch:
-        raise ValueError(f"key: {key.shape[0]} row keys for a batch of {batch}")
-    return key
+def _is_single_key(key: jax.Array) -> bool:
+    """One PRNG key (typed `[]` or raw uint32 `[2]`) rather than `[B]` row keys."""
+    return key.ndim == (0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1)
 
 
 def _with_null_rows(x: jax.Array) -> jax.Array:
@@ -328,9 +324,10 @@ def initial_scores(decode_params: DecodeParams, batch: int, length: int, prompt_
 
 
 @functools.partial(jax.jit, static_argnames=("model", "decode_params"))
-def _generate(model: LanguageModel, decode_params: DecodeParams, params, cond: TextConditioning,
-              row_keys: jax.Array, init_codes: jax.Array, prompt_len: jax.Array, steps, tables) -> jax.Array:
+def _generate(model: LanguageModel, decode_params: DecodeParams, params, cond: TextConditioning, key: jax.Array,
+              init_codes: jax.Array, prompt_len: jax.Array, steps, tables) -> jax.Array:
     batch, n_q, length = init_codes.shape
+    row_keys = jax.random.split(key, batch) if _is_single_key(key) else key
     guided_logits = guided_logits_fn(model, params, cond)
 
     def decode_stage(stage, codes):

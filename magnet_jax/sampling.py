@@ -4,7 +4,7 @@ Everything here works on one batch row (the decoder `vmap`s it), is jittable, an
 re-mask) as a traced value, so one compiled loop body serves every decoding step.
 
 Tie-breaking: where the reference relies on `torch.topk` / `torch.argsort` (whose order among equal scores is
-unspecified), units with equal scores are taken in index order.
+unspecified), units with equal scores are taken in index order; the nucleus keeps every token tied at its threshold.
 """
 from __future__ import annotations
 
@@ -21,16 +21,42 @@ def top_k_probs(probs: jax.Array, k: int) -> jax.Array:
     return kept / jnp.sum(kept, axis=-1, keepdims=True)
 
 
+def top_p_threshold(probs: jax.Array, p: float) -> jax.Array:
+    """The smallest probability the nucleus keeps, `[..., V]` -> `[..., 1]`.
+
+    The reference sorts descending and drops token j when the mass before it (`cumsum_j - p_j`) exceeds p. That mass
+    is the total of the strictly larger probabilities, which falls as the probability rises, so the kept tokens are
+    exactly those at or above a threshold: the smallest float t with `sum(probs > t) <= p`, found by bisection over
+    float32 bit patterns (30 vectorised passes over V instead of a sort; tokens tied at the threshold are all kept).
+    """
+    def mass_above(bits):
+        threshold = jax.lax.bitcast_convert_type(bits, jnp.float32)[..., None]
+        return jnp.sum(jnp.where(probs > threshold, probs, 0.0), axis=-1)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        fits = mass_above(mid) <= p
+        return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
+
+    one = jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32)  # < 2**30: 30 halvings reach one value
+    lo = jnp.zeros(probs.shape[:-1], jnp.int32)
+    _, hi = jax.lax.fori_loop(0, 30, bisect, (lo, jnp.full_like(lo, one)))
+    return jax.lax.bitcast_convert_type(hi, jnp.float32)[..., None]
+
+
 def sample_top_p(key: jax.Array, probs: jax.Array, p: float) -> jax.Array:
-    """Nucleus sampling, the reference rule: sort descending, drop token j when `cumsum_j - p_j > p` (the most
-    probable token always stays), sample from the renormalised rest. `probs [..., V]` -> tokens `[...]` int32."""
-    iota = jax.lax.broadcasted_iota(jnp.int32, probs.shape, probs.ndim - 1)
-    neg_sorted, order = jax.lax.sort((-probs, iota), dimension=-1, is_stable=True, num_keys=1)
-    sorted_probs = -neg_sorted
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    kept = jnp.where(mass_before > p, 0.0, sorted_probs)
-    rank = jax.random.categorical(key, jnp.log(kept), axis=-1)
-    return jnp.take_along_axis(order, rank[..., None], axis=-1)[..., 0]
+    """Nucleus sampling (spec §6.7): the most probable tokens whose preceding mass is <= p (the most probable one
+    always), renormalised. `probs [..., V]` -> tokens `[...]` int32."""
+    return sample_categorical(key, jnp.where(probs >= top_p_threshold(probs, p), probs, 0.0))
+
+
+def sample_categorical(key: jax.Array, weights: jax.Array) -> jax.Array:
+    """One draw per row of `weights [..., V]` (non-negative, unnormalised) by inverting the cumulative sum with one
+    uniform per row (V times fewer random bits than Gumbel-max). Zero weights are never drawn."""
+    cdf = jnp.cumsum(weights, axis=-1)
+    u = jax.random.uniform(key, weights.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), weights.shape[-1] - 1).astype(jnp.int32)
 
 
 def sample_tokens(key: jax.Array, logits: jax.Array, temperature: jax.Array, *, use_sampling: bool, top_p: float,
@@ -52,11 +78,10 @@ def sample_tokens(key: jax.Array, logits: jax.Array, temperature: jax.Array, *, 
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     elif top_p > 0.0:
         tokens = sample_top_p(key, probs, top_p)
-    elif top_k > 0:
-        probs = top_k_probs(probs, top_k)
-        tokens = jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
     else:
-        tokens = jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+        if top_k > 0:
+            probs = top_k_probs(probs, top_k)
+        tokens = sample_categorical(key, probs)
     return tokens, jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
 
 

@@ -12,7 +12,8 @@ from configs.magnet import get_config
 from magnet_jax.decoding import (DecodeParams, DecodeState, TextConditioning, decode_step, generate_codes,
                                  guided_logits_fn, initial_scores, stage_schedule)
 from magnet_jax.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.sampling import FROZEN_SCORE, sample_tokens, sample_top_p, top_k_probs
+from magnet_jax.sampling import (FROZEN_SCORE, sample_categorical, sample_tokens, sample_top_p, top_k_probs,
+                                 top_p_threshold)
 
 CONFIG = LMConfig(dim=32, num_heads=4, num_layers=2, card=32, cond_dim=16, n_q=4)
 MASK = CONFIG.card
@@ -110,6 +111,32 @@ def test_nucleus_sampling_follows_reference_rule(probs, p):
     expected = np.zeros_like(probs)
     expected[list(kept)] = probs[list(kept)] / probs[list(kept)].sum()
     np.testing.assert_allclose(np.bincount(draws, minlength=len(probs)) / len(draws), expected, atol=0.03)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
+def test_top_p_threshold_keeps_the_reference_nucleus(p):
+    """The kept set equals the sorted rule's on 300 random distributions (rows whose boundary mass is within
+    float rounding of p are skipped)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(300, 64)) * rng.uniform(0.3, 4.0, size=(300, 1))
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32)), np.float64)
+    kept = np.asarray(probs >= np.asarray(top_p_threshold(jnp.asarray(probs, jnp.float32), p)))
+    checked = 0
+    for row, ours in zip(probs, kept):
+        before = np.sort(row)[::-1].cumsum() - np.sort(row)[::-1]
+        if np.min(np.abs(before - p)) < 1e-5:
+            continue
+        assert set(np.flatnonzero(ours)) == _numpy_nucleus(row, p)
+        checked += 1
+    assert checked > 280
+
+
+def test_sample_categorical_frequencies():
+    weights = jnp.asarray([0.0, 2.0, 1.0, 0.0, 5.0, 2.0])
+    draws = np.asarray(jax.jit(jax.vmap(sample_categorical, in_axes=(0, None)))(
+        jax.random.split(jax.random.key(3), 6000), weights))
+    np.testing.assert_allclose(np.bincount(draws, minlength=6) / 6000, weights / weights.sum(), atol=0.02)
+    assert not np.any(np.isin(draws, [0, 3]))  # zero weights are never drawn
 
 
 def test_top_k_probs_keep_ties_and_renormalise():
@@ -280,6 +307,8 @@ def test_bad_inputs_raise_clear_errors(lm):
         generate_codes(model, params, cond, key, SAMPLING, length=31, prompt=jnp.zeros((2, 4, 30), jnp.int32))
     with pytest.raises(ValueError, match=r"prompt: shape \(1, 4, 5\), expected \[2, 4, Tp\]"):
         generate_codes(model, params, cond, key, SAMPLING, length=30, prompt=jnp.zeros((1, 4, 5), jnp.int32))
+    with pytest.raises(ValueError, match="length=2: expected at least span_len=3 frames"):
+        generate_codes(model, params, cond, key, SAMPLING, length=2)
     with pytest.raises(ValueError, match="3 row keys for a batch of 2"):
         generate_codes(model, params, cond, jax.random.split(key, 3), SAMPLING, length=30)
     with pytest.raises(ValueError, match="non-causal"):

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
-from magnet_jax.sampling import FROZEN_SCORE, least_probable_span_mask
 from magnet_jax.lm import LanguageModel, LMConfig
 from magnet_jax.lm_weights import params_from_audiocraft
+from magnet_jax.sampling import FROZEN_SCORE, least_probable_span_mask
 
 torch = pytest.importorskip("torch")
 
@@ -200,9 +200,8 @@ def oracle():
         fuser=fuser, n_q=c.n_q, card=c.card, dim=c.dim, num_heads=c.num_heads, num_layers=c.num_layers,
         hidden_scale=c.hidden_scale, cross_attention=True, causal=False, norm_first=True, bias_proj=False,
         bias_ff=False, bias_attn=False, activation="gelu", dropout=0.0, positional_embedding="sin", device="cpu",
-        dtype=torch.float32,
-        subcodes_context=c.subcodes_context, compression_model_framerate=50, segment_duration=1, span_len=3,
-        memory_efficient=True).eval()
+        dtype=torch.float32, subcodes_context=c.subcodes_context, compression_model_framerate=50,
+        segment_duration=1, span_len=3, memory_efficient=True).eval()
     with torch.no_grad():
         for head in lm.linears:
             head.weight.mul_(HEAD_SCALE)
@@ -271,3 +270,6 @@ def test_greedy_codes_match_numpy_reference_and_audiocraft(oracle, conditioning,
         np.testing.assert_array_equal(ours, _audiocraft_generate(lm, dp, p))
         if p is not None:
             np.testing.assert_array_equal(ours[..., :PROMPT_LEN], p)
+    # Greedy decoding does not depend on the key.
+    other_key = generate_codes(model, params, conditioning, jax.random.key(1), dp, length=LENGTH)
+    np.testing.assert_array_equal(np.asarray(other_key), reference_generate(forward, len(DESCRIPTIONS), dp, LENGTH))
