@@ -20,11 +20,8 @@ Writes `benchmarks/results/generation_latency.json` and `.png` (latency and rati
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -32,14 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs.magnet import SIZES, get_config
 from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
 from magnet_jax.lm import LanguageModel, LMConfig, count_params
 from magnet_jax.lm_weights import params_from_audiocraft
+from timing import BENCH_SIZES, compile_seconds, interleaved, lm_config, machine
 
 _QUICK = flags.DEFINE_bool("quick", True, "short run: batch 1,2,4, steps 4,2,2,2, one timed call each")
-_SIZES = flags.DEFINE_list("sizes", ["512x8"], "models: 512x8 (dim 512, 8 layers, 8 heads) and/or presets "
-                           f"({', '.join(s for s in SIZES if s != 'tiny')})")
+_SIZES = flags.DEFINE_list("sizes", ["512x8"], "models: <dim>x<layers> (dim / 64 heads) and/or presets "
+                           f"({', '.join(BENCH_SIZES)})")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "override the batch sizes")
 _STEPS = flags.DEFINE_list("steps", None, "override the decoding steps per codebook")
 _DURATION = flags.DEFINE_float("duration", 10.0, "seconds of audio (50 frames per second)")
@@ -50,14 +47,6 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/generation_latency", "outp
 
 FRAME_RATE = 50
 N_BINS = 1000  # lookup-table text vocabulary
-
-
-def lm_config(size: str) -> LMConfig:
-    if size == "512x8":
-        return LMConfig(dim=512, num_heads=8, num_layers=8, card=2048, cond_dim=768)
-    if size not in SIZES or size == "tiny":
-        raise app.UsageError(f"--sizes: unknown model {size!r}")
-    return LMConfig.from_config(get_config(f"size={size}").model)
 
 
 def install_audiocraft() -> None:
@@ -101,32 +90,6 @@ def build_audiocraft(config: LMConfig, duration: float):
     params = jax.tree.map(jnp.asarray, params_from_audiocraft(state, c, source="audiocraft benchmark model"))
     table = provider.conditioners["description"].embed.weight.detach().numpy()
     return lm, params, table
-
-
-def compile_seconds(fn) -> tuple[float, float]:
-    """Runs `fn` once; returns (seconds spent tracing, lowering and compiling, total seconds)."""
-    events = []
-
-    def listener(name, seconds, **_):
-        if name.startswith("/jax/core/compile/"):
-            events.append(seconds)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    start = time.perf_counter()
-    fn()
-    total = time.perf_counter() - start
-    jax.monitoring.unregister_event_duration_listener(listener)
-    return sum(events), total
-
-
-def interleaved(fns, repeats: int) -> list[list[float]]:
-    """Times the functions alternately (so both see the same machine load), `repeats` rounds; seconds per call."""
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return times
 
 
 def measure(size: str, batch_sizes: list[int], dp: DecodeParams, repeats: int) -> list[dict]:
@@ -206,10 +169,7 @@ def main(argv):
     dp = DecodeParams(decoding_steps=steps)  # music defaults: top-p 0.9, temperature 3, CFG 10 -> 1, nonoverlap
     install_audiocraft()
     import torch
-    device = jax.devices()[0]
-    meta = {"device": f"{device.platform}: {device.device_kind}", "jax_devices": jax.device_count(),
-            "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
+    meta = {**machine(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "duration_s": _DURATION.value, "decoding_steps": list(steps), "cond_length": _COND_LENGTH.value,
             "repeats": repeats, "dtype": "float32",
             "sampling": "top-p 0.9, temperature 3.0, CFG 10->1, nonoverlap spans"}
