@@ -13,13 +13,18 @@ Preset options (the arg string after the file name):
 The `generate` section starts from configs/magnet.py's `generate` section for that duration and task (the released
 models' defaults, magnet-spec §6.2); single fields are overridden as usual (`--config.generate.top_p=0.95`,
 `--config.generate.decoding_steps='(20,10,10,10)'`).
+Rescoring and the composition-mode hybrid take causal MusicGen sources: `--config.rescorer=facebook/musicgen-small
+--config.generate.rescore_weight=0.5`, `--config.ar_model=facebook/musicgen-small --config.generate.prefix_seconds=2`.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import ml_collections
 
 from configs import magnet
 from configs.common import parse_arg
+from magnet_jax.decoding import DecodeParams, PrefixParams
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.t5 = ""  # text encoder (hub id or dir) instead of the checkpoint's; "" = the checkpoint's
     c.codec = ""  # EnCodec (hub id, dir or file) instead of the checkpoint's; "" = the checkpoint's
     c.dtype = "float32"  # LM compute dtype ("bfloat16" on accelerators); params keep their stored dtype
+    # Causal MusicGen models (hub id e.g. facebook/musicgen-small, audiocraft or transformers files, converted dir):
+    c.rescorer = ""  # mixed into the span confidences (generate.rescore_weight); "" = no rescoring
+    c.ar_model = ""  # generates the first generate.prefix_seconds (composition-mode hybrid); may equal rescorer
 
     c.seed = 0  # seed of prompts that give none
     c.num_samples = 1  # samples per prompt when a prompt line gives none
@@ -41,6 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     generate = base.generate.to_dict()  # references resolved: a plain copy
     generate.update(duration=float(arg.duration),
                     decoding_steps=tuple(generate["decoding_steps"]))  # a tuple can be overridden by a flag
+    # Rescoring weight w (paper Eq. 5, on MAGNeT's term; used only with a rescorer) and the hybrid's AR prefix
+    # (prefix_seconds 0 = off; ar_* = MusicGen's sampling defaults): the library defaults.
+    generate.update(rescore_weight=DecodeParams.rescore_weight, **dataclasses.asdict(PrefixParams()))
     c.generate = ml_collections.ConfigDict(generate)
 
     # Data parallel over every device of every host; `tensor` > 1 shards the LM by the rules (large models).

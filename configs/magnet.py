@@ -9,6 +9,7 @@ Preset options:
   size:     tiny | small (1024/24/16) | medium (1536/48/24) | large (2048/48/32)
   duration: segment seconds (10 or 30 for the released models)
   task:     music (32 kHz EnCodec, t5-base) | sound (16 kHz EnCodec, t5-large)
+  objective: magnet (default) | hybrid (Hybrid-MAGNeT: autoregressive prefix + MAGNeT on the delay layout)
 
 Derived values are FieldReferences, so overriding `data.segment_seconds` also changes `data.seq_len`, and
 overriding `codec.card` changes `model.card`.
@@ -45,11 +46,13 @@ TEXT_ENCODERS = {  # hub id / dir, d_model
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = parse_arg(arg, size="small", duration=10, task="music")
+    arg = parse_arg(arg, size="small", duration=10, task="music", objective="magnet")
     if arg.size not in SIZES:
         raise ValueError(f"size={arg.size!r}: expected one of {', '.join(SIZES)}")
     if arg.task not in ("music", "sound"):
         raise ValueError(f"task={arg.task!r}: expected music or sound")
+    if arg.objective not in ("magnet", "hybrid"):
+        raise ValueError(f"objective={arg.objective!r}: expected magnet or hybrid")
     tiny = arg.size == "tiny"
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -125,6 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.profile_start = -1  # step at which a jax.profiler trace starts (-1: off)
     c.train.profile_steps = 5
     c.train.init_from = ""  # converted checkpoint dir to fine-tune from ("" = scratch init)
+    c.train.objective = arg.objective  # "magnet" or "hybrid" (Hybrid-MAGNeT: AR prefix + MAGNeT, delay layout)
     c.optim.total_steps = c.train.get_ref("num_steps")
 
     # --- device mesh (data, fsdp, tensor); one ICI degree may be -1 = the rest ----------------------------

@@ -19,6 +19,11 @@ Differences from audiocraft, all deliberate:
   * Each row is conditioned as in a batch of one (it attends its own description's tokens). audiocraft pads every
     row to the batch's longest description and attends the zero padding, so there a sample depends on its batch
     mates; here it depends only on its description, prompt and key.
+  * Rescoring (paper Eq. 5) and the composition-mode hybrid (MusicGen prefix, then MAGNeT), absent from
+    audiocraft, are available with released MusicGen weights:
+      model = MAGNeT.from_pretrained("facebook/magnet-small-10secs", rescorer="facebook/musicgen-small",
+                                     ar_model="facebook/musicgen-small")   # the same source is loaded once
+      model.set_generation_params(rescore_weight=0.5, prefix_seconds=2.0)
   * Generation parameters use the config names (`max_cfg`, `min_cfg`, as in configs/magnet.py's `generate`
     section) and `set_generation_params` changes only the parameters it is given. `duration` may be shortened
     below the model's training segment (default: the segment, as audiocraft).
@@ -50,8 +55,11 @@ from magnet_jax.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.t5 import load_t5
 from magnet_jax.weights import WeightsError
 
-GENERATION_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.DecodeParams)) + ("duration",)
-SETTINGS = ("t5", "codec", "dtype", "mesh", "sharding_rules", "text_length")  # configs/generate.py fields read here
+DECODE_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.DecodeParams))
+PREFIX_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.PrefixParams))
+GENERATION_PARAMS = DECODE_PARAMS + PREFIX_PARAMS + ("duration",)
+SETTINGS = ("t5", "codec", "dtype", "mesh", "sharding_rules", "text_length", "rescorer",
+            "ar_model")  # configs/generate.py fields read here
 
 
 class Generation(NamedTuple):
@@ -152,7 +160,8 @@ class MAGNeT:
 
     def __init__(self, config: Mapping[str, Any], lm_params, settings: ml_collections.ConfigDict):
         """Builds from a config.json dict, its LM params, and `settings` (a configs/generate.py config: t5, codec,
-        dtype, mesh, sharding_rules, text_length; its `source` and `generate` sections are not read here)."""
+        dtype, mesh, sharding_rules, text_length, rescorer, ar_model; its `source` and `generate` sections are not
+        read here)."""
         self.config = dict(config)
         lm_config = LMConfig.from_config({**config["model"], "dtype": settings.dtype})
         if lm_config.causal:
@@ -182,9 +191,28 @@ class MAGNeT:
                                f"{self.codec_config.card} but the LM models {lm_config.n_q} of {lm_config.card}")
         self.codec_params = jax.device_put(codec_params, sharding.replicated(self.mesh))
         self.segment_seconds = float(config["segment_seconds"])
-        stored = {k: v for k, v in config.get("generate", {}).items() if k in GENERATION_PARAMS}
-        self._params = {**dataclasses.asdict(decoding.DecodeParams()), **stored, "duration": self.segment_seconds}
+        companions = {}  # source -> (LanguageModel, params): one model may serve as both, loaded once
+        for what in ("rescorer", "ar_model"):
+            if settings[what] and settings[what] not in companions:
+                companions[settings[what]] = self._load_companion(settings[what], settings.dtype, what)
+        self.rescorer = companions.get(settings.rescorer)  # (causal LanguageModel, params) or None
+        self.ar_model = companions.get(settings.ar_model)
+        stored = {k: v for k, v in config.get("generate", {}).items() if k in DECODE_PARAMS}
+        self._params = {**dataclasses.asdict(decoding.DecodeParams()), **dataclasses.asdict(decoding.PrefixParams()),
+                        **stored, "duration": self.segment_seconds}
         self._condition = jax.jit(functools.partial(_condition, self.t5_config, self.tokenizer.pad_id))
+
+    def _load_companion(self, source: str, dtype: str, what: str) -> tuple[LanguageModel, Any]:
+        """A causal MusicGen model (any `load_lm` source) checked against the MAGNeT LM, its params on the same mesh
+        under the same logical-axis rules."""
+        config, params = load_lm(source)
+        model = LanguageModel(LMConfig.from_config({**config["model"], "dtype": dtype}))
+        try:
+            decoding.check_companion(self.model.config, model.config, f"{what} {source}")
+        except ValueError as e:
+            raise WeightsError(str(e)) from None
+        abstract = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
+        return model, jax.device_put(params, sharding.logical_shardings(abstract, self.mesh, self.rules))
 
     @classmethod
     def from_pretrained(cls, source: str, **settings) -> "MAGNeT":
@@ -195,7 +223,11 @@ class MAGNeT:
           **settings: top-level fields of configs/generate.py: `t5` / `codec` (sources instead of the ones the
             checkpoint names), `dtype` (LM compute dtype, "bfloat16" on accelerators), `mesh` (a mesh section;
             default every device data parallel), `sharding_rules`, `text_length` (descriptions are padded and
-            truncated to this many tokens).
+            truncated to this many tokens), `rescorer` (a causal MusicGen source whose teacher-forced probabilities
+            are mixed into the span confidences, `rescore_weight`), `ar_model` (a causal MusicGen source that
+            generates the first `prefix_seconds` autoregressively). MusicGen sources: hub id (e.g.
+            facebook/musicgen-small; audiocraft or transformers files), directory, file, converted checkpoint or
+            training workdir; same codebooks, card and text-encoder width as the MAGNeT model.
         """
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
@@ -225,7 +257,16 @@ class MAGNeT:
 
     @property
     def decode_params(self) -> decoding.DecodeParams:
-        return decoding.DecodeParams.from_config(self._params)
+        return decoding.DecodeParams(**{k: self._params[k] for k in DECODE_PARAMS})
+
+    @property
+    def prefix_params(self) -> decoding.PrefixParams:
+        return decoding.PrefixParams(**{k: self._params[k] for k in PREFIX_PARAMS})
+
+    @property
+    def prefix_frames(self) -> int:
+        """Frames the AR model generates before MAGNeT decodes the rest: `int(prefix_seconds * frame_rate)`."""
+        return int(self.prefix_params.prefix_seconds * self.frame_rate)
 
     @property
     def num_frames(self) -> int:
@@ -236,8 +277,10 @@ class MAGNeT:
         """Changes the given generation parameters (the others keep their values).
 
         Names: decoding_steps, temperature, anneal_temp, top_p, top_k, use_sampling, max_cfg, min_cfg,
-        span_arrangement, span_scoring, span_len (see `magnet_jax.decoding.DecodeParams`), and duration (seconds,
-        at most the model's training segment).
+        span_arrangement, span_scoring, span_len, rescore_weight (see `magnet_jax.decoding.DecodeParams`;
+        rescore_weight is used only with a `rescorer`), prefix_seconds, ar_cfg_coef, ar_temperature, ar_top_k,
+        ar_top_p, ar_use_sampling (`magnet_jax.decoding.PrefixParams`; prefix_seconds > 0 needs an `ar_model`), and
+        duration (seconds, at most the model's training segment).
         """
         unknown = sorted(set(params) - set(GENERATION_PARAMS))
         if unknown:
@@ -246,30 +289,52 @@ class MAGNeT:
         updated = {**self._params, **params}
         if "decoding_steps" in params:
             updated["decoding_steps"] = [int(s) for s in params["decoding_steps"]]
-        decode_params = decoding.DecodeParams.from_config(updated)  # validates
+        decode_params = decoding.DecodeParams(**{k: updated[k] for k in DECODE_PARAMS})  # validates
+        prefix_params = decoding.PrefixParams(**{k: updated[k] for k in PREFIX_PARAMS})
         if len(decode_params.decoding_steps) != self.model.config.n_q:
             raise ValueError(f"decoding_steps={list(decode_params.decoding_steps)}: expected "
                              f"{self.model.config.n_q} entries (one per codebook)")
         if not 0 < float(updated["duration"]) <= self.segment_seconds:
             raise ValueError(f"duration={updated['duration']}: expected 0 < duration <= the model's training "
                              f"segment {self.segment_seconds:g} s")
-        if decode_params.output_length(int(float(updated["duration"]) * self.frame_rate)) < 1:
+        num_frames = decode_params.output_length(int(float(updated["duration"]) * self.frame_rate))
+        if num_frames < 1:
             raise ValueError(f"duration={updated['duration']}: shorter than one span")
+        if prefix_params.prefix_seconds > 0:
+            if self.ar_model is None:
+                raise ValueError(f"prefix_seconds={prefix_params.prefix_seconds}: needs an AR model "
+                                 "(from_pretrained(..., ar_model=<MusicGen source>) / config.ar_model)")
+            if not 0 < int(prefix_params.prefix_seconds * self.frame_rate) < num_frames:
+                raise ValueError(f"prefix_seconds={prefix_params.prefix_seconds}: expected at least one frame and "
+                                 f"fewer than the {num_frames} generated frames")
         updated["duration"] = float(updated["duration"])
         self._params = updated
 
     # --- generation -----------------------------------------------------------------------------------------
 
-    def generate(self, descriptions: Sequence[str | None], *, seed: int = 0) -> Generation:
-        """Text-to-music: one sample per description (None or "" = unconditional)."""
-        return self._generate(list(descriptions), seed, prompt=None)
+    def generate(self, descriptions: Sequence[str | None], *, seed: int = 0,
+                 prefix_seconds: float | None = None) -> Generation:
+        """Text-to-music: one sample per description (None or "" = unconditional).
+
+        `prefix_seconds` (default: the generation parameter, 0 = off) > 0: the composition-mode hybrid; the
+        `ar_model` generates that many seconds, then MAGNeT decodes the rest with them as a frozen prompt.
+        """
+        if prefix_seconds is None:
+            return self._generate(list(descriptions), seed, prompt=None)
+        saved = self._params
+        self.set_generation_params(prefix_seconds=prefix_seconds)
+        try:
+            return self._generate(list(descriptions), seed, prompt=None)
+        finally:
+            self._params = saved
 
     def generate_continuation(self, prompt, prompt_sample_rate: int,
                               descriptions: Sequence[str | None] | None = None, *, seed: int = 0) -> Generation:
         """Continues audio prompts: `prompt` `[B, C, N]` or `[C, N]` at `prompt_sample_rate`.
 
         The prompt is downmixed, resampled to the codec rate and encoded (Tp = ceil(N' / hop) frames, fewer than
-        `num_frames`); its codes stay in the output, which still has `num_frames` frames in all.
+        `num_frames`); its codes stay in the output, which still has `num_frames` frames in all. With
+        `prefix_seconds` longer than the prompt, the `ar_model` first continues it up to the prefix length.
         """
         wav = np.asarray(prompt, np.float32)
         wav = wav[None] if wav.ndim == 2 else wav
@@ -307,6 +372,9 @@ class MAGNeT:
           descriptions: B descriptions (None = unconditional); B a multiple of `batch_multiple`.
           keys: `[B, 2]` uint32 row keys (`row_keys`).
           prompt: optional `[B, K, Tp]` prompt codes, the same Tp for every row.
+        With `prefix_seconds` > 0 (and a prompt shorter than the prefix) the `ar_model` generates the first
+        `prefix_frames` frames (continuing the prompt); MAGNeT then decodes the rest with them frozen. With a
+        `rescorer` and `rescore_weight` < 1, span confidences mix in its probabilities.
         Every process passes the same arguments.
         """
         n = len(descriptions)
@@ -320,12 +388,18 @@ class MAGNeT:
         # context: under one, Linen's shape check of DenseGeneral kernels constrains their flattened init at the
         # wrong rank; the logical-axis rules are what the decoder reads at trace time.
         cond = self._condition(self.t5_params, _global(ids, self.batch_sharding), _global(mask, self.batch_sharding))
+        keys = _global(keys, self.batch_sharding)
         with nn.logical_axis_rules(self.rules):
             if prompt is not None:
                 prompt = _global(np.asarray(prompt, np.int32), self.batch_sharding)
-            return decoding.generate_codes(self.model, self.lm_params, cond, _global(keys, self.batch_sharding),
-                                           self.decode_params, length=int(self.duration * self.frame_rate),
-                                           prompt=prompt)
+            if self.prefix_frames and (prompt is None or prompt.shape[-1] < self.prefix_frames):
+                if self.ar_model is None:
+                    raise ValueError("prefix_seconds > 0 needs an AR model (ar_model=<MusicGen source>)")
+                prompt = decoding.generate_prefix(*self.ar_model, cond, keys, self.prefix_params,
+                                                  length=self.prefix_frames, prompt=prompt)
+            return decoding.generate_codes(self.model, self.lm_params, cond, keys, self.decode_params,
+                                           length=int(self.duration * self.frame_rate), prompt=prompt,
+                                           rescorer=self.rescorer)
 
     def decode_audio(self, codes: jax.Array) -> jax.Array:
         """Codes `[B, K, T]` -> audio `[B, 1, T * hop]` float32 (sharded as `codes`)."""

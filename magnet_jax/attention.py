@@ -50,6 +50,33 @@ def stage_attention_mask(length: int, stage: jax.Array | int, *, subcodes_contex
     return mask[None, None]
 
 
+def hybrid_attention_mask(boundary: jax.Array, stage: jax.Array | int, *, length: int, n_q: int,
+                          subcodes_context: int) -> jax.Array:
+    """Hybrid-MAGNeT self-attention mask `[B, 1, S, S]` over the delay layout (S = T + K; True = may attend).
+
+    Layout row r of head q predicts frame r - q of codebook q; column j holds frame j - 1 - q of codebook q.
+    - rows r < boundary[b] (the autoregressive prefix): causal, keys j <= r;
+    - rows r >= boundary[b]: the MAGNeT mask of `stage` k shifted by the delay: keys j in [1 + k, 1 + k + T) (the
+      columns holding codebook k's frames), and for k >= 1 (and subcodes_context >= 0) |j - 1 - r| <=
+      subcodes_context; rows without a frame of codebook k (r < k or r >= k + T) attend every key (their outputs
+      are never used; this keeps them finite).
+
+    Args:
+      boundary: `[B]` int, the first non-prefix layout row b (the prefix of codebook q is its frames t < b - q).
+      stage: the codebook k decoded non-autoregressively (traced ok).
+    """
+    steps = length + n_q
+    r = jnp.arange(steps)[:, None]
+    j = jnp.arange(steps)[None, :]
+    stage = jnp.asarray(stage)
+    band = jnp.abs(j - 1 - r) <= subcodes_context
+    restricted = (stage > 0) & (subcodes_context >= 0)
+    stage_mask = (j >= 1 + stage) & (j < 1 + stage + length) & jnp.where(restricted, band, True)
+    stage_mask = stage_mask | (r < stage) | (r >= stage + length)
+    mask = jnp.where(r[None] < boundary[:, None, None], (j <= r)[None], stage_mask[None])
+    return mask[:, None]
+
+
 def cached_causal_mask(length: int, max_length: int, index: jax.Array) -> jax.Array:
     """`[1, 1, t, S_max]` mask for queries at positions `index + [0, t)` over a key/value cache of `S_max` slots."""
     q = index + jnp.arange(length)[:, None]

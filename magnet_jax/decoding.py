@@ -12,7 +12,9 @@ steps (the stage and the step are traced, so the LM is compiled once). Each step
      `uncond + (cond - uncond) * cfg`, cfg annealed from `max_cfg` to `min_cfg` with the mask rate;
   3. samples (nucleus / top-k / multinomial / greedy argmax) at the annealed temperature and writes the samples
      into the masked positions only;
-  4. scores the units sampled in this step (1 - max prob, or sum of -log prob) and freezes every other unit.
+  4. scores the units sampled in this step (1 - max prob, or sum of -log prob) and freezes every other unit; with a
+     rescorer (paper Eq. 5) the probability of each sampled token is `w * p_magnet + (1 - w) * p_rescorer`, where
+     p_rescorer comes from one teacher-forced pass of a causal MusicGen model over the candidate codes.
 
 The per-step schedule (number of units to re-mask, CFG coefficient, temperature) is computed on the host with the
 reference's float32 arithmetic (`stage_schedule`) and enters the program as arrays: the prompt length, the step
@@ -31,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax.lm import LanguageModel
+from magnet_jax import musicgen
+from magnet_jax.lm import LanguageModel, LMConfig
 from magnet_jax.sampling import (FROZEN_SCORE, chunk_scores, least_probable_span_mask, sample_tokens,
                                  top_units_mask)
 
@@ -53,6 +56,10 @@ class DecodeParams:
       'stride1' (overlapping spans, spec §6.9).
     span_scoring: 'max' (1 - max prob in the chunk) or 'prod' (sum of -log prob); nonoverlap only.
     span_len: span length of the masking scheme (`config.masking.span_len`).
+    rescore_weight: w of paper Eq. 5 (w on MAGNeT's term, as Eq. 5 and issue 7; the paper's Fig. 4 pseudo-code puts
+      it on the rescorer's): span confidences use `w * p_magnet + (1 - w) * p_rescorer` of each sampled token.
+      Used only when a rescorer is given; 1 = plain decoding. The paper states no value; 0.5 (the default) weighs
+      the two models equally, preferring neither without evidence.
     """
     decoding_steps: tuple[int, ...] = (20, 10, 10, 10)
     temperature: float = 3.0
@@ -65,6 +72,7 @@ class DecodeParams:
     span_arrangement: str = "nonoverlap"
     span_scoring: str = "max"
     span_len: int = 3
+    rescore_weight: float = 0.5
 
     def __post_init__(self):
         steps = tuple(self.decoding_steps)
@@ -83,6 +91,8 @@ class DecodeParams:
             raise ValueError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 = off)")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature!r}: expected a value >= 0")
+        if not 0.0 <= self.rescore_weight <= 1.0:
+            raise ValueError(f"rescore_weight={self.rescore_weight!r}: expected a value in [0, 1] (1 = no rescoring)")
 
     @classmethod
     def from_config(cls, generate_cfg: Mapping[str, Any], **overrides) -> "DecodeParams":
@@ -109,6 +119,45 @@ class DecodeParams:
     def num_units(self, num_frames: int) -> int:
         """Re-masking units covering `num_frames` frames: whole chunks (chunk mode) or tokens."""
         return num_frames // self.span_len if self.chunked else num_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixParams:
+    """Composition-mode hybrid (spec §9.5): the first `prefix_seconds` are generated autoregressively by a causal
+    MusicGen model, then MAGNeT decodes the rest with them as a frozen prompt. 0 = off. The `ar_*` sampling
+    settings default to MusicGen's (spec §8): CFG 3.0, top-k 250, temperature 1.0, multinomial."""
+    prefix_seconds: float = 0.0
+    ar_cfg_coef: float = 3.0
+    ar_temperature: float = 1.0
+    ar_top_k: int = 250
+    ar_top_p: float = 0.0
+    ar_use_sampling: bool = True
+
+    def __post_init__(self):
+        if self.prefix_seconds < 0:
+            raise ValueError(f"prefix_seconds={self.prefix_seconds!r}: expected a value >= 0 (0 = off)")
+        if int(self.ar_top_k) != self.ar_top_k or self.ar_top_k < 0:
+            raise ValueError(f"ar_top_k={self.ar_top_k!r}: expected an integer >= 0 (0 = off)")
+        if not 0.0 <= self.ar_top_p <= 1.0:
+            raise ValueError(f"ar_top_p={self.ar_top_p!r}: expected a value in [0, 1] (0 = off)")
+        if self.ar_temperature < 0:
+            raise ValueError(f"ar_temperature={self.ar_temperature!r}: expected a value >= 0")
+
+    def sample_fn(self, card: int) -> musicgen.SampleFn:
+        """The AR sampler for a vocabulary of `card` (a top-k of at least card keeps every token)."""
+        sample = musicgen.sampler(temperature=self.ar_temperature, top_k=min(int(self.ar_top_k), card),
+                                  top_p=self.ar_top_p, use_sampling=self.ar_use_sampling)
+        return sample if self.ar_use_sampling else musicgen.greedy
+
+
+def check_companion(magnet: LMConfig, other: LMConfig, what: str) -> None:
+    """A rescorer / AR-prefix model must be a causal MusicGen over the same codebooks and text-encoder width."""
+    if not other.causal:
+        raise ValueError(f"{what}: a non-causal (MAGNeT) model; expected a causal MusicGen model")
+    for name in ("n_q", "card", "cond_dim"):
+        if getattr(other, name) != getattr(magnet, name):
+            raise ValueError(f"{what}: {name}={getattr(other, name)} but the MAGNeT model has "
+                             f"{name}={getattr(magnet, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +227,8 @@ class DecodeState:
 
 
 def generate_codes(model: LanguageModel, params, condition_inputs: TextConditioning, key: jax.Array,
-                   decode_params: DecodeParams, *, length: int, prompt: jax.Array | None = None) -> jax.Array:
+                   decode_params: DecodeParams, *, length: int, prompt: jax.Array | None = None,
+                   rescorer: tuple[LanguageModel, Any] | None = None) -> jax.Array:
     """MAGNeT generation of `[B, K, T']` codes.
 
     Args:
@@ -192,6 +242,9 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
       length: frames to generate (duration x frame rate), prompt included.
       prompt: optional `[B, K, Tp]` prompt codes (0 <= Tp < T'), written into all codebooks; their units are never
         re-masked.
+      rescorer: optional (causal MusicGen `LanguageModel`, its params) with MAGNeT's n_q / card / cond_dim. When
+        given and `decode_params.rescore_weight` < 1, span confidences mix its teacher-forced probabilities in
+        (`rescore_fn`); its params should sit on MAGNeT's mesh under the same logical-axis rules.
     Returns:
       `[B, K, T']` int32 codes, T' = `decode_params.output_length(length)` (498 for 500 in 'nonoverlap'), prompt
       included. Inputs sharded over the batch keep that sharding (call under the mesh and logical-axis rules the
@@ -220,6 +273,9 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
         init_codes = np.full((batch, config.n_q, out_len), config.mask_id, np.int32)
     if not _is_single_key(key) and key.shape[0] != batch:
         raise ValueError(f"key: {key.shape[0]} row keys for a batch of {batch}")
+    rescoring = rescorer is not None and dp.rescore_weight < 1.0
+    if rescorer is not None:
+        check_companion(config, rescorer[0].config, "rescorer")
 
     n_gen_units = dp.num_units(out_len) - dp.num_units(prompt_len)
     width = max(dp.decoding_steps)
@@ -231,10 +287,13 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
     steps = np.asarray(dp.decoding_steps, np.int32)
     # The program depends only on the sampling / masking modes: step counts, temperatures and CFG coefficients
     # arrive in the tables, so changing them (within the same largest step count) reuses the compiled program.
+    # The rescore weight too: the program only knows whether rescoring is on.
     program = dataclasses.replace(dp, decoding_steps=(width,) * config.n_q, temperature=1.0, anneal_temp=False,
-                                  max_cfg=1.0, min_cfg=1.0)
+                                  max_cfg=1.0, min_cfg=1.0, rescore_weight=0.0 if rescoring else 1.0)
+    rescorer_model, rescorer_params = (rescorer[0], nn.meta.unbox(rescorer[1])) if rescoring else (None, None)
     return _generate(model, program, nn.meta.unbox(params), condition_inputs, key, init_codes,
-                     np.int32(prompt_len), steps, tables)
+                     np.int32(prompt_len), steps, tables, rescorer_model, rescorer_params,
+                     np.float32(dp.rescore_weight))
 
 
 def _is_single_key(key: jax.Array) -> bool:
@@ -271,9 +330,31 @@ def guided_logits_fn(model: LanguageModel, params, cond: TextConditioning) -> Ca
     return guided_logits
 
 
+def rescore_fn(model: LanguageModel, params, cond: TextConditioning) -> Callable:
+    """Projects the rescorer's own conditioning of the B rows (conditioned only: p(z|y), no CFG) and computes its
+    cross-attention keys/values (once), and returns `fn(codes [B, K, T], stage) -> [B, T]`: the rescorer's
+    probability of each token of codebook `stage` (`musicgen.token_probs`, temperature 1).
+
+    `codes` are the candidate of the current step: earlier codebooks final, the stage's codebook just sampled, later
+    codebooks still the mask id (= card). MusicGen reads that id as its special "no token" id (its delay layout's
+    empty slots), the only input it knows for an absent token, so undecoded codebooks are presented as absent; the
+    alternative, filling them with MAGNeT samples, would cost extra MAGNeT passes per step.
+    """
+    variables = {"params": params}
+    condition = model.apply(variables, cond.states, cond.mask, method=model.project_condition)
+    cross_kv = model.apply(variables, condition, method=model.cross_key_values)
+    attend = None if cond.attend is None else cond.attend.astype(bool)
+
+    def rescore(codes: jax.Array, stage: jax.Array) -> jax.Array:
+        probs = musicgen.token_probs(model, params, codes, cross_kv, attend)
+        return jax.lax.dynamic_index_in_dim(probs, stage, axis=1, keepdims=False)
+    return rescore
+
+
 def decode_step(guided_logits: Callable, decode_params: DecodeParams, state: DecodeState, *, stage: jax.Array,
                 step: jax.Array, num_masked: jax.Array, cfg_coef: jax.Array, temperature: jax.Array,
-                prompt_row: jax.Array, prompt_len: jax.Array, row_keys: jax.Array, mask_id: int) -> DecodeState:
+                prompt_row: jax.Array, prompt_len: jax.Array, row_keys: jax.Array, mask_id: int,
+                rescore: Callable | None = None, rescore_weight: jax.Array | float = 1.0) -> DecodeState:
     """One decoding step of codebook `stage` (spec §6.3): re-mask `num_masked` units by the previous scores, restore
     the prompt, run the guided LM, sample into the masked positions, score the re-masked units, freeze the rest.
 
@@ -286,6 +367,8 @@ def decode_step(guided_logits: Callable, decode_params: DecodeParams, state: Dec
       prompt_len: prompt frames Tp (traced).
       row_keys: `[B]` PRNG keys.
       mask_id: the LM's mask id (= card).
+      rescore: optional `rescore_fn`; the scores then use `rescore_weight * p + (1 - rescore_weight) * p_rescorer`
+        of each sampled token (paper Eq. 5), computed on the candidate codes after this step's sampling.
     """
     dp = decode_params
     x = jax.lax.dynamic_index_in_dim(state.codes, stage, axis=1, keepdims=False)  # [B, T]
@@ -305,12 +388,13 @@ def decode_step(guided_logits: Callable, decode_params: DecodeParams, state: Dec
     sample = functools.partial(sample_tokens, use_sampling=dp.use_sampling, top_p=dp.top_p, top_k=dp.top_k)
     tokens, probs = jax.vmap(sample, in_axes=(0, 0, None))(keys, logits, temperature)
     masked = x == mask_id
-    x = jnp.where(masked, tokens, x)
+    codes = nn.with_logical_constraint(codes.at[:, stage].set(jnp.where(masked, tokens, x)), ("batch", None, "length"))
+    if rescore is not None:
+        probs = rescore_weight * probs + (1.0 - rescore_weight) * rescore(codes, stage)
     if dp.chunked:
         scores = jnp.where(chosen, chunk_scores(probs, dp.span_len, dp.span_scoring), FROZEN_SCORE)
     else:
         scores = jnp.where(masked, -jnp.log(probs), FROZEN_SCORE)
-    codes = nn.with_logical_constraint(codes.at[:, stage].set(x), ("batch", None, "length"))
     return DecodeState(codes, nn.with_logical_constraint(scores, ("batch", None)))
 
 
@@ -323,12 +407,14 @@ def initial_scores(decode_params: DecodeParams, batch: int, length: int, prompt_
                             (batch, units.size))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "decode_params"))
+@functools.partial(jax.jit, static_argnames=("model", "decode_params", "rescorer_model"))
 def _generate(model: LanguageModel, decode_params: DecodeParams, params, cond: TextConditioning, key: jax.Array,
-              init_codes: jax.Array, prompt_len: jax.Array, steps, tables) -> jax.Array:
+              init_codes: jax.Array, prompt_len: jax.Array, steps, tables, rescorer_model: LanguageModel | None,
+              rescorer_params, rescore_weight: jax.Array) -> jax.Array:
     batch, n_q, length = init_codes.shape
     row_keys = jax.random.split(key, batch) if _is_single_key(key) else key
     guided_logits = guided_logits_fn(model, params, cond)
+    rescore = None if rescorer_model is None else rescore_fn(rescorer_model, rescorer_params, cond)
 
     def decode_stage(stage, codes):
         prompt_row = jax.lax.dynamic_index_in_dim(codes, stage, axis=1, keepdims=False)  # prompt, else mask id
@@ -337,8 +423,36 @@ def _generate(model: LanguageModel, decode_params: DecodeParams, params, cond: T
             return decode_step(guided_logits, decode_params, state, stage=stage, step=i,
                                num_masked=tables["num_masked"][stage, i], cfg_coef=tables["cfg_coef"][stage, i],
                                temperature=tables["temperature"][stage, i], prompt_row=prompt_row,
-                               prompt_len=prompt_len, row_keys=row_keys, mask_id=model.config.mask_id)
+                               prompt_len=prompt_len, row_keys=row_keys, mask_id=model.config.mask_id,
+                               rescore=rescore, rescore_weight=rescore_weight)
         state = DecodeState(codes, initial_scores(decode_params, batch, length, prompt_len))
         return jax.lax.fori_loop(0, steps[stage], body, state).codes
 
     return jax.lax.fori_loop(0, n_q, decode_stage, init_codes)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prefix_params", "length"))
+def generate_prefix(model: LanguageModel, params, cond: TextConditioning, keys: jax.Array, prefix_params: PrefixParams,
+                    *, length: int, prompt: jax.Array | None = None) -> jax.Array:
+    """The hybrid's autoregressive prefix: `[B, K, length]` codes from a causal MusicGen model (`generate_ar`, KV
+    cache, CFG `ar_cfg_coef` on each row and its null twin), row by row: row b depends only on its conditioning,
+    prompt and key `keys[b]`.
+
+    Args:
+      model, params: the causal MusicGen `LanguageModel` (cond_dim = the text encoder's width) and its params.
+      cond: `TextConditioning` of the B rows; the model projects it with its own `cond_proj`.
+      keys: `[B]` PRNG keys (typed or raw `[B, 2]`).
+      prompt: optional `[B, K, Tp]` codes (Tp <= length) the prefix continues (audio-prompt continuation).
+    """
+    sample_fn = prefix_params.sample_fn(model.config.card)
+    attend = jnp.ones(cond.mask.shape, bool) if cond.attend is None else cond.attend.astype(bool)
+
+    def one_row(states, mask, row_attend, key, row_prompt):
+        condition = model.apply({"params": params}, _with_null_rows(states[None]), _with_null_rows(mask[None]),
+                                method=model.project_condition)  # [cond; null] = generate_ar's CFG layout
+        codes = musicgen.generate_ar(model, params, condition, _twice(row_attend[None]), key, length=length,
+                                     cfg_coef=prefix_params.ar_cfg_coef, sample_fn=sample_fn,
+                                     prompt=None if row_prompt is None else row_prompt[None])
+        return codes[0]
+
+    return jax.vmap(one_row)(cond.states, cond.mask, attend, keys, prompt)

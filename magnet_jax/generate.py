@@ -21,6 +21,10 @@ job writes, into `--output_dir`:
   * `job.json`: the settings that determine the outputs. A restart with the same settings skips the samples in the
     manifest and generates the rest; a restart with other settings is refused (use another `--output_dir`).
 
+With `config.rescorer` (a causal MusicGen source) span confidences mix in its probabilities
+(`config.generate.rescore_weight`); with `config.ar_model` and `config.generate.prefix_seconds` > 0 the first seconds
+are generated autoregressively by that model and MAGNeT decodes the rest (composition-mode hybrid).
+
 Batches of `config.batch_size` samples (samples with audio prompts are batched by prompt length) are sharded over
 every device of every host (`config.mesh`, data parallel); the last batch is padded. With several hosts
 (`--distributed`), every host reads the prompts file, each writes the audio of the rows it holds, and process 0
@@ -250,7 +254,8 @@ def is_finished(sample: Sample, manifest: Manifest, output_dir: Path) -> bool:
 def job_settings(config: ml_collections.ConfigDict) -> dict:
     """The config fields that determine the output bytes (pinned in `job.json`); batch size and mesh are not."""
     c = json.loads(config.to_json())
-    return {k: c[k] for k in ("source", "t5", "codec", "dtype", "text_length", "generate", "output")}
+    return {k: c[k] for k in ("source", "t5", "codec", "dtype", "text_length", "rescorer", "ar_model", "generate",
+                              "output")}
 
 
 def pin_settings(output_dir: Path, settings: dict) -> None:
@@ -412,7 +417,8 @@ def _record(s: Sample, model: MAGNeT, params: dict, config, prompt_codes, second
         "line": p.line, "prompt_id": p.id, "sample": s.index, "text": p.text, "audio_prompt": p.audio,
         "prompt_frames": int(prompt_codes[p.line].shape[-1]) if p.audio else 0, "seed": p.seed,
         "frames": model.num_frames, "duration": model.num_frames / model.frame_rate,
-        "sample_rate": model.sample_rate, "model": config.source, "params": params,
+        "sample_rate": model.sample_rate, "model": config.source, "rescorer": config.rescorer or None,
+        "ar_model": config.ar_model or None, "params": params,
         "timing": {"batch": batch_number, "batch_rows": batch_rows, "batch_seconds": round(seconds, 4)},
     }
 

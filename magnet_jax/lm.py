@@ -1,8 +1,9 @@
 """The MAGNeT / MusicGen language model over K parallel codebook streams (magnet-spec §2.4).
 
 One Linen module serves both: `causal=False` is MAGNeT (full attention at stage 0, the ±`subcodes_context` band at
-stages >= 1, the stage being a traced value), `causal=True` is MusicGen. Parameter tree (D = dim, F = 4D, N layers,
-H heads, Dh = D / H, Dt = text-encoder dim):
+stages >= 1, the stage being a traced value), `causal=True` is MusicGen; Hybrid-MAGNeT is a non-causal model run
+with an explicit `self_mask` in training and with the causal key/value cache for its autoregressive prefix.
+Parameter tree (D = dim, F = 4D, N layers, H heads, Dh = D / H, Dt = text-encoder dim):
 
   emb_{k}/embedding            [card + 1, D]      k = 0..K-1, row `card` is the mask/special id
   cond_proj/{kernel, bias}     [Dt, D], [D]       T5 -> LM projection (`output_proj` of the reference)
@@ -164,7 +165,8 @@ class LanguageModel(nn.Module):
         return [blk.cross_key_value(None, condition)[1] for blk in self.blocks]
 
     def __call__(self, codes: jax.Array, condition: jax.Array | None, cond_attend: jax.Array | None = None,
-                 stage: jax.Array | int = 0, *, cross_kv=None, cache: dict | None = None):
+                 stage: jax.Array | int = 0, *, cross_kv=None, cache: dict | None = None,
+                 self_mask: jax.Array | None = None):
         """Logits for every codebook.
 
         Args:
@@ -174,7 +176,10 @@ class LanguageModel(nn.Module):
             vectors up to the batch's longest description; positions beyond are False). None = all.
           stage: codebook stage (traced ok): 0 = full attention, >= 1 = restricted band (MAGNeT only).
           cross_kv: precomputed `cross_key_values(condition)`.
-          cache: causal models only: `init_cache(...)` state; `codes` are then the steps `cache['index'] ...`.
+          cache: `init_cache(...)` state; `codes` are then the steps `cache['index'] ...`, attending causally (also
+            for a non-causal model: the autoregressive prefix of Hybrid-MAGNeT).
+          self_mask: `[B or 1, 1, T, T]` bool self-attention mask (True = attend) replacing the stage / causal mask
+            (Hybrid-MAGNeT, `attention.hybrid_attention_mask`); not with `cache`.
         Returns:
           `[B, K, T, card]` float32 logits, and the updated cache when `cache` is given.
         """
@@ -183,10 +188,11 @@ class LanguageModel(nn.Module):
         x = sum(self.emb[k](codes[:, k]) for k in range(n_q))
         if cache is None:
             positions, layer_cache, index = jnp.arange(length), None, None
-            self_mask = stage_attention_mask(length, stage, subcodes_context=c.subcodes_context, causal=c.causal)
+            if self_mask is None:
+                self_mask = stage_attention_mask(length, stage, subcodes_context=c.subcodes_context, causal=c.causal)
         else:
-            if not c.causal:
-                raise ValueError("a key/value cache needs a causal model (MusicGen)")
+            if self_mask is not None:
+                raise ValueError("self_mask and a key/value cache are exclusive (the cache path is causal)")
             index, layer_cache = cache["index"], {"key": cache["key"], "value": cache["value"]}
             positions = index + jnp.arange(length)
             self_mask = cached_causal_mask(length, cache["key"].shape[-3], index)
@@ -212,7 +218,7 @@ class LanguageModel(nn.Module):
 
 
 def init_cache(config: LMConfig, batch: int, max_length: int) -> dict:
-    """Empty self-attention key/value cache `{'key', 'value': [N, B, S_max, H, Dh], 'index': 0}` (causal models)."""
+    """Empty self-attention key/value cache `{'key', 'value': [N, B, S_max, H, Dh], 'index': 0}` (causal decoding)."""
     shape = (config.num_layers, batch, max_length, config.num_heads, config.dim // config.num_heads)
     zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
     return {"key": zeros, "value": zeros, "index": jnp.zeros((), jnp.int32)}

@@ -15,6 +15,17 @@ Public API:
   mask_codes(codes [B, K, T], stage, time_mask [B, T], mask_id) -> inputs [B, K, T]
   masked_cross_entropy(logits [B, K, T, V], targets [B, K, T], stage, time_mask [B, T]) -> (ce_sum, count)
   MaskedBatch, mask_batch(key, codes, table, span_len, mask_id) -> MaskedBatch
+
+Hybrid-MAGNeT (one model, delay layout; `magnet_jax.hybrid`): per batch a stage k, per sample a layout boundary b
+uniform in [0, T); codebook q's frames t < b - q are the autoregressive prefix (ground truth, all in the loss),
+codebook k is span-masked inside its suffix [max(b - k, 0), T) at the cosine rate with the span table of the suffix
+length, codebooks above k are masked from their own boundary on.
+  span_count_tables(max_len, span_len) -> np.ndarray [max_len + 1, 101]   row n = span_count_table(n)
+  suffix_time_mask_from_noise(noise [B, T], rates [B], start [B], tables, span_len) -> bool [B, T]
+  hybrid_inputs(codes, stage, boundary [B], mask [B, T], mask_id) -> inputs [B, K, T]
+  hybrid_loss_positions(boundary [B], stage, mask [B, T], n_q) -> (prefix, suffix) bool [B, K, T]
+  hybrid_cross_entropy(logits [B, K, T, V], targets, boundary, stage, mask) -> dict of sums
+  HybridBatch, hybrid_batch(key, codes, tables, span_len, mask_id, stage=None) -> HybridBatch
 """
 from __future__ import annotations
 
@@ -72,8 +83,12 @@ def time_mask_from_noise(noise: jax.Array, rates: jax.Array, table: jax.Array | 
         count = jnp.maximum(jnp.asarray(table, jnp.int32)[percent], 1)
     else:
         count = jnp.maximum(jnp.round(length * rates), 1.0).astype(jnp.int32)
-    mask = jnp.argsort(noise, axis=-1) < count[:, None]
-    starts = mask
+    return _extend_spans(jnp.argsort(noise, axis=-1) < count[:, None], span_len)
+
+
+def _extend_spans(starts: jax.Array, span_len: int) -> jax.Array:
+    """`[B, T]` span starts -> each extended to the `span_len - 1` following tokens, cut at T."""
+    mask = starts
     for shift in range(1, max(span_len, 1)):
         mask = mask | jnp.pad(starts[:, :-shift], ((0, 0), (shift, 0)))
     return mask
@@ -134,3 +149,100 @@ def mask_batch(key: jax.Array, codes: jax.Array, table: jax.Array | np.ndarray, 
     stage = sample_stage(stage_key, n_q)
     mask = time_mask(mask_key, sample_mask_rates(rate_key, batch), length, table, span_len)
     return MaskedBatch(inputs=mask_codes(codes, stage, mask, mask_id), stage=stage, mask=mask)
+
+
+def span_count_tables(max_len: int, span_len: int) -> np.ndarray:
+    """`[max_len + 1, 101]` int32: row n is `span_count_table(n, span_len)` (row 0 unused, zeros)."""
+    return np.stack([np.zeros(101, np.int32)] + [span_count_table(n, span_len) for n in range(1, max_len + 1)])
+
+
+def suffix_time_mask_from_noise(noise: jax.Array, rates: jax.Array, start: jax.Array,
+                                tables: jax.Array | np.ndarray, span_len: int) -> jax.Array:
+    """Span mask `[B, T]` confined to each sample's suffix [start, T) of n = T - start >= 1 tokens.
+
+    The span starts are a uniformly random subset of the suffix: the first `count` positions of the suffix ordered
+    by `noise` (prefix positions sort last); count = max(1, tables[n][round(100 r)]) for span_len > 1 (`tables`
+    from `span_count_tables(T, span_len)`), max(1, round(n r)) otherwise. Spans extend forward and are cut at T.
+    """
+    batch, length = noise.shape
+    position = jnp.arange(length)[None, :]
+    n = length - start
+    if span_len > 1:
+        percent = jnp.round(100.0 * rates).astype(jnp.int32)
+        count = jnp.maximum(jnp.asarray(tables, jnp.int32)[n, percent], 1)
+    else:
+        count = jnp.maximum(jnp.round(n * rates), 1.0).astype(jnp.int32)
+    order = jnp.argsort(jnp.where(position < start[:, None], 2.0, noise), axis=-1)  # suffix first, random order
+    starts = jnp.zeros((batch, length), bool).at[jnp.arange(batch)[:, None], order].set(position < count[:, None])
+    return _extend_spans(starts, span_len)
+
+
+def _prefix_frames(boundary: jax.Array, n_q: int, length: int) -> jax.Array:
+    """`[B, K, T]` bool: frame t of codebook q is in the autoregressive prefix (t < boundary - q)."""
+    frame = jnp.arange(length)[None, None, :]
+    return frame < (boundary[:, None, None] - jnp.arange(n_q)[None, :, None])
+
+
+def hybrid_inputs(codes: jax.Array, stage: jax.Array, boundary: jax.Array, mask: jax.Array,
+                  mask_id: int) -> jax.Array:
+    """Hybrid-MAGNeT inputs `[B, K, T]` (frames, before the delay layout): codebooks above `stage` masked outside
+    their prefix, codebook `stage` masked where `mask [B, T]` (inside its suffix), the rest ground truth."""
+    batch, n_q, length = codes.shape
+    level = jnp.arange(n_q)[None, :, None]
+    masked = ((level > stage) & ~_prefix_frames(boundary, n_q, length)) | ((level == stage) & mask[:, None, :])
+    return jnp.where(masked, jnp.asarray(mask_id, codes.dtype), codes)
+
+
+def hybrid_loss_positions(boundary: jax.Array, stage: jax.Array, mask: jax.Array,
+                          n_q: int) -> tuple[jax.Array, jax.Array]:
+    """`(prefix, suffix)` `[B, K, T]` bool: every prefix frame (AR next-token loss) and the masked suffix frames of
+    codebook `stage` (MAGNeT loss). Disjoint when `mask` lies inside the suffix."""
+    prefix = _prefix_frames(boundary, n_q, mask.shape[-1])
+    suffix = (jnp.arange(n_q)[None, :, None] == stage) & mask[:, None, :]
+    return prefix, suffix
+
+
+def hybrid_cross_entropy(logits: jax.Array, targets: jax.Array, boundary: jax.Array, stage: jax.Array,
+                         mask: jax.Array) -> dict[str, jax.Array]:
+    """Sums of the Hybrid-MAGNeT loss.
+
+    Args:
+      logits: `[B, K, T, V]` frame-aligned logits (`musicgen.frame_logits` of the layout logits).
+      targets: `[B, K, T]` ground-truth codes.
+      boundary, stage, mask: as in `hybrid_inputs`.
+    Returns:
+      float32 scalars `ar_ce`, `ar_count` (prefix tokens) and `nar_ce`, `nar_count` (masked suffix tokens of codebook
+      `stage`); the loss is (ar_ce + nar_ce) / (ar_count + nar_count).
+    """
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    ce = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    prefix, suffix = hybrid_loss_positions(boundary, stage, mask, targets.shape[1])
+    prefix, suffix = prefix.astype(jnp.float32), suffix.astype(jnp.float32)
+    return {"ar_ce": jnp.sum(ce * prefix), "ar_count": jnp.sum(prefix),
+            "nar_ce": jnp.sum(ce * suffix), "nar_count": jnp.sum(suffix)}
+
+
+@flax.struct.dataclass
+class HybridBatch:
+    """One step's Hybrid-MAGNeT draw: `inputs [B, K, T]`, the `stage`, the layout `boundary [B]`, the suffix span
+    `mask [B, T]` of codebook `stage`."""
+    inputs: jax.Array
+    stage: jax.Array
+    boundary: jax.Array
+    mask: jax.Array
+
+
+def hybrid_batch(key: jax.Array, codes: jax.Array, tables: jax.Array | np.ndarray, span_len: int, mask_id: int,
+                 stage: jax.Array | int | None = None) -> HybridBatch:
+    """Draws the stage (unless given), boundaries b ~ U[0, T), cosine rates and suffix span masks for `codes
+    [B, K, T]`; the same key with different given stages draws the same boundaries, rates and noise."""
+    stage_key, boundary_key, rate_key, mask_key = jax.random.split(key, 4)
+    batch, n_q, length = codes.shape
+    stage = sample_stage(stage_key, n_q) if stage is None else jnp.asarray(stage, jnp.int32)
+    boundary = jax.random.randint(boundary_key, (batch,), 0, length, dtype=jnp.int32)
+    noise = jax.random.uniform(mask_key, (batch, length), jnp.float32)
+    mask = suffix_time_mask_from_noise(noise, sample_mask_rates(rate_key, batch), jnp.maximum(boundary - stage, 0),
+                                       tables, span_len)
+    return HybridBatch(inputs=hybrid_inputs(codes, stage, boundary, mask, mask_id), stage=stage, boundary=boundary,
+                       mask=mask)

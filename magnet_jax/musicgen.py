@@ -2,7 +2,9 @@
 
 Delay layout for K codebooks and T frames: S = T + K steps; step 0 is all special tokens; step s holds frame
 t = s - 1 - q of codebook q when 0 <= t < T and the special id otherwise. Generation streams steps 1 .. S-1 with a
-self-attention key/value cache, one compiled `lax.fori_loop`, classifier-free guidance on the `[cond; null]` batch.
+self-attention key/value cache, one compiled `lax.fori_loop`, classifier-free guidance on the `[cond; null]` batch
+(`stream_layout`; it also streams the autoregressive prefix of Hybrid-MAGNeT, `magnet_jax.hybrid`). `frame_logits`
+aligns layout logits with frames.
 """
 from __future__ import annotations
 
@@ -52,13 +54,62 @@ def sampler(*, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0, u
     return sample
 
 
+def frame_logits(logits: jax.Array, length: int) -> jax.Array:
+    """Delay-layout logits `[B, K, T + K, V]` -> frame-aligned `[B, K, T, V]`: row t + q of head q predicts frame t
+    of codebook q."""
+    return jnp.stack([logits[:, q, q:q + length] for q in range(logits.shape[1])], axis=1)
+
+
+def stream_layout(model: LanguageModel, params, condition: jax.Array, cond_attend: jax.Array | None, key: jax.Array,
+                  *, length: int, last_step: int | None = None, cfg_coef: float | None = 3.0,
+                  sample_fn: SampleFn = greedy, forced: jax.Array | None = None) -> jax.Array:
+    """Streams delay-layout steps 1 .. `last_step` (default S - 1, the whole layout) with the key/value cache.
+
+    Traceable (call it inside `jax.jit`); the arguments are those of `generate_ar`, `forced` being the delay layout
+    `[B, K, S]` of forced tokens (special where free). The model attends causally whatever its `causal` flag (the
+    autoregressive prefix of Hybrid-MAGNeT). Returns the layout `[B, K, S]`, special after `last_step`.
+    """
+    config = model.config
+    rows = condition.shape[0]
+    batch = rows if cfg_coef is None else rows // 2
+    n_q, steps, special = config.n_q, length + config.n_q, config.mask_id
+    last_step = steps - 1 if last_step is None else last_step
+    valid = delay_valid(n_q, steps)
+    variables = {"params": params}
+    cross_kv = model.apply(variables, condition, method=model.cross_key_values)
+    sequence = jnp.full((batch, n_q, steps), special, jnp.int32)
+
+    def step(s, carry):
+        sequence, cache, key = carry
+        key, sub = jax.random.split(key)
+        tokens = jax.lax.dynamic_slice_in_dim(sequence, s - 1, 1, axis=2)
+        if cfg_coef is not None:
+            tokens = jnp.concatenate([tokens, tokens], axis=0)
+        logits, cache = model.apply(variables, tokens, None, cond_attend, cross_kv=cross_kv, cache=cache)
+        logits = logits[:, :, 0]
+        if cfg_coef is not None:
+            cond, uncond = jnp.split(logits, 2, axis=0)
+            logits = uncond + cfg_coef * (cond - uncond)
+        new = jnp.where(jax.lax.dynamic_slice_in_dim(valid, s, 1, axis=1)[None, :, 0], sample_fn(sub, logits),
+                        special)
+        if forced is not None:
+            pinned = jax.lax.dynamic_slice_in_dim(forced, s, 1, axis=2)[:, :, 0]
+            new = jnp.where(pinned != special, pinned, new)
+        sequence = jax.lax.dynamic_update_slice_in_dim(sequence, new[:, :, None], s, axis=2)
+        return sequence, cache, key
+
+    cache = init_cache(config, rows, last_step + 1)
+    sequence, _, _ = jax.lax.fori_loop(1, last_step + 1, step, (sequence, cache, key))
+    return sequence
+
+
 def generate_ar(model: LanguageModel, params, condition: jax.Array, cond_attend: jax.Array | None, key: jax.Array,
                 *, length: int, cfg_coef: float | None = 3.0, sample_fn: SampleFn = greedy,
                 prompt: jax.Array | None = None, return_layout: bool = False) -> jax.Array:
     """Autoregressive generation of `length` frames.
 
     Args:
-      model, params: a causal `LanguageModel` and its params.
+      model, params: a `LanguageModel` (causal, or a Hybrid-MAGNeT model used causally) and its params.
       condition: `[2B, L, D]` projected conditioning, conditioned rows then null rows (CFG), or `[B, L, D]` when
         `cfg_coef` is None (no guidance).
       cond_attend: `[rows, L]` bool key mask for cross-attention (see `LanguageModel.__call__`), or None.
@@ -72,43 +123,38 @@ def generate_ar(model: LanguageModel, params, condition: jax.Array, cond_attend:
       `[B, K, T]` int32 codes (and the layout when asked).
     """
     config = model.config
-    rows = condition.shape[0]
-    batch = rows if cfg_coef is None else rows // 2
-    n_q, steps, special = config.n_q, length + config.n_q, config.mask_id
-    valid = delay_valid(n_q, steps)
+    batch = condition.shape[0] if cfg_coef is None else condition.shape[0] // 2
     forced = None
     if prompt is not None:
-        padded = jnp.full((batch, n_q, length), special, jnp.int32).at[:, :, :prompt.shape[2]].set(prompt)
+        special = config.mask_id
+        padded = jnp.full((batch, config.n_q, length), special, jnp.int32).at[:, :, :prompt.shape[2]].set(prompt)
         forced = apply_delay_pattern(padded, special)  # special where not forced
 
     def run(params, condition, cond_attend, key):
-        variables = {"params": params}
-        cross_kv = model.apply(variables, condition, method=model.cross_key_values)
-        sequence = jnp.full((batch, n_q, steps), special, jnp.int32)
-
-        def step(s, carry):
-            sequence, cache, key = carry
-            key, sub = jax.random.split(key)
-            tokens = jax.lax.dynamic_slice_in_dim(sequence, s - 1, 1, axis=2)
-            if cfg_coef is not None:
-                tokens = jnp.concatenate([tokens, tokens], axis=0)
-            logits, cache = model.apply(variables, tokens, None, cond_attend, cross_kv=cross_kv, cache=cache)
-            logits = logits[:, :, 0]
-            if cfg_coef is not None:
-                cond, uncond = jnp.split(logits, 2, axis=0)
-                logits = uncond + cfg_coef * (cond - uncond)
-            new = jnp.where(jax.lax.dynamic_slice_in_dim(valid, s, 1, axis=1)[None, :, 0], sample_fn(sub, logits),
-                            special)
-            if forced is not None:
-                pinned = jax.lax.dynamic_slice_in_dim(forced, s, 1, axis=2)[:, :, 0]
-                new = jnp.where(pinned != special, pinned, new)
-            sequence = jax.lax.dynamic_update_slice_in_dim(sequence, new[:, :, None], s, axis=2)
-            return sequence, cache, key
-
-        cache = init_cache(config, rows, steps)
-        sequence, _, _ = jax.lax.fori_loop(1, steps, step, (sequence, cache, key))
-        return sequence
+        return stream_layout(model, params, condition, cond_attend, key, length=length, cfg_coef=cfg_coef,
+                             sample_fn=sample_fn, forced=forced)
 
     sequence = jax.jit(run)(params, condition, cond_attend, key)
     codes = revert_delay_pattern(sequence)
     return (codes, sequence) if return_layout else codes
+
+
+def token_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend: jax.Array | None = None
+                ) -> jax.Array:
+    """Teacher-forced probabilities of `codes` under a causal MusicGen model: one pass over their delay layout
+    (steps 0 .. T + K - 2; the last step predicts nothing), head q at step t + q giving frame t of codebook q.
+
+    Args:
+      model, params: a causal `LanguageModel` and its params.
+      codes: `[B, K, T]` int32 in [0, card]; `card` (the special id) marks absent tokens, fed as such.
+      cross_kv: `model.cross_key_values(condition)` of the B rows' projected conditioning (no CFG).
+      attend: `[B, L]` bool cross-attention key mask, or None.
+    Returns:
+      `[B, K, T]` float32: softmax (temperature 1) probability of each given token; 0 where it is the special id.
+    """
+    special = model.config.mask_id
+    layout = apply_delay_pattern(codes, special)[:, :, :-1]
+    logits = model.apply({"params": params}, layout, None, attend, cross_kv=cross_kv)  # [B, K, T + K - 1, card]
+    probs = jax.nn.softmax(frame_logits(logits, codes.shape[-1]), axis=-1)
+    picked = jnp.take_along_axis(probs, jnp.minimum(codes, special - 1)[..., None], axis=-1)[..., 0]
+    return jnp.where(codes == special, 0.0, picked)

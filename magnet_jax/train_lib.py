@@ -29,6 +29,11 @@ computes in bfloat16.
 Metrics (float32 scalars): loss (mean cross-entropy over masked tokens), ppl, loss_stage{s} / ppl_stage{s} (NaN for
 the stages not trained this step; `metrics.summarize` skips NaN), stage, mask_fraction, grad_norm (before clipping),
 lr (the schedule's value; D-Adaptation multiplies it by its own estimate), skipped_steps.
+
+`config.train.objective` selects the loss: "magnet" (above) or "hybrid" (Hybrid-MAGNeT, `magnet_jax.hybrid`: the
+delay layout, a per-sample autoregressive prefix in the loss beside the masked suffix tokens of stage s; needs
+`model.causal=False`). With "hybrid", `loss` is the mean over prefix and masked tokens, and `ar_loss` / `nar_loss`
+(means over their own tokens; NaN when a step has none) are added; mask_fraction counts the masked suffix tokens.
 """
 from __future__ import annotations
 
@@ -41,12 +46,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from magnet_jax import conditioner, masking, sharding
+from magnet_jax import conditioner, hybrid, masking, sharding
 from magnet_jax.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.optim import all_finite, ema_update, learning_rate_schedule, make_optimizer
 from magnet_jax.t5 import T5Config, T5Encoder
 from magnet_jax.weights import WeightsError
 
+OBJECTIVES = ("magnet", "hybrid")  # config.train.objective
 # LMConfig fields that define the architecture: a checkpoint to fine-tune must match them (dtype, remat,
 # scan_layers are run-time choices).
 ARCHITECTURE_FIELDS = ("dim", "num_heads", "num_layers", "hidden_scale", "n_q", "card", "cond_dim", "causal",
@@ -157,6 +163,43 @@ def _per_stage(value: jax.Array, stage: jax.Array, n_q: int, name: str) -> dict[
     return {f"{name}_stage{s}": jnp.where(stage == s, value, jnp.nan) for s in range(n_q)}
 
 
+def _check_objective(config) -> None:
+    objective = config.train.objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"train.objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if objective == "hybrid" and config.model.causal:
+        raise ValueError("train.objective='hybrid' needs a non-causal model (model.causal=False)")
+
+
+def _draw_masks(config, lm: LMConfig, codes: jax.Array, key: jax.Array, stage=None):
+    """The objective's masking of `codes [B, K, T]`: `masking.MaskedBatch` or `masking.HybridBatch` (`stage` given:
+    that stage, the same other draws for every stage; hybrid only)."""
+    span_len, length = config.masking.span_len, codes.shape[-1]
+    if config.train.objective == "hybrid":
+        tables = masking.span_count_tables(length, span_len)
+        return masking.hybrid_batch(key, codes, tables, span_len, lm.mask_id, stage=stage)
+    return masking.mask_batch(key, codes, masking.span_count_table(length, span_len), span_len, lm.mask_id)
+
+
+def _loss_sums(config, model: LanguageModel, variables, micro: Mapping[str, jax.Array], stage: jax.Array,
+               condition: jax.Array | None, attend: jax.Array, cross_kv=None) -> dict[str, jax.Array]:
+    """Cross-entropy sums of the objective: `ce`, `count` (and `ar_*`, `nar_*` for hybrid), float32 scalars."""
+    if config.train.objective == "hybrid":
+        logits = hybrid.hybrid_logits(model, variables, micro["inputs"], micro["boundary"], stage, condition, attend,
+                                      cross_kv=cross_kv)
+        sums = masking.hybrid_cross_entropy(logits, micro["codes"], micro["boundary"], stage, micro["mask"])
+        return {"ce": sums["ar_ce"] + sums["nar_ce"], "count": sums["ar_count"] + sums["nar_count"], **sums}
+    logits = model.apply(variables, micro["inputs"], condition, attend, stage, cross_kv=cross_kv)
+    ce_sum, count = masking.masked_cross_entropy(logits, micro["codes"], stage, micro["mask"])
+    return {"ce": ce_sum, "count": count}
+
+
+def _part_losses(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Hybrid's `ar_loss` / `nar_loss` (NaN where a part has no tokens); nothing for MAGNeT."""
+    return {f"{part}_loss": jnp.where(sums[f"{part}_count"] > 0, sums[f"{part}_ce"] / jnp.maximum(
+        sums[f"{part}_count"], 1.0), jnp.nan) for part in ("ar", "nar") if f"{part}_count" in sums}
+
+
 def _train_step(config, mesh, t5_config, state: TrainState, t5_params, batch: Mapping[str, jax.Array],
                 key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
     model = build_model(config)
@@ -164,35 +207,35 @@ def _train_step(config, mesh, t5_config, state: TrainState, t5_params, batch: Ma
     lm = model.config
     codes = batch["codes"]
     mask_key, cfg_key = jax.random.split(jax.random.fold_in(key, state.step))
-    table = masking.span_count_table(codes.shape[-1], config.masking.span_len)
-    masked = masking.mask_batch(mask_key, codes, table, config.masking.span_len, lm.mask_id)
+    masked = _draw_masks(config, lm, codes, mask_key)
     text_mask = conditioner.cfg_dropout(cfg_key, batch["text_mask"], config.conditioner.cfg_dropout)
     # `attend` is defined over the whole global batch (the longest description), so microbatching does not change it.
     attend = conditioner.cross_attend(batch["text_ids"])
     inputs = {"codes": codes, "inputs": masked.inputs, "mask": masked.mask, "text_ids": batch["text_ids"],
               "text_mask": text_mask, "attend": attend}
+    if config.train.objective == "hybrid":
+        inputs["boundary"] = masked.boundary
 
-    def masked_ce(params, micro):
+    def loss_sums(params, micro):
         condition = _condition(model, params, t5_config, t5_params, micro["text_ids"], micro["text_mask"])
-        logits = model.apply({"params": params}, micro["inputs"], condition, micro["attend"], masked.stage)
-        ce_sum, count = masking.masked_cross_entropy(logits, micro["codes"], masked.stage, micro["mask"])
-        return ce_sum, count
+        sums = _loss_sums(config, model, {"params": params}, micro, masked.stage, condition, micro["attend"])
+        return sums["ce"], sums
 
-    grad_fn = jax.value_and_grad(masked_ce, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
     accum = config.optim.grad_accum_steps
     if accum == 1:
-        (ce_sum, count), grads = grad_fn(state.params, inputs)
+        (_, sums), grads = grad_fn(state.params, inputs)
     else:
         def body(carry, micro):
-            grads, ce_sum, count = carry
-            (ce, n), g = grad_fn(state.params, micro)
-            return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, count + n), None
+            grads, sums = carry
+            (_, s), g = grad_fn(state.params, micro)
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, ce_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
-                                                 _microbatches(inputs, accum, mesh))
-    count = jnp.maximum(count, 1.0)
+        zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, inputs)[0][1])
+        (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), _microbatches(inputs, accum, mesh))
+    count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
-    loss = ce_sum / count
+    loss = sums["ce"] / count
 
     finite = all_finite(grads) & jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -208,10 +251,10 @@ def _train_step(config, mesh, t5_config, state: TrainState, t5_params, batch: Ma
     metrics = {"loss": loss, "ppl": ppl, **_per_stage(loss, masked.stage, lm.n_q, "loss"),
                **_per_stage(ppl, masked.stage, lm.n_q, "ppl"),
                "stage": masked.stage.astype(jnp.float32),
-               "mask_fraction": count / masked.mask.size,
+               "mask_fraction": sums["nar_count" if "nar_count" in sums else "count"] / masked.mask.size,
                "grad_norm": optax.tree.norm(grads),
                "lr": learning_rate_schedule(config.optim)(state.step - state.skipped_steps).astype(jnp.float32),
-               "skipped_steps": skipped.astype(jnp.float32)}
+               "skipped_steps": skipped.astype(jnp.float32), **_part_losses(sums)}
     return new_state, metrics
 
 
@@ -223,6 +266,7 @@ def make_train_step(config, mesh, t5_config: T5Config):
     """
     if config.optim.grad_accum_steps < 1:
         raise ValueError(f"optim.grad_accum_steps={config.optim.grad_accum_steps}: expected >= 1")
+    _check_objective(config)
     rules = sharding.logical_rules(config)
     _, state_shardings = train_state_shardings(config, mesh)
 
@@ -239,22 +283,32 @@ def _eval_step(config, t5_config, params, t5_params, batch, key) -> dict[str, ja
     model = build_model(config)
     lm = model.config
     codes = batch["codes"]
-    rate_key, mask_key = jax.random.split(key)
-    table = masking.span_count_table(codes.shape[-1], config.masking.span_len)
-    rates = masking.sample_mask_rates(rate_key, codes.shape[0])
-    mask = masking.time_mask(mask_key, rates, codes.shape[-1], table, config.masking.span_len)
     condition = _condition(model, params, t5_config, t5_params, batch["text_ids"], batch["text_mask"])
     cross_kv = model.apply({"params": params}, condition, method=model.cross_key_values)
     attend = conditioner.cross_attend(batch["text_ids"])
-    metrics = {}
+    hybrid_objective = config.train.objective == "hybrid"
+    if not hybrid_objective:
+        rate_key, mask_key = jax.random.split(key)
+        table = masking.span_count_table(codes.shape[-1], config.masking.span_len)
+        rates = masking.sample_mask_rates(rate_key, codes.shape[0])
+        mask = masking.time_mask(mask_key, rates, codes.shape[-1], table, config.masking.span_len)
+    metrics, nar_losses = {}, []
     for stage in range(lm.n_q):
-        inputs = masking.mask_codes(codes, stage, mask, lm.mask_id)
-        logits = model.apply({"params": params}, inputs, None, attend, stage, cross_kv=cross_kv)
-        ce_sum, count = masking.masked_cross_entropy(logits, codes, stage, mask)
-        metrics[f"loss_stage{stage}"] = ce_sum / jnp.maximum(count, 1.0)
+        if hybrid_objective:  # the same boundaries, rates and noise at every stage
+            drawn = _draw_masks(config, lm, codes, key, stage=stage)
+            micro = {"codes": codes, "inputs": drawn.inputs, "mask": drawn.mask, "boundary": drawn.boundary}
+        else:
+            micro = {"codes": codes, "inputs": masking.mask_codes(codes, stage, mask, lm.mask_id), "mask": mask}
+        sums = _loss_sums(config, model, {"params": params}, micro, stage, None, attend, cross_kv=cross_kv)
+        metrics[f"loss_stage{stage}"] = sums["ce"] / jnp.maximum(sums["count"], 1.0)
         metrics[f"ppl_stage{stage}"] = jnp.exp(metrics[f"loss_stage{stage}"])
+        if hybrid_objective:  # prefix rows never see the masked suffix: the AR loss is the same at every stage
+            metrics["ar_loss"] = _part_losses(sums)["ar_loss"]
+            nar_losses.append(_part_losses(sums)["nar_loss"])
     metrics["loss"] = sum(metrics[f"loss_stage{s}"] for s in range(lm.n_q)) / lm.n_q
     metrics["ppl"] = jnp.exp(metrics["loss"])
+    if hybrid_objective:
+        metrics["nar_loss"] = sum(nar_losses) / lm.n_q
     return metrics
 
 
@@ -262,9 +316,12 @@ def make_eval_step(config, mesh, t5_config: T5Config):
     """The jitted eval step `(params, t5_params, batch, key) -> metrics`.
 
     The same span masks (drawn from `key`: pass a fixed key for comparable evaluations) are scored at every stage,
-    without CFG dropout: loss_stage{s}, ppl_stage{s} for s = 0..K-1, and their mean `loss` / `ppl`. Pass
-    `state.ema_params` to evaluate the EMA weights.
+    without CFG dropout: loss_stage{s}, ppl_stage{s} for s = 0..K-1, and their mean `loss` / `ppl`. With the hybrid
+    objective the same boundaries, rates and noise serve every stage, loss_stage{s} is the hybrid loss at stage s,
+    `ar_loss` the prefix loss (the same at every stage) and `nar_loss` the mean over stages of the masked-suffix
+    loss. Pass `state.ema_params` to evaluate the EMA weights.
     """
+    _check_objective(config)
     rules = sharding.logical_rules(config)
     _, state_shardings = train_state_shardings(config, mesh)
 

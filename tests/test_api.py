@@ -7,7 +7,9 @@ The mesh is the 8 simulated CPU devices of conftest.py, rows sharded data parall
 import json
 import math
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import soxr
@@ -20,7 +22,9 @@ from magnet_jax import api, checkpointing, encodec, train, train_lib
 from magnet_jax.api import MAGNeT
 from magnet_jax.encodec import EncodecConfig
 from magnet_jax.encodec_weights import load_encodec
+from magnet_jax.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.lm_weights import export_audiocraft
+from magnet_jax.musicgen import generate_ar
 from magnet_jax.pretrained import load_pretrained
 from magnet_jax.weights import WeightsError, flatten_params
 
@@ -181,3 +185,102 @@ def test_unavailable_source_is_a_one_line_error(source, fragment):
 def test_unknown_setting_is_rejected(tiny):
     with pytest.raises(ValueError, match="unknown setting.*temperature"):
         MAGNeT.from_pretrained(str(tiny["lm"]), temperature=2.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rescoring and the composition-mode hybrid with a MusicGen model in the audiocraft release format
+
+def write_tiny_musicgen(directory, tiny, *, card=64, seed=2):
+    """A tiny random causal MusicGen (same codebooks and T5 width as the tiny MAGNeT) exported as an audiocraft
+    `state_dict.bin` directory, heads sharpened so its choices are not float noise."""
+    config = LMConfig(dim=32, num_heads=4, num_layers=2, card=card, n_q=4, cond_dim=32, causal=True)
+    params = nn.meta.unbox(init_params(LanguageModel(config), jax.random.key(seed)))
+    params = {**params, **{f"head_{k}": {"kernel": params[f"head_{k}"]["kernel"] * 8} for k in range(4)}}
+    export_audiocraft(directory, params, {
+        "model": config.to_dict(), "conditioner": {"t5": str(tiny["t5"]), "t5_dim": 32},
+        "codec": {"source": str(tiny["codec"])}, "segment_seconds": 1.0, "generate": {}})
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def musicgen(tiny):
+    return write_tiny_musicgen(tiny["root"] / "musicgen", tiny)
+
+
+@pytest.fixture(scope="module")
+def with_musicgen(tiny, musicgen):
+    m = MAGNeT.from_pretrained(str(tiny["lm"]), rescorer=musicgen, ar_model=musicgen)
+    m.set_generation_params(decoding_steps=STEPS)
+    return m
+
+
+def test_one_musicgen_source_serves_as_rescorer_and_ar_model(with_musicgen):
+    assert with_musicgen.rescorer is with_musicgen.ar_model  # loaded once
+    rescorer_model, params = with_musicgen.rescorer
+    assert rescorer_model.config.causal and rescorer_model.config.card == 64
+    assert {s.device for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards} == set(jax.devices())
+
+
+def test_rescoring_changes_the_remasking_and_weight_one_is_plain_decoding(with_musicgen, model):
+    texts = ["a calm piano piece", "fast techno with drums"]
+    plain = model.generate(texts, seed=5).codes
+    with_musicgen.set_generation_params(rescore_weight=1.0)
+    np.testing.assert_array_equal(with_musicgen.generate(texts, seed=5).codes, plain)
+    steps = [6, 4, 4, 4]  # enough steps for the re-masking choices to matter
+    model.set_generation_params(decoding_steps=steps)
+    with_musicgen.set_generation_params(rescore_weight=0.3, decoding_steps=steps)
+    try:
+        plain = model.generate(texts, seed=5).codes
+        rescored = with_musicgen.generate(texts, seed=5)
+    finally:
+        model.set_generation_params(decoding_steps=STEPS)
+        with_musicgen.set_generation_params(rescore_weight=1.0, decoding_steps=STEPS)
+    assert rescored.codes.shape == (2, 4, 48) and rescored.codes.max() < 64
+    assert np.mean(rescored.codes != plain) > 0.2
+
+
+def test_hybrid_prefix_is_the_musicgen_greedy_generation_then_frozen(with_musicgen):
+    m = with_musicgen
+    m.set_generation_params(ar_use_sampling=False, rescore_weight=1.0)
+    before = m.generation_params
+    out = m.generate(["jazz trio"], seed=2, prefix_seconds=0.2)  # 10 frames by MusicGen, 38 by MAGNeT
+    assert m.generation_params == before  # the keyword applies to this call only
+
+    tokens = m.tokenizer(["jazz trio"])
+    extra = ((0, 0), (0, m.text_length - tokens["ids"].shape[1]))
+    ids, mask = np.pad(tokens["ids"], extra, constant_values=m.tokenizer.pad_id), np.pad(tokens["mask"], extra)
+    cond = api._condition(m.t5_config, m.tokenizer.pad_id, m.t5_params, ids, mask)
+    ar_model, ar_params = m.ar_model
+    null = np.zeros_like(mask)
+    condition = ar_model.apply({"params": ar_params}, jnp.concatenate([cond.states, jnp.zeros_like(cond.states)]),
+                               np.concatenate([mask, null]), method=ar_model.project_condition)
+    expected = generate_ar(ar_model, ar_params, condition, jnp.concatenate([cond.attend, cond.attend]),
+                           jax.random.key(0), length=10, cfg_coef=3.0)
+    assert len(np.unique(np.asarray(expected))) > 5
+    np.testing.assert_array_equal(out.codes[..., :10], np.asarray(expected))
+    assert out.codes.shape == (1, 4, 48) and len(np.unique(out.codes[..., 10:])) > 10
+
+    # An audio prompt shorter than the prefix: MusicGen continues it up to the prefix, MAGNeT finishes.
+    wav = (0.2 * np.random.default_rng(1).standard_normal((1, 1, 3200))).astype(np.float32)  # 5 frames
+    m.set_generation_params(prefix_seconds=0.2)
+    try:
+        cont = m.generate_continuation(wav, 32000, ["jazz trio"], seed=2)
+    finally:
+        m.set_generation_params(prefix_seconds=0.0, ar_use_sampling=True)
+    prompt_codes = m.encode_audio(wav, 32000)
+    forced = generate_ar(ar_model, ar_params, condition, jnp.concatenate([cond.attend, cond.attend]),
+                         jax.random.key(0), length=10, cfg_coef=3.0, prompt=jnp.asarray(prompt_codes))
+    np.testing.assert_array_equal(cont.codes[..., :5], prompt_codes)
+    np.testing.assert_array_equal(cont.codes[..., :10], np.asarray(forced))
+
+
+def test_companion_models_are_checked(tiny, model, tmp_path):
+    with pytest.raises(WeightsError, match="rescorer .*non-causal"):
+        MAGNeT.from_pretrained(str(tiny["lm"]), rescorer=str(tiny["lm"]))
+    other = write_tiny_musicgen(tmp_path / "card32", tiny, card=32)
+    with pytest.raises(WeightsError, match="ar_model .*card=32 but the MAGNeT model has card=64"):
+        MAGNeT.from_pretrained(str(tiny["lm"]), ar_model=other)
+    with pytest.raises(ValueError, match="prefix_seconds=0.2: needs an AR model"):
+        model.set_generation_params(prefix_seconds=0.2)
+    with pytest.raises(ValueError, match="rescore_weight=-0.1"):
+        model.set_generation_params(rescore_weight=-0.1)

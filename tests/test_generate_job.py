@@ -231,3 +231,35 @@ def test_generation_defaults_are_the_released_models(arg, steps, temperature):
     c.generate.decoding_steps = (3, 3, 3, 3)  # a tuple field: overridable from the command line
     with pytest.raises(AttributeError):
         c.generate.top_q = 0.5
+
+
+def test_job_with_a_transformers_musicgen_rescorer_and_ar_prefix_matches_the_api(config, tiny, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+    torch.manual_seed(0)  # a tiny MusicGen in the transformers format: 4 codebooks of 64, T5 width 32
+    MusicgenForCausalLM(MusicgenDecoderConfig(
+        vocab_size=64, num_codebooks=4, hidden_size=32, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        pad_token_id=64, bos_token_id=64, decoder_start_token_id=64)).save_pretrained(tmp_path / "musicgen")
+    c = config.copy_and_resolve_references()
+    c.rescorer = c.ar_model = str(tmp_path / "musicgen")
+    c.generate.rescore_weight, c.generate.prefix_seconds = 0.5, 0.2
+    c.num_samples = 2
+    model = MAGNeT(*load_lm(c.source), c)
+    assert model.rescorer is model.ar_model
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("rock anthem\n")
+    summary = run(c, prompts, tmp_path / "out", model=model)
+    assert summary["finished"] == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert all(r["rescorer"] == r["ar_model"] == c.rescorer for r in records)
+    assert all(r["params"]["rescore_weight"] == 0.5 and r["params"]["prefix_seconds"] == 0.2 for r in records)
+    expected = model.generate(["rock anthem", "rock anthem"], seed=0).codes  # sample j = row j, key (seed, j)
+    codes = codes_by_id(tmp_path / "out")
+    for j in range(2):
+        np.testing.assert_array_equal(codes[f"line00001-{j}"], expected[j])
+    assert not np.array_equal(expected[0, :, :10], expected[1, :, :10])  # sampled prefixes, one key per sample
+
+    plain = config.copy_and_resolve_references()
+    plain.generate.prefix_seconds = 0.2
+    with pytest.raises(JobError, match="config.generate: prefix_seconds=0.2: needs an AR model"):
+        run(plain, prompts, tmp_path / "plain", model=MAGNeT(*load_lm(plain.source), plain))
