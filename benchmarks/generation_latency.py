@@ -19,7 +19,6 @@ Writes `benchmarks/results/generation_latency.json` and `.png` (latency and rati
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from absl import app, flags
 from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
 from magnet_jax.lm import LanguageModel, LMConfig, count_params
 from magnet_jax.lm_weights import params_from_audiocraft
-from timing import BENCH_SIZES, compile_seconds, interleaved, lm_config, machine
+from timing import BENCH_SIZES, compile_seconds, interleaved, lm_config, machine, write_results
 
 _QUICK = flags.DEFINE_bool("quick", True, "short run: batch 1,2,4, steps 4,2,2,2, one timed call each")
 _SIZES = flags.DEFINE_list("sizes", ["512x8"], "models: <dim>x<layers> (dim / 64 heads) and/or presets "
@@ -184,12 +183,8 @@ def main(argv):
     for r in rows:
         print(f"{r['size']:7} {r['batch']:5d} {r['compile_s']:10.2f} {r['jax_s']:9.3f} {r['torch_s']:13.3f} "
               f"{r['ratio']:6.2f} {r['jax_ms_per_forward']:11.1f} {r['audio_s_per_s']:10.2f}")
-    out = Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    plot(rows, out.with_suffix(".png"), f"{meta['device']}, {meta['cpu_count']} CPUs, {_DURATION.value:g} s, "
-                                        f"steps {list(steps)}, float32")
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_results(_OUT.value, meta, rows, plot, f"{meta['device']}, {meta['cpu_count']} CPUs, "
+                                                f"{_DURATION.value:g} s, steps {list(steps)}, float32")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import statistics
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from magnet_jax import musicgen
 from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
 from magnet_jax.hybrid import generate_hybrid_codes
 from magnet_jax.lm import LanguageModel, count_params, init_params
-from timing import BENCH_SIZES, compile_seconds, interleaved, lm_config, machine
+from timing import BENCH_SIZES, compile_seconds, interleaved, lm_config, machine, write_results
 
 METHODS = ("magnet", "magnet+rescore", "hybrid", "musicgen")
 _SIZE = flags.DEFINE_string("size", "256x4", f"model: <dim>x<layers> or a preset ({', '.join(BENCH_SIZES)})")
@@ -163,12 +162,8 @@ def main(argv):
         print(f"MusicGen latency / method latency at batch {batch}: "
               + ", ".join(f"{m} x{v}" for m, v in rs.items()))
     meta["musicgen_over_method_latency"] = ratios
-    out = Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    plot(rows, out.with_suffix(".png"), f"{meta['device']}, {meta['cpu_count']} CPUs, {_SIZE.value} "
-                                        f"({meta['params_m']} M), {_DURATION.value:g} s, {_DTYPE.value}")
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_results(_OUT.value, meta, rows, plot, f"{meta['device']}, {meta['cpu_count']} CPUs, {_SIZE.value} "
+                                                f"({meta['params_m']} M), {_DURATION.value:g} s, {_DTYPE.value}")
 
 
 if __name__ == "__main__":

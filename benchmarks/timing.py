@@ -1,9 +1,11 @@
 """Shared by the benchmark scripts: model sizes, compile-time measurement, interleaved timing, machine facts."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import jax
 
@@ -53,3 +55,12 @@ def machine() -> dict:
     device = jax.devices()[0]
     return {"device": f"{device.platform}: {device.device_kind}", "jax_devices": jax.device_count(),
             "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "jax": jax.__version__}
+
+
+def write_results(out: str, meta: dict, rows: list[dict], plot, title: str) -> None:
+    """Writes `<out>.json` ({"meta", "results"}) and `<out>.png` (`plot(rows, path, title)`)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    plot(rows, path.with_suffix(".png"), title)
+    print(f"\nwrote {path.with_suffix('.json')} and {path.with_suffix('.png')}")

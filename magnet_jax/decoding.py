@@ -251,16 +251,8 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
       params were sharded with; they are read at trace time).
     """
     config, dp = model.config, decode_params
-    if config.causal:
-        raise ValueError("generate_codes: MAGNeT decoding needs a non-causal LanguageModel (config.causal=False)")
-    if len(dp.decoding_steps) != config.n_q:
-        raise ValueError(f"decoding_steps={list(dp.decoding_steps)}: expected {config.n_q} entries (one per codebook)")
-    if dp.use_sampling and dp.top_p == 0.0 and dp.top_k > config.card:
-        raise ValueError(f"top_k={dp.top_k}: expected at most card={config.card}")
+    out_len = check_decoding(model, dp, length, "generate_codes")
     batch = condition_inputs.states.shape[0]
-    out_len = dp.output_length(length)
-    if out_len < dp.span_len:
-        raise ValueError(f"length={length}: expected at least span_len={dp.span_len} frames")
     prompt_len = 0 if prompt is None else prompt.shape[-1]
     if prompt is not None:
         if prompt.ndim != 3 or prompt.shape[:2] != (batch, config.n_q):
@@ -271,29 +263,65 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
                              constant_values=config.mask_id)
     else:  # host array: replicated as given on every process
         init_codes = np.full((batch, config.n_q, out_len), config.mask_id, np.int32)
-    if not _is_single_key(key) and key.shape[0] != batch:
-        raise ValueError(f"key: {key.shape[0]} row keys for a batch of {batch}")
+    check_keys(key, batch)
     rescoring = rescorer is not None and dp.rescore_weight < 1.0
     if rescorer is not None:
         check_companion(config, rescorer[0].config, "rescorer")
+    prompt_lens = np.full(config.n_q, prompt_len, np.int32)
+    rescorer_model, rescorer_params = (rescorer[0], nn.meta.unbox(rescorer[1])) if rescoring else (None, None)
+    return _generate(model, compiled_params(dp, config.n_q, rescoring=rescoring), nn.meta.unbox(params),
+                     condition_inputs, key, init_codes, prompt_lens, schedule_tables(dp, out_len, prompt_lens),
+                     rescorer_model, rescorer_params, np.float32(dp.rescore_weight))
 
-    n_gen_units = dp.num_units(out_len) - dp.num_units(prompt_len)
+
+def check_decoding(model: LanguageModel, decode_params: DecodeParams, length: int, what: str) -> int:
+    """Validates MAGNeT decoding of `length` frames with `model`; returns the output length T'."""
+    config, dp = model.config, decode_params
+    if config.causal:
+        raise ValueError(f"{what}: MAGNeT decoding needs a non-causal LanguageModel (config.causal=False)")
+    if len(dp.decoding_steps) != config.n_q:
+        raise ValueError(f"decoding_steps={list(dp.decoding_steps)}: expected {config.n_q} entries (one per codebook)")
+    if dp.use_sampling and dp.top_p == 0.0 and dp.top_k > config.card:
+        raise ValueError(f"top_k={dp.top_k}: expected at most card={config.card}")
+    out_len = dp.output_length(length)
+    if out_len < dp.span_len:
+        raise ValueError(f"length={length}: expected at least span_len={dp.span_len} frames")
+    return out_len
+
+
+def check_keys(key: jax.Array, batch: int) -> None:
+    if not _is_single_key(key) and key.shape[0] != batch:
+        raise ValueError(f"key: {key.shape[0]} row keys for a batch of {batch}")
+
+
+def row_keys_of(key: jax.Array, batch: int) -> jax.Array:
+    """`[B]` row keys: one key split B ways, or `[B]` keys as given (typed or raw uint32)."""
+    return jax.random.split(key, batch) if _is_single_key(key) else key
+
+
+def schedule_tables(decode_params: DecodeParams, out_len: int, prompt_lens: np.ndarray) -> dict[str, np.ndarray]:
+    """Host tables of the whole generation: `steps [K]` and `num_masked`, `cfg_coef`, `temperature` `[K, max
+    steps]` (`stage_schedule` of each stage; stage k generates the units after its `prompt_lens[k]` frozen frames).
+
+    They enter the program as arrays: step counts (within the same largest one), temperatures, CFG coefficients and
+    prompt lengths do not force a recompilation."""
+    dp = decode_params
     width = max(dp.decoding_steps)
-    tables = {name: np.zeros((config.n_q, width), dtype) for name, dtype in
+    tables = {name: np.zeros((len(dp.decoding_steps), width), dtype) for name, dtype in
               (("num_masked", np.int32), ("cfg_coef", np.float32), ("temperature", np.float32))}
     for stage, n_steps in enumerate(dp.decoding_steps):
+        n_gen_units = dp.num_units(out_len) - dp.num_units(int(prompt_lens[stage]))
         for name, values in dataclasses.asdict(stage_schedule(n_steps, n_gen_units, dp)).items():
             tables[name][stage, :n_steps] = values
-    steps = np.asarray(dp.decoding_steps, np.int32)
-    # The program depends only on the sampling / masking modes: step counts, temperatures and CFG coefficients
-    # arrive in the tables, so changing them (within the same largest step count) reuses the compiled program.
-    # The rescore weight too: the program only knows whether rescoring is on.
-    program = dataclasses.replace(dp, decoding_steps=(width,) * config.n_q, temperature=1.0, anneal_temp=False,
-                                  max_cfg=1.0, min_cfg=1.0, rescore_weight=0.0 if rescoring else 1.0)
-    rescorer_model, rescorer_params = (rescorer[0], nn.meta.unbox(rescorer[1])) if rescoring else (None, None)
-    return _generate(model, program, nn.meta.unbox(params), condition_inputs, key, init_codes,
-                     np.int32(prompt_len), steps, tables, rescorer_model, rescorer_params,
-                     np.float32(dp.rescore_weight))
+    return {"steps": np.asarray(dp.decoding_steps, np.int32), **tables}
+
+
+def compiled_params(decode_params: DecodeParams, n_q: int, *, rescoring: bool = False) -> DecodeParams:
+    """The static part of `decode_params` (the program's cache key): sampling and span modes, the largest step count
+    and whether rescoring is on; everything else arrives in `schedule_tables` or as a traced weight."""
+    width = max(decode_params.decoding_steps)
+    return dataclasses.replace(decode_params, decoding_steps=(width,) * n_q, temperature=1.0, anneal_temp=False,
+                               max_cfg=1.0, min_cfg=1.0, rescore_weight=0.0 if rescoring else 1.0)
 
 
 def _is_single_key(key: jax.Array) -> bool:
@@ -301,29 +329,36 @@ def _is_single_key(key: jax.Array) -> bool:
     return key.ndim == (0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1)
 
 
-def _with_null_rows(x: jax.Array) -> jax.Array:
+def with_null_rows(x: jax.Array) -> jax.Array:
     """`[B, ...]` -> `[2B, ...]`: each row followed by a zero row (null condition)."""
     return jnp.stack([x, jnp.zeros_like(x)], axis=1).reshape(-1, *x.shape[1:])
 
 
-def _twice(x: jax.Array) -> jax.Array:
+def twice(x: jax.Array) -> jax.Array:
     """`[B, ...]` -> `[2B, ...]`: each row repeated (the CFG batch's conditioned / null pair)."""
     return jnp.repeat(x, 2, axis=0)
 
 
-def guided_logits_fn(model: LanguageModel, params, cond: TextConditioning) -> Callable:
+def guided_logits_fn(model: LanguageModel, params, cond: TextConditioning, *,
+                     forward: Callable | None = None) -> Callable:
     """Projects the conditioning of the CFG batch and computes its cross-attention keys/values (once), and returns
     `fn(codes [B, K, T], stage, cfg_coef) -> [B, T, card]` guided logits of the stage's head (one LM pass over 2B
-    rows: row b at 2b with its condition, at 2b + 1 with the null condition)."""
+    rows: row b at 2b with its condition, at 2b + 1 with the null condition).
+
+    `forward(variables, codes [2B, K, T], stage, attend, cross_kv) -> [2B, K, T, card]` replaces the plain LM pass
+    (Hybrid-MAGNeT runs it on the delay layout)."""
     variables = {"params": params}
-    condition = model.apply(variables, _with_null_rows(cond.states), _with_null_rows(cond.mask),
+    condition = model.apply(variables, with_null_rows(cond.states), with_null_rows(cond.mask),
                             method=model.project_condition)
     cross_kv = model.apply(variables, condition, method=model.cross_key_values)
-    attend = None if cond.attend is None else _twice(cond.attend.astype(bool))
+    attend = None if cond.attend is None else twice(cond.attend.astype(bool))
+    if forward is None:
+        def forward(variables, codes, stage, attend, cross_kv):
+            return model.apply(variables, codes, None, attend, stage, cross_kv=cross_kv)
 
     def guided_logits(codes: jax.Array, stage: jax.Array, cfg_coef: jax.Array) -> jax.Array:
         batch, _, length = codes.shape
-        logits = model.apply(variables, _twice(codes), None, attend, stage, cross_kv=cross_kv)
+        logits = forward(variables, twice(codes), stage, attend, cross_kv)
         logits = jax.lax.dynamic_index_in_dim(logits, stage, axis=1, keepdims=False).reshape(batch, 2, length, -1)
         cond_logits, uncond_logits = logits[:, 0], logits[:, 1]
         return uncond_logits + (cond_logits - uncond_logits) * cfg_coef
@@ -407,28 +442,37 @@ def initial_scores(decode_params: DecodeParams, batch: int, length: int, prompt_
                             (batch, units.size))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "decode_params", "rescorer_model"))
-def _generate(model: LanguageModel, decode_params: DecodeParams, params, cond: TextConditioning, key: jax.Array,
-              init_codes: jax.Array, prompt_len: jax.Array, steps, tables, rescorer_model: LanguageModel | None,
-              rescorer_params, rescore_weight: jax.Array) -> jax.Array:
-    batch, n_q, length = init_codes.shape
-    row_keys = jax.random.split(key, batch) if _is_single_key(key) else key
-    guided_logits = guided_logits_fn(model, params, cond)
-    rescore = None if rescorer_model is None else rescore_fn(rescorer_model, rescorer_params, cond)
+def decode_stages(guided_logits: Callable, decode_params: DecodeParams, codes: jax.Array, tables, prompt_lens,
+                  row_keys: jax.Array, mask_id: int, rescore: Callable | None = None,
+                  rescore_weight: jax.Array | float = 1.0) -> jax.Array:
+    """The stage loop (traceable): for k = 0..K-1 a `lax.fori_loop` of `decode_step` over `tables['steps'][k]`
+    steps, codebook k's first `prompt_lens[k]` frames frozen. `codes [B, K, T]` hold the prompt (mask id elsewhere);
+    `tables` from `schedule_tables`, `decode_params` from `compiled_params`."""
+    batch, n_q, length = codes.shape
 
     def decode_stage(stage, codes):
         prompt_row = jax.lax.dynamic_index_in_dim(codes, stage, axis=1, keepdims=False)  # prompt, else mask id
+        prompt_len = prompt_lens[stage]
 
         def body(i, state):
             return decode_step(guided_logits, decode_params, state, stage=stage, step=i,
                                num_masked=tables["num_masked"][stage, i], cfg_coef=tables["cfg_coef"][stage, i],
                                temperature=tables["temperature"][stage, i], prompt_row=prompt_row,
-                               prompt_len=prompt_len, row_keys=row_keys, mask_id=model.config.mask_id,
-                               rescore=rescore, rescore_weight=rescore_weight)
+                               prompt_len=prompt_len, row_keys=row_keys, mask_id=mask_id, rescore=rescore,
+                               rescore_weight=rescore_weight)
         state = DecodeState(codes, initial_scores(decode_params, batch, length, prompt_len))
-        return jax.lax.fori_loop(0, steps[stage], body, state).codes
+        return jax.lax.fori_loop(0, tables["steps"][stage], body, state).codes
 
-    return jax.lax.fori_loop(0, n_q, decode_stage, init_codes)
+    return jax.lax.fori_loop(0, n_q, decode_stage, codes)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "decode_params", "rescorer_model"))
+def _generate(model: LanguageModel, decode_params: DecodeParams, params, cond: TextConditioning, key: jax.Array,
+              init_codes: jax.Array, prompt_lens: jax.Array, tables, rescorer_model: LanguageModel | None,
+              rescorer_params, rescore_weight: jax.Array) -> jax.Array:
+    rescore = None if rescorer_model is None else rescore_fn(rescorer_model, rescorer_params, cond)
+    return decode_stages(guided_logits_fn(model, params, cond), decode_params, init_codes, tables, prompt_lens,
+                         row_keys_of(key, init_codes.shape[0]), model.config.mask_id, rescore, rescore_weight)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prefix_params", "length"))
@@ -444,15 +488,7 @@ def generate_prefix(model: LanguageModel, params, cond: TextConditioning, keys: 
       keys: `[B]` PRNG keys (typed or raw `[B, 2]`).
       prompt: optional `[B, K, Tp]` codes (Tp <= length) the prefix continues (audio-prompt continuation).
     """
-    sample_fn = prefix_params.sample_fn(model.config.card)
-    attend = jnp.ones(cond.mask.shape, bool) if cond.attend is None else cond.attend.astype(bool)
-
-    def one_row(states, mask, row_attend, key, row_prompt):
-        condition = model.apply({"params": params}, _with_null_rows(states[None]), _with_null_rows(mask[None]),
-                                method=model.project_condition)  # [cond; null] = generate_ar's CFG layout
-        codes = musicgen.generate_ar(model, params, condition, _twice(row_attend[None]), key, length=length,
-                                     cfg_coef=prefix_params.ar_cfg_coef, sample_fn=sample_fn,
-                                     prompt=None if row_prompt is None else row_prompt[None])
-        return codes[0]
-
-    return jax.vmap(one_row)(cond.states, cond.mask, attend, keys, prompt)
+    attend = jnp.ones(cond.mask.shape, bool) if cond.attend is None else cond.attend
+    return musicgen.generate_rows(model, params, cond.states, cond.mask, attend, keys, length=length,
+                                  cfg_coef=prefix_params.ar_cfg_coef,
+                                  sample_fn=prefix_params.sample_fn(model.config.card), prompt=prompt)

@@ -15,26 +15,23 @@ uniform in [0, T); layout rows < b are the prefix, i.e. frames t < b - q of code
 - loss: one cross-entropy mean over every prefix token (AR next-token loss, all codebooks) and the masked suffix
   tokens of codebook k (`masking.hybrid_cross_entropy`); `ar_loss` / `nar_loss` are reported beside it.
 
-Inference (`generate_hybrid_codes`): the prefix rows r < b (`prefix_frames`) are streamed with the cache
-(`musicgen.stream_layout`: CFG 3, top-k 250, temperature 1 by default, as audiocraft's hybrid branch); then codebook
-stages k = 0..K-1 are decoded with `decoding.decode_step`, the LM pass building the layout under the hybrid mask
-with boundary b and stage k, the first b - k frames of codebook k frozen as the prompt.
+Inference (`generate_hybrid_codes`): the prefix rows r < b (`prefix_frames`) are streamed with the cache, row by
+row (`musicgen.generate_rows`: CFG 3, top-k 250, temperature 1 by default, as audiocraft's hybrid branch); then
+codebook stages k = 0..K-1 are decoded by MAGNeT's stage loop (`decoding.decode_stages`), the LM pass building the
+layout under the hybrid mask with boundary b and stage k, the first b - k frames of codebook k frozen as the prompt.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax import musicgen
+from magnet_jax import decoding, musicgen
 from magnet_jax.attention import hybrid_attention_mask
-from magnet_jax.decoding import (DecodeParams, DecodeState, TextConditioning, _twice, _with_null_rows, decode_step,
-                                 initial_scores, stage_schedule)
+from magnet_jax.decoding import DecodeParams, TextConditioning
 from magnet_jax.lm import LanguageModel
 
 AR_SAMPLE = musicgen.sampler(temperature=1.0, top_k=250)  # the branch's AR prefix sampling (one object: one program)
@@ -53,39 +50,21 @@ def hybrid_logits(model: LanguageModel, variables, inputs: jax.Array, boundary: 
     return nn.with_logical_constraint(musicgen.frame_logits(logits, length), ("batch", None, "length", "act_vocab"))
 
 
-def autoregressive_prefix(model: LanguageModel, params, cond: TextConditioning, key: jax.Array, *, length: int,
+def autoregressive_prefix(model: LanguageModel, params, cond: TextConditioning, keys: jax.Array, *, length: int,
                           prefix_frames: int, sample_fn: musicgen.SampleFn = AR_SAMPLE,
                           cfg_coef: float = 3.0) -> jax.Array:
-    """The AR phase: layout rows < b = `prefix_frames` streamed with the key/value cache (`musicgen.stream_layout`,
-    CFG on the `[cond; null]` batch). Traceable. Returns `[B, K, length]` codes: frames t < b - q of codebook q
-    generated, the mask id elsewhere."""
-    def with_null_block(x):  # [B, ...] -> [2B, ...]: the rows, then as many null rows (generate_ar's CFG layout)
-        return jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
-    condition = model.apply({"params": params}, with_null_block(cond.states), with_null_block(cond.mask),
-                            method=model.project_condition)
-    attend = None if cond.attend is None else jnp.concatenate([cond.attend, cond.attend], axis=0).astype(bool)
-    sequence = musicgen.stream_layout(model, params, condition, attend, key, length=length, last_step=prefix_frames,
-                                      cfg_coef=cfg_coef, sample_fn=sample_fn)
-    return musicgen.revert_delay_pattern(sequence)
+    """The AR phase: layout rows < b = `prefix_frames` streamed with the key/value cache, row b from `keys[b]` alone
+    (`musicgen.generate_rows`, CFG with each row's null twin). Traceable. Returns `[B, K, length]` codes: frames
+    t < b - q of codebook q generated, the mask id elsewhere."""
+    attend = jnp.ones(cond.mask.shape, bool) if cond.attend is None else cond.attend
+    return musicgen.generate_rows(model, params, cond.states, cond.mask, attend, keys, length=length,
+                                  last_step=prefix_frames, cfg_coef=cfg_coef, sample_fn=sample_fn)
 
 
-def guided_stage_logits_fn(model: LanguageModel, params, cond: TextConditioning, boundary: jax.Array) -> Callable:
-    """`decoding.guided_logits_fn` for the hybrid model: `fn(codes [B, K, T], stage, cfg_coef) -> [B, T, card]`,
-    head `stage`'s rows [stage, stage + T) of the layout under the hybrid mask (boundary `[B]`), CFG-guided over the
-    interleaved `[row, null twin]` batch."""
-    variables = {"params": params}
-    condition = model.apply(variables, _with_null_rows(cond.states), _with_null_rows(cond.mask),
-                            method=model.project_condition)
-    cross_kv = model.apply(variables, condition, method=model.cross_key_values)
-    attend = None if cond.attend is None else _twice(cond.attend.astype(bool))
-
-    def guided_logits(codes: jax.Array, stage: jax.Array, cfg_coef: jax.Array) -> jax.Array:
-        batch, _, length = codes.shape
-        logits = hybrid_logits(model, variables, _twice(codes), _twice(boundary), stage, None, attend,
-                               cross_kv=cross_kv)
-        logits = jax.lax.dynamic_index_in_dim(logits, stage, axis=1, keepdims=False).reshape(batch, 2, length, -1)
-        return logits[:, 1] + (logits[:, 0] - logits[:, 1]) * cfg_coef
-    return guided_logits
+def phase_keys(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+    """`[B]` row keys of the AR phase and of the MAGNeT phase: each row key (`decoding.row_keys_of`) split in two."""
+    pairs = jax.vmap(jax.random.split)(decoding.row_keys_of(key, batch))
+    return pairs[:, 0], pairs[:, 1]
 
 
 def generate_hybrid_codes(model: LanguageModel, params, condition_inputs: TextConditioning, key: jax.Array,
@@ -96,63 +75,41 @@ def generate_hybrid_codes(model: LanguageModel, params, condition_inputs: TextCo
     Args:
       model, params: a non-causal `LanguageModel` trained with `train.objective = "hybrid"`, its params.
       condition_inputs: `TextConditioning` of the B rows.
-      key: one PRNG key; `split(key)` gives the AR phase's key and the NAR phase's (split into B row keys).
+      key: one PRNG key (split into B row keys) or `[B]` row keys; each row key is split into the row's AR-phase
+        and MAGNeT-phase keys (`phase_keys`), so a row depends only on its own key and inputs.
       decode_params: MAGNeT decoding settings of the NAR phase (`decoding.DecodeParams`).
       length: frames to generate; T' = `decode_params.output_length(length)`.
       prefix_frames: b in [0, T'], the layout rows generated autoregressively (codebook q's first b - q frames;
         b / frame_rate seconds of audio); 0 = plain MAGNeT decoding of the hybrid model.
       ar_sample: `(key, logits [B, K, card]) -> tokens [B, K]` of the AR phase (default top-k 250, temperature 1;
-        `musicgen.greedy` for argmax); it is a static argument (pass the same object to reuse the program).
+        `musicgen.greedy` for argmax); a static argument (`musicgen.sampler` returns the same object for the same
+        settings, so the program is reused).
       ar_cfg: the AR phase's CFG coefficient.
     Returns:
       `[B, K, T']` int32 codes; the first b - q frames of codebook q are the AR phase's tokens.
     """
     config, dp = model.config, decode_params
-    if config.causal:
-        raise ValueError("generate_hybrid_codes: a Hybrid-MAGNeT model is non-causal (model.causal=False)")
-    if len(dp.decoding_steps) != config.n_q:
-        raise ValueError(f"decoding_steps={list(dp.decoding_steps)}: expected {config.n_q} entries (one per codebook)")
-    out_len = dp.output_length(length)
-    if out_len < dp.span_len:
-        raise ValueError(f"length={length}: expected at least span_len={dp.span_len} frames")
+    out_len = decoding.check_decoding(model, dp, length, "generate_hybrid_codes")
     if not 0 <= prefix_frames <= out_len:
         raise ValueError(f"prefix_frames={prefix_frames}: expected 0 <= prefix_frames <= {out_len} (generated frames)")
-    if key.ndim != (0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1):
-        raise ValueError(f"key: expected one PRNG key, got shape {tuple(key.shape)}")
-    width = max(dp.decoding_steps)
-    tables = {name: np.zeros((config.n_q, width), dtype) for name, dtype in
-              (("num_masked", np.int32), ("cfg_coef", np.float32), ("temperature", np.float32))}
-    for stage, n_steps in enumerate(dp.decoding_steps):
-        n_gen_units = dp.num_units(out_len) - dp.num_units(max(prefix_frames - stage, 0))
-        for name, values in dataclasses.asdict(stage_schedule(n_steps, n_gen_units, dp)).items():
-            tables[name][stage, :n_steps] = values
-    program = dataclasses.replace(dp, decoding_steps=(width,) * config.n_q, temperature=1.0, anneal_temp=False,
-                                  max_cfg=1.0, min_cfg=1.0)
-    return _generate_hybrid(model, program, ar_sample, out_len, prefix_frames, nn.meta.unbox(params),
-                            condition_inputs, key, np.float32(ar_cfg), np.asarray(dp.decoding_steps, np.int32), tables)
+    decoding.check_keys(key, condition_inputs.states.shape[0])
+    prompt_lens = np.maximum(prefix_frames - np.arange(config.n_q), 0).astype(np.int32)  # codebook k's AR frames
+    return _generate_hybrid(model, decoding.compiled_params(dp, config.n_q), ar_sample, out_len, prefix_frames,
+                            nn.meta.unbox(params), condition_inputs, key, np.float32(ar_cfg), prompt_lens,
+                            decoding.schedule_tables(dp, out_len, prompt_lens))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _generate_hybrid(model: LanguageModel, decode_params: DecodeParams, ar_sample, length: int, prefix_frames: int,
-                     params, cond: TextConditioning, key: jax.Array, ar_cfg, steps, tables) -> jax.Array:
+                     params, cond: TextConditioning, key: jax.Array, ar_cfg, prompt_lens, tables) -> jax.Array:
     batch = cond.states.shape[0]
-    ar_key, nar_key = jax.random.split(key)
-    codes = autoregressive_prefix(model, params, cond, ar_key, length=length, prefix_frames=prefix_frames,
+    ar_keys, nar_keys = phase_keys(key, batch)
+    codes = autoregressive_prefix(model, params, cond, ar_keys, length=length, prefix_frames=prefix_frames,
                                   sample_fn=ar_sample, cfg_coef=ar_cfg)
-    boundary = jnp.full((batch,), prefix_frames, jnp.int32)
-    guided_logits = guided_stage_logits_fn(model, params, cond, boundary)
-    row_keys = jax.random.split(nar_key, batch)
+    boundary = decoding.twice(jnp.full((batch,), prefix_frames, jnp.int32))
 
-    def decode_stage(stage, codes):
-        prompt_len = jnp.maximum(prefix_frames - stage, 0)  # codebook `stage`'s AR frames, frozen
-        prompt_row = jax.lax.dynamic_index_in_dim(codes, stage, axis=1, keepdims=False)
-
-        def body(i, state):
-            return decode_step(guided_logits, decode_params, state, stage=stage, step=i,
-                               num_masked=tables["num_masked"][stage, i], cfg_coef=tables["cfg_coef"][stage, i],
-                               temperature=tables["temperature"][stage, i], prompt_row=prompt_row,
-                               prompt_len=prompt_len, row_keys=row_keys, mask_id=model.config.mask_id)
-        state = DecodeState(codes, initial_scores(decode_params, batch, length, prompt_len))
-        return jax.lax.fori_loop(0, steps[stage], body, state).codes
-
-    return jax.lax.fori_loop(0, model.config.n_q, decode_stage, codes)
+    def forward(variables, inputs, stage, attend, cross_kv):
+        return hybrid_logits(model, variables, inputs, boundary, stage, None, attend, cross_kv=cross_kv)
+    guided_logits = decoding.guided_logits_fn(model, params, cond, forward=forward)
+    return decoding.decode_stages(guided_logits, decode_params, codes, tables, prompt_lens, nar_keys,
+                                  model.config.mask_id)

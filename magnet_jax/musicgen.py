@@ -8,6 +8,7 @@ aligns layout logits with frames.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -46,8 +47,11 @@ def greedy(key: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=None)
 def sampler(*, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0, use_sampling: bool = True) -> SampleFn:
-    """MusicGen's sampling (defaults: temperature 1, top-k 250, multinomial), built on the shared sampling rules."""
+    """MusicGen's sampling (defaults: temperature 1, top-k 250, multinomial), built on the shared sampling rules.
+
+    The same settings give the same function object, so jitted generation (`sample_fn` is static) compiles once."""
     def sample(key, logits):
         return sample_tokens(key, logits, jnp.float32(max(temperature, 1e-2)), use_sampling=use_sampling,
                              top_p=top_p, top_k=top_k)[0]
@@ -103,10 +107,19 @@ def stream_layout(model: LanguageModel, params, condition: jax.Array, cond_atten
     return sequence
 
 
+def forced_layout(prompt: jax.Array, length: int, special: int) -> jax.Array:
+    """Prompt codes `[B, K, Tp]` (Tp <= length) -> the delay layout `[B, K, length + K]` of the tokens to force,
+    `special` where generation is free."""
+    batch, n_q, _ = prompt.shape
+    padded = jnp.full((batch, n_q, length), special, jnp.int32).at[:, :, :prompt.shape[2]].set(prompt)
+    return apply_delay_pattern(padded, special)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "length", "cfg_coef", "sample_fn", "return_layout"))
 def generate_ar(model: LanguageModel, params, condition: jax.Array, cond_attend: jax.Array | None, key: jax.Array,
                 *, length: int, cfg_coef: float | None = 3.0, sample_fn: SampleFn = greedy,
                 prompt: jax.Array | None = None, return_layout: bool = False) -> jax.Array:
-    """Autoregressive generation of `length` frames.
+    """Autoregressive generation of `length` frames (one compiled program per model, length and sampler).
 
     Args:
       model, params: a `LanguageModel` (causal, or a Hybrid-MAGNeT model used causally) and its params.
@@ -122,21 +135,35 @@ def generate_ar(model: LanguageModel, params, condition: jax.Array, cond_attend:
     Returns:
       `[B, K, T]` int32 codes (and the layout when asked).
     """
-    config = model.config
-    batch = condition.shape[0] if cfg_coef is None else condition.shape[0] // 2
-    forced = None
-    if prompt is not None:
-        special = config.mask_id
-        padded = jnp.full((batch, config.n_q, length), special, jnp.int32).at[:, :, :prompt.shape[2]].set(prompt)
-        forced = apply_delay_pattern(padded, special)  # special where not forced
-
-    def run(params, condition, cond_attend, key):
-        return stream_layout(model, params, condition, cond_attend, key, length=length, cfg_coef=cfg_coef,
+    forced = None if prompt is None else forced_layout(prompt, length, model.config.mask_id)
+    sequence = stream_layout(model, params, condition, cond_attend, key, length=length, cfg_coef=cfg_coef,
                              sample_fn=sample_fn, forced=forced)
-
-    sequence = jax.jit(run)(params, condition, cond_attend, key)
     codes = revert_delay_pattern(sequence)
     return (codes, sequence) if return_layout else codes
+
+
+def generate_rows(model: LanguageModel, params, states: jax.Array, mask: jax.Array, attend: jax.Array,
+                  keys: jax.Array, *, length: int, last_step: int | None = None, cfg_coef: float = 3.0,
+                  sample_fn: SampleFn = greedy, prompt: jax.Array | None = None) -> jax.Array:
+    """Row-independent autoregressive generation: row b from its own text and `keys[b]` only (each row streamed
+    with its null-condition twin for CFG, `vmap`ped over rows), so a sample does not depend on its batch mates.
+
+    Traceable. `states [B, L, Dt]` / `mask [B, L]` are text-encoder states (the model projects them); `attend
+    [B, L]` bool cross-attention mask; `keys [B]`; `last_step` the last layout step streamed (default all: `length`
+    whole frames; Hybrid-MAGNeT's prefix streams fewer); `prompt [B, K, Tp]` forced frames. Returns `[B, K, length]`
+    codes, the special id (= card) where nothing was generated.
+    """
+    special = model.config.mask_id
+
+    def one_row(row_states, row_mask, row_attend, key, row_prompt):
+        condition = model.apply({"params": params}, jnp.stack([row_states, jnp.zeros_like(row_states)]),
+                                jnp.stack([row_mask, jnp.zeros_like(row_mask)]), method=model.project_condition)
+        forced = None if row_prompt is None else forced_layout(row_prompt[None], length, special)
+        sequence = stream_layout(model, params, condition, jnp.stack([row_attend, row_attend]), key, length=length,
+                                 last_step=last_step, cfg_coef=cfg_coef, sample_fn=sample_fn, forced=forced)
+        return revert_delay_pattern(sequence)[0]
+
+    return jax.vmap(one_row)(states, mask, attend.astype(bool), keys, prompt)
 
 
 def token_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend: jax.Array | None = None

@@ -209,9 +209,9 @@ def test_hybrid_generation_freezes_the_autoregressive_prefix_and_is_deterministi
                                                     ar_sample=musicgen.greedy))
     np.testing.assert_array_equal(out, again)
     assert out.shape == (2, K, T) and out.max() < CARD and len(np.unique(out)) > 4
-    ar_key = jax.random.split(key)[0]
+    ar_keys, _ = hybrid.phase_keys(key, 2)
     prefix = np.asarray(jax.jit(lambda p: hybrid.autoregressive_prefix(
-        model, p, cond, ar_key, length=T, prefix_frames=b, sample_fn=musicgen.greedy))(params))
+        model, p, cond, ar_keys, length=T, prefix_frames=b, sample_fn=musicgen.greedy))(params))
     for q in range(K):
         np.testing.assert_array_equal(out[:, q, :b - q], prefix[:, q, :b - q])
         assert (prefix[:, q, b - q:] == CARD).all() and (prefix[:, q, :b - q] < CARD).all()
@@ -220,7 +220,7 @@ def test_hybrid_generation_freezes_the_autoregressive_prefix_and_is_deterministi
         model, params, cond, key, DecodeParams(decoding_steps=(3, 2, 2, 2), span_len=3), length=T, prefix_frames=b,
         ar_sample=AR_SAMPLE))
     ar_sampled = np.asarray(jax.jit(lambda p: hybrid.autoregressive_prefix(
-        model, p, cond, ar_key, length=T, prefix_frames=b, sample_fn=AR_SAMPLE))(params))
+        model, p, cond, ar_keys, length=T, prefix_frames=b, sample_fn=AR_SAMPLE))(params))
     for q in range(K):
         np.testing.assert_array_equal(sampled[:, q, :b - q], ar_sampled[:, q, :b - q])
     assert sampled.max() < CARD and (sampled != out).any()
@@ -229,8 +229,9 @@ def test_hybrid_generation_freezes_the_autoregressive_prefix_and_is_deterministi
 def test_ar_phase_over_the_whole_layout_is_generate_ar_and_teacher_forced_argmax():
     model, params = _tiny_model(1)
     cond, key = _condition(2, seed=1), jax.random.key(5)
+    keys = jax.random.split(key, 2)
     prefix = np.asarray(jax.jit(lambda p: hybrid.autoregressive_prefix(
-        model, p, cond, key, length=T, prefix_frames=T, sample_fn=musicgen.greedy))(params))
+        model, p, cond, keys, length=T, prefix_frames=T, sample_fn=musicgen.greedy))(params))
     both = jnp.concatenate
     condition = model.apply({"params": params}, both([cond.states, 0 * cond.states]), both([cond.mask, 0 * cond.mask]),
                             method=model.project_condition)
@@ -251,8 +252,14 @@ def test_ar_phase_over_the_whole_layout_is_generate_ar_and_teacher_forced_argmax
     predicted = np.argmax(np.asarray(musicgen.frame_logits(guided, T)), -1)
     np.testing.assert_array_equal(predicted[:, valid], prefix[:, valid])
 
+    # Sampled: row b is generate_ar of that row alone (with its null twin) under its own key.
     sampled = np.asarray(jax.jit(lambda p: hybrid.autoregressive_prefix(
-        model, p, cond, key, length=T, prefix_frames=T, sample_fn=AR_SAMPLE))(params))
-    reference = np.asarray(musicgen.generate_ar(model, params, condition, attend, key, length=T, cfg_coef=3.0,
-                                                sample_fn=AR_SAMPLE))
-    np.testing.assert_array_equal(sampled[:, valid], reference[:, valid])
+        model, p, cond, keys, length=T, prefix_frames=T, sample_fn=AR_SAMPLE))(params))
+    for row in range(2):
+        one = slice(row, row + 1)
+        row_condition = model.apply({"params": params}, both([cond.states[one], 0 * cond.states[one]]),
+                                    both([cond.mask[one], 0 * cond.mask[one]]), method=model.project_condition)
+        reference = np.asarray(musicgen.generate_ar(model, params, row_condition, both([cond.attend[one]] * 2),
+                                                    keys[row], length=T, cfg_coef=3.0, sample_fn=AR_SAMPLE))
+        np.testing.assert_array_equal(sampled[row][valid], reference[0][valid])
+    assert (sampled[:, valid] != prefix[:, valid]).any()
