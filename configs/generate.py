@@ -15,6 +15,8 @@ models' defaults, magnet-spec §6.2); single fields are overridden as usual (`--
 `--config.generate.decoding_steps='(20,10,10,10)'`).
 Rescoring and the composition-mode hybrid take causal MusicGen sources: `--config.rescorer=facebook/musicgen-small
 --config.generate.rescore_weight=0.5`, `--config.ar_model=facebook/musicgen-small --config.generate.prefix_seconds=2`.
+A single-model Hybrid-MAGNeT source (trained with `train.objective="hybrid"`) takes neither: it generates its own
+first `--config.generate.prefix_seconds` with the `ar_*` sampling settings (0 = MAGNeT decoding only).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Causal MusicGen models (hub id e.g. facebook/musicgen-small, audiocraft or transformers files, converted dir):
     c.rescorer = ""  # mixed into the span confidences (generate.rescore_weight); "" = no rescoring
     c.ar_model = ""  # generates the first generate.prefix_seconds (composition-mode hybrid); may equal rescorer
+    # (a Hybrid-MAGNeT source generates its prefix itself: no rescorer, no ar_model)
 
     c.seed = 0  # seed of prompts that give none
     c.num_samples = 1  # samples per prompt when a prompt line gives none
@@ -50,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     generate.update(duration=float(arg.duration),
                     decoding_steps=tuple(generate["decoding_steps"]))  # a tuple can be overridden by a flag
     # Rescoring weight w (paper Eq. 5, on MAGNeT's term; used only with a rescorer) and the hybrid's AR prefix
-    # (prefix_seconds 0 = off; ar_* = MusicGen's sampling defaults): the library defaults.
+    # (prefix_seconds 0 = off; ar_* = MusicGen's sampling defaults; by the ar_model, or by a Hybrid-MAGNeT model
+    # itself): the library defaults.
     generate.update(rescore_weight=DecodeParams.rescore_weight, **dataclasses.asdict(PrefixParams()))
     c.generate = ml_collections.ConfigDict(generate)
 

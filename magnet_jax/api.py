@@ -24,6 +24,10 @@ Differences from audiocraft, all deliberate:
       model = MAGNeT.from_pretrained("facebook/magnet-small-10secs", rescorer="facebook/musicgen-small",
                                      ar_model="facebook/musicgen-small")   # the same source is loaded once
       model.set_generation_params(rescore_weight=0.5, prefix_seconds=2.0)
+  * A single-model Hybrid-MAGNeT (trained with `train.objective="hybrid"`; its config.json says "objective":
+    "hybrid") generates its own first `prefix_seconds` autoregressively (`ar_*` sampling) and decodes the rest with
+    MAGNeT's steps on the delay layout (`magnet_jax.hybrid.generate_hybrid_codes`); prefix_seconds 0 = MAGNeT
+    decoding of the hybrid model. Without rescorer, ar_model or audio prompts.
   * Generation parameters use the config names (`max_cfg`, `min_cfg`, as in configs/magnet.py's `generate`
     section) and `set_generation_params` changes only the parameters it is given. `duration` may be shortened
     below the model's training segment (default: the segment, as audiocraft).
@@ -49,7 +53,7 @@ import soxr
 from jax.experimental import multihost_utils
 
 from configs.generate import get_config as generate_defaults
-from magnet_jax import checkpointing, conditioner, decoding, encodec, pretrained, sharding, train_lib
+from magnet_jax import checkpointing, conditioner, decoding, encodec, hybrid, pretrained, sharding, train_lib
 from magnet_jax.encodec_weights import load_encodec
 from magnet_jax.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.t5 import load_t5
@@ -100,15 +104,8 @@ def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
     except Exception as e:  # missing or truncated checkpoint files: one line
         raise WeightsError(f"{state_dir}: cannot restore the EMA params ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    model = LMConfig.from_config(train_config.model).to_dict()
-    config = {  # what `train_lib.export_params` writes at the end of the run
-        "model": model,
-        "conditioner": {"t5": train_config.conditioner.t5, "t5_dim": train_config.conditioner.t5_dim},
-        "codec": {"source": train_config.codec.source},
-        "segment_seconds": float(train_config.data.segment_seconds),
-        "generate": train_config.generate.to_dict(),
-        "provenance": {"source": str(workdir), "step": steps[-1], "weights": "ema", "dtype": model["param_dtype"]},
-    }
+    config = train_lib.exported_config(  # what `train_lib.export_params` writes at the end of the run
+        train_config, step=steps[-1], weights="ema", dtype=train_config.model.param_dtype, source=str(workdir))
     return config, restored["ema_params"]
 
 
@@ -163,10 +160,14 @@ class MAGNeT:
         dtype, mesh, sharding_rules, text_length, rescorer, ar_model; its `source` and `generate` sections are not
         read here)."""
         self.config = dict(config)
+        source = config.get("provenance", {}).get("source", "model")
         lm_config = LMConfig.from_config({**config["model"], "dtype": settings.dtype})
         if lm_config.causal:
-            raise WeightsError(f"{config.get('provenance', {}).get('source', 'model')}: a causal (MusicGen) model; "
-                               "MAGNeT generation needs a non-causal one")
+            raise WeightsError(f"{source}: a causal (MusicGen) model; MAGNeT generation needs a non-causal one")
+        self.objective = pretrained.model_objective(config, source)  # "magnet" or "hybrid"
+        if self.objective == "hybrid" and (settings.rescorer or settings.ar_model):
+            raise WeightsError(f"{source}: a Hybrid-MAGNeT model (objective 'hybrid') generates its own prefix; "
+                               "rescorer and ar_model are not supported with it")
         self.model = LanguageModel(lm_config)
         self.mesh = sharding.make_mesh(settings.mesh)
         self.rules = sharding.logical_rules(settings)
@@ -227,7 +228,8 @@ class MAGNeT:
             are mixed into the span confidences, `rescore_weight`), `ar_model` (a causal MusicGen source that
             generates the first `prefix_seconds` autoregressively). MusicGen sources: hub id (e.g.
             facebook/musicgen-small; audiocraft or transformers files), directory, file, converted checkpoint or
-            training workdir; same codebooks, card and text-encoder width as the MAGNeT model.
+            training workdir; same codebooks, card and text-encoder width as the MAGNeT model. A Hybrid-MAGNeT
+            model (config.json "objective": "hybrid") takes neither: it generates its own prefix.
         """
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
@@ -265,7 +267,8 @@ class MAGNeT:
 
     @property
     def prefix_frames(self) -> int:
-        """Frames the AR model generates before MAGNeT decodes the rest: `int(prefix_seconds * frame_rate)`."""
+        """Frames generated autoregressively (by the `ar_model`, or by a hybrid model itself) before MAGNeT decodes
+        the rest: `int(prefix_seconds * frame_rate)`."""
         return int(self.prefix_params.prefix_seconds * self.frame_rate)
 
     @property
@@ -279,8 +282,9 @@ class MAGNeT:
         Names: decoding_steps, temperature, anneal_temp, top_p, top_k, use_sampling, max_cfg, min_cfg,
         span_arrangement, span_scoring, span_len, rescore_weight (see `magnet_jax.decoding.DecodeParams`;
         rescore_weight is used only with a `rescorer`), prefix_seconds, ar_cfg_coef, ar_temperature, ar_top_k,
-        ar_top_p, ar_use_sampling (`magnet_jax.decoding.PrefixParams`; prefix_seconds > 0 needs an `ar_model`), and
-        duration (seconds, at most the model's training segment).
+        ar_top_p, ar_use_sampling (`magnet_jax.decoding.PrefixParams`; prefix_seconds > 0 needs an `ar_model` or a
+        hybrid model, which may generate all frames autoregressively), and duration (seconds, at most the model's
+        training segment).
         """
         unknown = sorted(set(params) - set(GENERATION_PARAMS))
         if unknown:
@@ -301,12 +305,13 @@ class MAGNeT:
         if num_frames < 1:
             raise ValueError(f"duration={updated['duration']}: shorter than one span")
         if prefix_params.prefix_seconds > 0:
-            if self.ar_model is None:
+            if self.ar_model is None and self.objective != "hybrid":
                 raise ValueError(f"prefix_seconds={prefix_params.prefix_seconds}: needs an AR model "
                                  "(from_pretrained(..., ar_model=<MusicGen source>) / config.ar_model)")
-            if not 0 < int(prefix_params.prefix_seconds * self.frame_rate) < num_frames:
-                raise ValueError(f"prefix_seconds={prefix_params.prefix_seconds}: expected at least one frame and "
-                                 f"fewer than the {num_frames} generated frames")
+            most = num_frames if self.objective == "hybrid" else num_frames - 1  # a hybrid model may do all frames
+            if not 0 < int(prefix_params.prefix_seconds * self.frame_rate) <= most:
+                raise ValueError(f"prefix_seconds={prefix_params.prefix_seconds}: expected between 1 and {most} of "
+                                 f"the {num_frames} generated frames")
         updated["duration"] = float(updated["duration"])
         self._params = updated
 
@@ -317,7 +322,8 @@ class MAGNeT:
         """Text-to-music: one sample per description (None or "" = unconditional).
 
         `prefix_seconds` (default: the generation parameter, 0 = off) > 0: the composition-mode hybrid; the
-        `ar_model` generates that many seconds, then MAGNeT decodes the rest with them as a frozen prompt.
+        `ar_model` (or a Hybrid-MAGNeT model itself) generates that many seconds, then MAGNeT decodes the rest with
+        them as a frozen prompt.
         """
         if prefix_seconds is None:
             return self._generate(list(descriptions), seed, prompt=None)
@@ -335,7 +341,9 @@ class MAGNeT:
         The prompt is downmixed, resampled to the codec rate and encoded (Tp = ceil(N' / hop) frames, fewer than
         `num_frames`); its codes stay in the output, which still has `num_frames` frames in all. With
         `prefix_seconds` longer than the prompt, the `ar_model` first continues it up to the prefix length.
+        Not available with a Hybrid-MAGNeT model.
         """
+        self._check_no_prompt_for_hybrid()
         wav = np.asarray(prompt, np.float32)
         wav = wav[None] if wav.ndim == 2 else wav
         if wav.ndim != 3 or wav.shape[-1] == 0:
@@ -374,9 +382,13 @@ class MAGNeT:
           prompt: optional `[B, K, Tp]` prompt codes, the same Tp for every row.
         With `prefix_seconds` > 0 (and a prompt shorter than the prefix) the `ar_model` generates the first
         `prefix_frames` frames (continuing the prompt); MAGNeT then decodes the rest with them frozen. With a
-        `rescorer` and `rescore_weight` < 1, span confidences mix in its probabilities.
+        `rescorer` and `rescore_weight` < 1, span confidences mix in its probabilities. A Hybrid-MAGNeT model
+        generates (`hybrid.generate_hybrid_codes`, row keys) its own `prefix_frames` with the `ar_*` sampling, then
+        decodes the rest; no prompt.
         Every process passes the same arguments.
         """
+        if prompt is not None:
+            self._check_no_prompt_for_hybrid()
         n = len(descriptions)
         if n % self.batch_multiple:
             raise ValueError(f"{n} rows: expected a multiple of {self.batch_multiple} (the batch's device count)")
@@ -389,7 +401,13 @@ class MAGNeT:
         # wrong rank; the logical-axis rules are what the decoder reads at trace time.
         cond = self._condition(self.t5_params, _global(ids, self.batch_sharding), _global(mask, self.batch_sharding))
         keys = _global(keys, self.batch_sharding)
+        length = int(self.duration * self.frame_rate)
         with nn.logical_axis_rules(self.rules):
+            if self.objective == "hybrid":
+                return hybrid.generate_hybrid_codes(
+                    self.model, self.lm_params, cond, keys, self.decode_params, length=length,
+                    prefix_frames=self.prefix_frames, ar_sample=self.prefix_params.sample_fn(self.model.config.card),
+                    ar_cfg=self.prefix_params.ar_cfg_coef)
             if prompt is not None:
                 prompt = _global(np.asarray(prompt, np.int32), self.batch_sharding)
             if self.prefix_frames and (prompt is None or prompt.shape[-1] < self.prefix_frames):
@@ -398,8 +416,12 @@ class MAGNeT:
                 prompt = decoding.generate_prefix(*self.ar_model, cond, keys, self.prefix_params,
                                                   length=self.prefix_frames, prompt=prompt)
             return decoding.generate_codes(self.model, self.lm_params, cond, keys, self.decode_params,
-                                           length=int(self.duration * self.frame_rate), prompt=prompt,
-                                           rescorer=self.rescorer)
+                                           length=length, prompt=prompt, rescorer=self.rescorer)
+
+    def _check_no_prompt_for_hybrid(self) -> None:
+        if self.objective == "hybrid":
+            raise ValueError("audio prompts (continuation) are not supported with a Hybrid-MAGNeT model "
+                             "(objective 'hybrid')")
 
     def decode_audio(self, codes: jax.Array) -> jax.Array:
         """Codes `[B, K, T]` -> audio `[B, 1, T * hop]` float32 (sharded as `codes`)."""

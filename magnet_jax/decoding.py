@@ -345,8 +345,8 @@ def guided_logits_fn(model: LanguageModel, params, cond: TextConditioning, *,
     `fn(codes [B, K, T], stage, cfg_coef) -> [B, T, card]` guided logits of the stage's head (one LM pass over 2B
     rows: row b at 2b with its condition, at 2b + 1 with the null condition).
 
-    `forward(variables, codes [2B, K, T], stage, attend, cross_kv) -> [2B, K, T, card]` replaces the plain LM pass
-    (Hybrid-MAGNeT runs it on the delay layout)."""
+    `forward(variables, codes [2B, K, T], stage, attend, cross_kv) -> [2B, T, card]` (the stage's head) replaces
+    the plain LM pass (Hybrid-MAGNeT runs it on the delay layout)."""
     variables = {"params": params}
     condition = model.apply(variables, with_null_rows(cond.states), with_null_rows(cond.mask),
                             method=model.project_condition)
@@ -354,12 +354,11 @@ def guided_logits_fn(model: LanguageModel, params, cond: TextConditioning, *,
     attend = None if cond.attend is None else twice(cond.attend.astype(bool))
     if forward is None:
         def forward(variables, codes, stage, attend, cross_kv):
-            return model.apply(variables, codes, None, attend, stage, cross_kv=cross_kv)
+            return model.apply(variables, codes, None, attend, stage, cross_kv=cross_kv, head=stage)
 
     def guided_logits(codes: jax.Array, stage: jax.Array, cfg_coef: jax.Array) -> jax.Array:
         batch, _, length = codes.shape
-        logits = forward(variables, twice(codes), stage, attend, cross_kv)
-        logits = jax.lax.dynamic_index_in_dim(logits, stage, axis=1, keepdims=False).reshape(batch, 2, length, -1)
+        logits = forward(variables, twice(codes), stage, attend, cross_kv).reshape(batch, 2, length, -1)
         cond_logits, uncond_logits = logits[:, 0], logits[:, 1]
         return uncond_logits + (cond_logits - uncond_logits) * cfg_coef
     return guided_logits

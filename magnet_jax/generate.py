@@ -16,14 +16,18 @@ sample j of a prompt uses the key `fold_in(key(seed), j)`, and the text is condi
 job writes, into `--output_dir`:
   * `<id>-<j>.wav` (or `.flac`, `config.output.format`), and `<id>-<j>.npy` codes `[K, T]` int16 when
     `config.output.write_codes`; each file is written under a temporary name and renamed when complete;
-  * `manifest.jsonl`: one line per finished sample (prompt, seed, files, parameters, timings), appended after the
-    sample's files are in place, so a listed sample is always complete;
-  * `job.json`: the settings that determine the outputs. A restart with the same settings skips the samples in the
-    manifest and generates the rest; a restart with other settings is refused (use another `--output_dir`).
+  * `manifest.jsonl`: one line per finished sample (prompt, seed, files, model objective, parameters, timings),
+    appended after the sample's files are in place, so a listed sample is always complete;
+  * `job.json`: the settings that determine the outputs, and the model's objective. A restart with the same
+    settings skips the samples in the manifest and generates the rest; a restart with other settings is refused
+    (use another `--output_dir`).
 
 With `config.rescorer` (a causal MusicGen source) span confidences mix in its probabilities
 (`config.generate.rescore_weight`); with `config.ar_model` and `config.generate.prefix_seconds` > 0 the first seconds
-are generated autoregressively by that model and MAGNeT decodes the rest (composition-mode hybrid).
+are generated autoregressively by that model and MAGNeT decodes the rest (composition-mode hybrid). A single-model
+Hybrid-MAGNeT source (trained with `train.objective="hybrid"`, a training workdir or its export) generates its own
+first `config.generate.prefix_seconds` (`ar_*` sampling; 0 = MAGNeT decoding only) and takes neither a rescorer, an
+AR model, nor audio prompts (such prompt lines are reported as malformed).
 
 Batches of `config.batch_size` samples (samples with audio prompts are batched by prompt length) are sharded over
 every device of every host (`config.mesh`, data parallel); the last batch is padded. With several hosts
@@ -251,11 +255,12 @@ def is_finished(sample: Sample, manifest: Manifest, output_dir: Path) -> bool:
     return all((output_dir / record[k]).is_file() for k in ("file", "codes_file") if record.get(k))
 
 
-def job_settings(config: ml_collections.ConfigDict) -> dict:
-    """The config fields that determine the output bytes (pinned in `job.json`); batch size and mesh are not."""
+def job_settings(config: ml_collections.ConfigDict, model: MAGNeT) -> dict:
+    """What determines the output bytes (pinned in `job.json`): the config fields (batch size and mesh do not) and
+    the model's objective ("magnet" or "hybrid": how it generates)."""
     c = json.loads(config.to_json())
-    return {k: c[k] for k in ("source", "t5", "codec", "dtype", "text_length", "rescorer", "ar_model", "generate",
-                              "output")}
+    return {**{k: c[k] for k in ("source", "t5", "codec", "dtype", "text_length", "rescorer", "ar_model", "generate",
+                                 "output")}, "objective": model.objective}
 
 
 def pin_settings(output_dir: Path, settings: dict) -> None:
@@ -305,9 +310,11 @@ def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_di
       config: a configs/generate.py config.
       prompts: the prompts file (`.txt` or `.jsonl`).
       output_dir: where audio, codes, `manifest.jsonl` and `job.json` go.
-      model: an already loaded model (else `config.source` is loaded).
+      model: an already loaded model (else `config.source` is loaded, also when nothing is left to do: job.json
+        records its objective).
     Raises:
       JobError: bad prompts file, output dir or settings (malformed lines only skip themselves).
+      WeightsError: the model cannot be loaded.
     """
     start = time.perf_counter()
     out, primary = Path(output_dir), jax.process_index() == 0
@@ -316,9 +323,18 @@ def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_di
         raise JobError(f"config.output.format={fmt!r} / subtype={subtype!r}: expected format one of "
                        f"{', '.join(AUDIO_FORMATS)} with a subtype soundfile writes for it (PCM_16, PCM_24, FLOAT)")
     prompt_list, errors = read_prompts(prompts, seed=config.seed, num_samples=config.num_samples)
+    if model is None:
+        model = MAGNeT(*load_lm(config.source), config)
+    try:
+        model.set_generation_params(**config.generate)
+    except ValueError as e:
+        raise JobError(f"config.generate: {e}") from e
+    if config.batch_size < 1 or config.batch_size % model.batch_multiple:
+        raise JobError(f"config.batch_size={config.batch_size}: expected a positive multiple of "
+                       f"{model.batch_multiple} (the devices the batch is sharded over)")
     if primary:
         out.mkdir(parents=True, exist_ok=True)
-        pin_settings(out, job_settings(config))
+        pin_settings(out, job_settings(config, model))
         remove_stale_temporaries(out)
         manifest = Manifest(out / MANIFEST, repair=True)
     _sync("generate:prepared")
@@ -331,15 +347,6 @@ def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_di
 
     timings = {"first_batch_seconds": None, "steady_seconds": 0.0, "steady_samples": 0}
     if todo:
-        if model is None:
-            model = MAGNeT(*load_lm(config.source), config)
-        try:
-            model.set_generation_params(**config.generate)
-        except ValueError as e:
-            raise JobError(f"config.generate: {e}") from e
-        if config.batch_size < 1 or config.batch_size % model.batch_multiple:
-            raise JobError(f"config.batch_size={config.batch_size}: expected a positive multiple of "
-                           f"{model.batch_multiple} (the devices the batch is sharded over)")
         prompt_codes = _encode_prompts(model, todo, prompts, errors)
         todo = [s for s in todo if s.prompt.audio is None or s.prompt.line in prompt_codes]
         _generate_all(model, config, todo, prompt_codes, out, manifest, timings)
@@ -362,6 +369,8 @@ def _encode_prompts(model: MAGNeT, todo: Sequence[Sample], prompts_file, errors:
     codes = {}
     for prompt in {s.prompt.line: s.prompt for s in todo if s.prompt.audio}.values():
         try:
+            if model.objective == "hybrid":
+                raise ValueError(f"audio prompt {prompt.audio}: not supported with a Hybrid-MAGNeT model")
             wav, sample_rate = read_audio(prompt.audio)
             c = model.encode_audio(wav[None], sample_rate)[0]
             if c.shape[-1] >= model.num_frames:
@@ -417,8 +426,8 @@ def _record(s: Sample, model: MAGNeT, params: dict, config, prompt_codes, second
         "line": p.line, "prompt_id": p.id, "sample": s.index, "text": p.text, "audio_prompt": p.audio,
         "prompt_frames": int(prompt_codes[p.line].shape[-1]) if p.audio else 0, "seed": p.seed,
         "frames": model.num_frames, "duration": model.num_frames / model.frame_rate,
-        "sample_rate": model.sample_rate, "model": config.source, "rescorer": config.rescorer or None,
-        "ar_model": config.ar_model or None, "params": params,
+        "sample_rate": model.sample_rate, "model": config.source, "objective": model.objective,
+        "rescorer": config.rescorer or None, "ar_model": config.ar_model or None, "params": params,
         "timing": {"batch": batch_number, "batch_rows": batch_rows, "batch_seconds": round(seconds, 4)},
     }
 

@@ -109,7 +109,8 @@ def _generate_hybrid(model: LanguageModel, decode_params: DecodeParams, ar_sampl
     boundary = decoding.twice(jnp.full((batch,), prefix_frames, jnp.int32))
 
     def forward(variables, inputs, stage, attend, cross_kv):
-        return hybrid_logits(model, variables, inputs, boundary, stage, None, attend, cross_kv=cross_kv)
+        logits = hybrid_logits(model, variables, inputs, boundary, stage, None, attend, cross_kv=cross_kv)
+        return jax.lax.dynamic_index_in_dim(logits, stage, axis=1, keepdims=False)
     guided_logits = decoding.guided_logits_fn(model, params, cond, forward=forward)
     return decoding.decode_stages(guided_logits, decode_params, codes, tables, prompt_lens, nar_keys,
                                   model.config.mask_id)

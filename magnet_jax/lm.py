@@ -166,7 +166,7 @@ class LanguageModel(nn.Module):
 
     def __call__(self, codes: jax.Array, condition: jax.Array | None, cond_attend: jax.Array | None = None,
                  stage: jax.Array | int = 0, *, cross_kv=None, cache: dict | None = None,
-                 self_mask: jax.Array | None = None):
+                 self_mask: jax.Array | None = None, head: jax.Array | int | None = None):
         """Logits for every codebook.
 
         Args:
@@ -180,8 +180,9 @@ class LanguageModel(nn.Module):
             for a non-causal model: the autoregressive prefix of Hybrid-MAGNeT).
           self_mask: `[B or 1, 1, T, T]` bool self-attention mask (True = attend) replacing the stage / causal mask
             (Hybrid-MAGNeT, `attention.hybrid_attention_mask`); not with `cache`.
+          head: only this codebook's head (traced ok; MAGNeT decoding needs one head per pass).
         Returns:
-          `[B, K, T, card]` float32 logits, and the updated cache when `cache` is given.
+          `[B, K, T, card]` float32 logits (`[B, T, card]` with `head`), and the updated cache when `cache` is given.
         """
         c = self.config
         _, n_q, length = codes.shape
@@ -210,8 +211,14 @@ class LanguageModel(nn.Module):
             if cache is not None:
                 new_cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
         x = self.out_norm(x)
-        logits = jnp.stack([head(x) for head in self.heads], axis=1).astype(jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("batch", None, "length", "act_vocab"))
+        if head is None:
+            logits = jnp.stack([h(x) for h in self.heads], axis=1).astype(jnp.float32)
+            logits = nn.with_logical_constraint(logits, ("batch", None, "length", "act_vocab"))
+        else:  # the selected kernel only: K times fewer head FLOPs
+            kernel = jax.lax.dynamic_index_in_dim(jnp.stack([h.variables["params"]["kernel"] for h in self.heads]),
+                                                  head, keepdims=False)
+            logits = jnp.dot(x, kernel.astype(x.dtype)).astype(jnp.float32)
+            logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         if cache is None:
             return logits
         return logits, {**new_cache, "index": index + length}

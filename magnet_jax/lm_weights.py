@@ -525,7 +525,10 @@ def export_audiocraft(directory: str | Path, params: Mapping, config: Mapping, *
 
     Atomic: everything is written to a temporary sibling directory that is renamed into place.
     """
-    from magnet_jax.pretrained import atomic_directory
+    from magnet_jax.pretrained import atomic_directory, model_objective
+    if model_objective(config, str(directory)) != "magnet":
+        raise WeightsError(f"{directory}: the audiocraft format cannot hold a Hybrid-MAGNeT model (objective "
+                           f"{config['objective']!r}); keep the converted (orbax) format")
     try:
         import torch  # the `convert` extra
     except ImportError as e:

@@ -1,11 +1,15 @@
 """The converted checkpoint format that training exports and generation loads.
 
 A directory holding
-  config.json   {"model": LMConfig.to_dict(), "conditioner": {"t5", "t5_dim"}, "codec": {"source"},
-                 "segment_seconds", "generate": {...}, "provenance": {...}, "audiocraft_cfg": <xp.cfg YAML, optional>}
+  config.json   {"model": LMConfig.to_dict(), "objective": "magnet" | "hybrid" (optional), "conditioner": {"t5",
+                 "t5_dim"}, "codec": {"source"}, "segment_seconds", "generate": {...}, "provenance": {...},
+                 "audiocraft_cfg": <xp.cfg YAML, optional>}
   params/       the LM param tree (plain arrays, layout of `model.scan_layers`) as an orbax checkpoint.
-`model.param_dtype` always states the dtype the params are stored in. Writes are atomic: a temporary sibling directory
-is renamed into place, so a crash never leaves a half-written checkpoint under the final name.
+`model.param_dtype` always states the dtype the params are stored in. "objective" is the training objective
+(`config.train.objective`), which decides how the model generates: "magnet" (MAGNeT decoding; also when absent, as in
+converted released weights and older exports) or "hybrid" (Hybrid-MAGNeT, `hybrid.generate_hybrid_codes`). Writes
+are atomic: a temporary sibling directory is renamed into place, so a crash never leaves a half-written checkpoint
+under the final name.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from magnet_jax.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.lm_weights import import_lm, set_layer_layout
+from magnet_jax.train_lib import OBJECTIVES
 from magnet_jax.weights import WeightsError, check_state_dict, flatten_params
 
 CONFIG_FILE = "config.json"
@@ -69,6 +74,15 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def model_objective(config: Mapping, source: str) -> str:
+    """The "objective" of a config.json dict: "magnet" when absent; an unknown one is a one-line WeightsError
+    naming `source`."""
+    objective = config.get("objective", "magnet")
+    if objective not in OBJECTIVES:
+        raise WeightsError(f"{source}: objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    return objective
+
+
 def _check_params(params: Mapping, model: LMConfig, source: str) -> None:
     """Strict key/shape check of a param tree against the architecture in `model` (its layer layout)."""
     abstract = jax.eval_shape(lambda k: nn.meta.unbox(init_params(LanguageModel(model), k)), jax.random.key(0))
@@ -103,6 +117,7 @@ def save_pretrained(directory: str | Path, params: Mapping, config: Mapping, *, 
         model = LMConfig.from_config(config["model"])
     except (TypeError, ValueError) as e:
         raise WeightsError(f"save_pretrained({directory}): bad model section ({e})") from e
+    model_objective(config, f"save_pretrained({directory})")
     _check_params(params, model, f"save_pretrained({directory})")
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -130,6 +145,7 @@ def read_config(directory: str | Path) -> dict:
         LMConfig.from_config(config["model"])
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{file}: bad model section ({e})") from e
+    model_objective(config, str(file))
     return config
 
 

@@ -11,6 +11,7 @@ Public API (api_contracts.md):
   text_encoder_shardings(t5_config, mesh, rules) -> shardings of the frozen T5 params
   make_train_step(config, mesh, t5_config) -> step(state, t5_params, batch, key) -> (state, metrics)
   make_eval_step(config, mesh, t5_config) -> step(params, t5_params, batch, key) -> metrics
+  exported_config(config, *, step, weights, dtype, source) -> config.json dict of a params export
   export_params(state, directory, config, *, use_ema=True, dtype="float32")
 
 A batch is `{'codes': int32 [B, K, T], 'text_ids': int32 [B, L], 'text_mask': int32 [B, L]}` (global arrays sharded
@@ -333,6 +334,29 @@ def make_eval_step(config, mesh, t5_config: T5Config):
                    out_shardings=sharding.replicated(mesh))
 
 
+def exported_config(config, *, step: int, weights: str, dtype: str, source: str) -> dict:
+    """The config.json of a params export of a run with training config `config` (`pretrained` format).
+
+    Args:
+      config: the training config: its model / conditioner / codec / data / generate sections, `train.objective`
+        (top-level "objective": how the model is generated; absent in older configs = "magnet") and
+        `masking.span_len` (the "generate" section's `span_len`: decoding re-masks spans of the trained length).
+      step: the training step of the params; weights: "ema" or "params"; dtype: the stored params' dtype;
+      source: what produced them (goes to "provenance").
+    """
+    model = LMConfig.from_config(config.model).to_dict()
+    model["param_dtype"] = dtype
+    return {
+        "model": model,
+        "objective": config.train.get("objective", "magnet"),
+        "conditioner": {"t5": config.conditioner.t5, "t5_dim": config.conditioner.t5_dim},
+        "codec": {"source": config.codec.source},
+        "segment_seconds": float(config.data.segment_seconds),
+        "generate": {**config.generate.to_dict(), "span_len": int(config.masking.span_len)},
+        "provenance": {"source": source, "step": int(step), "weights": weights, "dtype": dtype},
+    }
+
+
 def export_params(state: TrainState, directory: str, config, *, use_ema: bool = True,
                   dtype: str = "float32") -> None:
     """Writes the params-only checkpoint that generation and fine-tuning load (`pretrained.save_pretrained`).
@@ -340,7 +364,7 @@ def export_params(state: TrainState, directory: str, config, *, use_ema: bool = 
     Args:
       state: the train state (sharded arrays are fine).
       directory: output directory (written atomically by `save_pretrained`).
-      config: the training config (its model / conditioner / codec / data / generate sections go to config.json).
+      config: the training config (config.json: `exported_config`).
       use_ema: export `state.ema_params` (default, as the reference exports its EMA/best state) or `state.params`.
       dtype: "float32" or "bfloat16" for the stored params.
     """
@@ -348,16 +372,6 @@ def export_params(state: TrainState, directory: str, config, *, use_ema: bool = 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"export dtype={dtype!r}: expected 'float32' or 'bfloat16'")
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), state.ema_params if use_ema else state.params)
-    model = LMConfig.from_config(config.model).to_dict()
-    model["param_dtype"] = dtype
-    exported = {
-        "model": model,
-        "conditioner": {"t5": config.conditioner.t5, "t5_dim": config.conditioner.t5_dim},
-        "codec": {"source": config.codec.source},
-        "segment_seconds": float(config.data.segment_seconds),
-        "generate": config.generate.to_dict(),
-        "provenance": {"source": "magnet_jax training", "step": int(jax.device_get(state.step)),
-                       "weights": "ema" if use_ema else "params", "dtype": dtype,
-                       "span_len": int(config.masking.span_len)},
-    }
-    save_pretrained(directory, params, exported)
+    save_pretrained(directory, params, exported_config(
+        config, step=jax.device_get(state.step), weights="ema" if use_ema else "params", dtype=dtype,
+        source="magnet_jax training"))

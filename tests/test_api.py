@@ -6,6 +6,8 @@ The mesh is the 8 simulated CPU devices of conftest.py, rows sharded data parall
 """
 import json
 import math
+import re
+import shutil
 
 import flax.linen as nn
 import jax
@@ -18,7 +20,7 @@ import torch
 from configs.magnet import get_config
 from data_pipelines.make_tiny_assets import calibration_audio, make_assets, make_random_lm
 from data_pipelines.synthetic_corpus import generate_corpus
-from magnet_jax import api, checkpointing, encodec, train, train_lib
+from magnet_jax import api, checkpointing, encodec, hybrid, train, train_lib
 from magnet_jax.api import MAGNeT
 from magnet_jax.encodec import EncodecConfig
 from magnet_jax.encodec_weights import load_encodec
@@ -142,8 +144,8 @@ def test_audiocraft_format_directory_generates_like_the_converted_checkpoint(tin
                                   model.generate(["a calm piano piece"], seed=4).codes)
 
 
-def _train_config(tiny):
-    c = get_config("size=tiny,duration=1")
+def _train_config(tiny, objective="magnet"):
+    c = get_config(f"size=tiny,duration=1,objective={objective}")
     c.conditioner.t5 = str(tiny["t5"])
     c.codec.source = str(tiny["codec"])
     return c
@@ -161,6 +163,7 @@ def test_training_workdir_gives_its_newest_checkpoint_ema_params_then_its_export
 
     loaded_config, params = api.load_lm(str(workdir))
     assert loaded_config["provenance"]["step"] == 5 and loaded_config["codec"]["source"] == str(tiny["codec"])
+    assert loaded_config["objective"] == "magnet" and loaded_config["generate"]["span_len"] == 3
     for path, value in flatten_params(jax.device_get(state.ema_params)).items():
         np.testing.assert_array_equal(flatten_params(params)[path], value, err_msg=path)
     assert MAGNeT(loaded_config, params, api.generate_defaults()).segment_seconds == 1.0
@@ -168,6 +171,8 @@ def test_training_workdir_gives_its_newest_checkpoint_ema_params_then_its_export
     train_lib.export_params(state.replace(ema_params=state.params), str(workdir / "export"), config)
     exported_config, exported = api.load_lm(str(workdir))
     assert exported_config["provenance"]["source"] == "magnet_jax training"
+    assert {k: exported_config[k] for k in ("objective", "generate")} == \
+        {k: loaded_config[k] for k in ("objective", "generate")}
     for path, value in flatten_params(jax.device_get(state.params)).items():
         np.testing.assert_array_equal(flatten_params(exported)[path], value, err_msg=path)
 
@@ -246,11 +251,9 @@ def test_hybrid_prefix_is_the_musicgen_greedy_generation_then_frozen(with_musicg
     out = m.generate(["jazz trio"], seed=2, prefix_seconds=0.2)  # 10 frames by MusicGen, 38 by MAGNeT
     assert m.generation_params == before  # the keyword applies to this call only
 
-    tokens = m.tokenizer(["jazz trio"])
-    extra = ((0, 0), (0, m.text_length - tokens["ids"].shape[1]))
-    ids, mask = np.pad(tokens["ids"], extra, constant_values=m.tokenizer.pad_id), np.pad(tokens["mask"], extra)
-    cond = api._condition(m.t5_config, m.tokenizer.pad_id, m.t5_params, ids, mask)
+    cond = _text_conditioning(m, ["jazz trio"])
     ar_model, ar_params = m.ar_model
+    mask = np.asarray(cond.mask)
     null = np.zeros_like(mask)
     condition = ar_model.apply({"params": ar_params}, jnp.concatenate([cond.states, jnp.zeros_like(cond.states)]),
                                np.concatenate([mask, null]), method=ar_model.project_condition)
@@ -274,6 +277,14 @@ def test_hybrid_prefix_is_the_musicgen_greedy_generation_then_frozen(with_musicg
     np.testing.assert_array_equal(cont.codes[..., :10], np.asarray(forced))
 
 
+def _text_conditioning(m: MAGNeT, texts):
+    """The `TextConditioning` the API computes for `texts` (unsharded)."""
+    tokens = m.tokenizer(texts)
+    extra = ((0, 0), (0, m.text_length - tokens["ids"].shape[1]))
+    ids, mask = np.pad(tokens["ids"], extra, constant_values=m.tokenizer.pad_id), np.pad(tokens["mask"], extra)
+    return api._condition(m.t5_config, m.tokenizer.pad_id, m.t5_params, ids, mask)
+
+
 def test_companion_models_are_checked(tiny, model, tmp_path):
     with pytest.raises(WeightsError, match="rescorer .*non-causal"):
         MAGNeT.from_pretrained(str(tiny["lm"]), rescorer=str(tiny["lm"]))
@@ -284,3 +295,67 @@ def test_companion_models_are_checked(tiny, model, tmp_path):
         model.set_generation_params(prefix_seconds=0.2)
     with pytest.raises(ValueError, match="rescore_weight=-0.1"):
         model.set_generation_params(rescore_weight=-0.1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Single-model Hybrid-MAGNeT (train.objective="hybrid"): exported by training, generated through the API
+
+@pytest.fixture(scope="module")
+def hybrid_source(tiny):
+    """An untrained tiny Hybrid-MAGNeT exported as training exports it, trained span length 2 (not the default 3)."""
+    config = _train_config(tiny, objective="hybrid")
+    config.masking.span_len = 2
+    train_lib.export_params(train_lib.create_train_state(config, jax.random.key(3)), str(tiny["root"] / "hybrid"),
+                            config)
+    return tiny["root"] / "hybrid"
+
+
+@pytest.fixture(scope="module")
+def hybrid_model(hybrid_source):
+    m = MAGNeT.from_pretrained(str(hybrid_source))
+    m.set_generation_params(decoding_steps=STEPS)
+    return m
+
+
+def test_export_records_the_objective_and_the_trained_span_len(tiny, hybrid_source, hybrid_model, model):
+    saved = json.loads((hybrid_source / "config.json").read_text())
+    assert saved["objective"] == "hybrid" and saved["generate"]["span_len"] == 2
+    assert hybrid_model.objective == "hybrid" and hybrid_model.decode_params.span_len == 2
+    assert hybrid_model.num_frames == 50  # 1 s at 50 Hz in whole 2-frame spans (48 with the default 3)
+    assert "objective" not in json.loads((tiny["lm"] / "config.json").read_text()) and model.objective == "magnet"
+
+
+def test_hybrid_model_generates_its_own_prefix_as_generate_hybrid_codes_with_the_row_keys(hybrid_model):
+    m, texts = hybrid_model, ["jazz trio", "fast techno with drums"]
+    before = m.generation_params
+    out = m.generate(texts, seed=2, prefix_seconds=0.2)  # 10 frames autoregressively, then MAGNeT decoding
+    assert m.generation_params == before
+    expected = np.asarray(hybrid.generate_hybrid_codes(
+        m.model, m.lm_params, _text_conditioning(m, texts), jnp.asarray(api.row_keys([(2, 0), (2, 1)])),
+        m.decode_params, length=50, prefix_frames=10, ar_sample=m.prefix_params.sample_fn(64), ar_cfg=3.0))
+    np.testing.assert_array_equal(out.codes, expected)
+    assert out.codes.shape == (2, 4, 50) and out.codes.max() < 64
+    assert all(len(np.unique(row)) > 8 for row in out.codes.reshape(-1, 50))  # sampled, not degenerate
+    assert not np.array_equal(out.codes[0, :, :6], out.codes[1, :, :6])  # each row its own AR prefix
+    alone = m.generate(texts[:1], seed=2, prefix_seconds=0.2)  # row keys: a row does not depend on the batch
+    np.testing.assert_array_equal(alone.codes[0], out.codes[0])
+
+
+def test_hybrid_model_takes_no_companion_model_nor_audio_prompt(hybrid_source, hybrid_model, musicgen):
+    for setting in ("rescorer", "ar_model"):
+        with pytest.raises(WeightsError, match="Hybrid-MAGNeT model .*rescorer and ar_model are not supported"):
+            MAGNeT.from_pretrained(str(hybrid_source), **{setting: musicgen})
+    with pytest.raises(ValueError, match="audio prompts .*not supported with a Hybrid-MAGNeT model"):
+        hybrid_model.generate_continuation(np.zeros((1, 1, 3200), np.float32), 32000, ["jazz trio"])
+    with pytest.raises(ValueError, match="prefix_seconds=1.5: expected between 1 and 50 of the 50 generated"):
+        hybrid_model.set_generation_params(prefix_seconds=1.5)
+
+
+def test_unknown_objective_in_config_json_is_a_one_line_error(hybrid_source, tmp_path):
+    shutil.copytree(hybrid_source, tmp_path / "model")
+    file = tmp_path / "model" / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "objective": "maskgit"}))
+    with pytest.raises(WeightsError, match=re.escape(f"{file}: objective='maskgit': expected one of magnet, "
+                                                     "hybrid")) as e:
+        MAGNeT.from_pretrained(str(tmp_path / "model"))
+    assert "\n" not in str(e.value)

@@ -9,16 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import soundfile as sf
 
+from configs import magnet
 from configs.generate import get_config
 from data_pipelines.make_tiny_assets import make_assets, make_random_lm
 from data_pipelines.synthetic_corpus import generate_corpus
-from magnet_jax import generate
+from magnet_jax import generate, train_lib
 from magnet_jax.api import MAGNeT, load_lm
 from magnet_jax.generate import JobError, Manifest, read_prompts, run
+from magnet_jax.weights import WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,12 +116,14 @@ def test_job_writes_every_sample_and_a_complete_manifest(config, model, prompts,
     for r in records:
         assert r["params"]["decoding_steps"] == [2, 2, 2, 2] and r["params"]["top_p"] == 0.9
         assert r["model"] == config.source and r["frames"] == 48 and r["sample_rate"] == 32000
+        assert r["objective"] == "magnet"
         assert r["timing"]["batch_seconds"] > 0 and 1 <= r["timing"]["batch_rows"] <= config.batch_size
         wav, sr = sf.read(out / r["file"], dtype="float32")
         assert sr == 32000 and wav.shape == (48 * 640,) and np.abs(wav).max() > 1e-3
         codes = np.load(out / r["codes_file"])
         assert codes.shape == (4, 48) and codes.dtype == np.int16 and len(np.unique(codes)) > 8
-    assert json.loads((out / "job.json").read_text())["generate"]["decoding_steps"] == [2, 2, 2, 2]
+    job = json.loads((out / "job.json").read_text())
+    assert job["generate"]["decoding_steps"] == [2, 2, 2, 2] and job["objective"] == "magnet"
     assert not list(out.glob(".tmp-*"))
 
     # Determinism: a sample is a function of its prompt, seed and index only.
@@ -263,3 +268,37 @@ def test_job_with_a_transformers_musicgen_rescorer_and_ar_prefix_matches_the_api
     plain.generate.prefix_seconds = 0.2
     with pytest.raises(JobError, match="config.generate: prefix_seconds=0.2: needs an AR model"):
         run(plain, prompts, tmp_path / "plain", model=MAGNeT(*load_lm(plain.source), plain))
+
+
+def test_job_with_a_hybrid_training_workdir_generates_its_prefix_and_records_the_objective(tiny, prompts, tmp_path):
+    train_config = magnet.get_config("size=tiny,duration=1,objective=hybrid")  # an untrained Hybrid-MAGNeT run
+    train_config.conditioner.t5, train_config.codec.source = str(tiny["t5"]), str(tiny["codec"])
+    workdir = tmp_path / "run"
+    train_lib.export_params(train_lib.create_train_state(train_config, jax.random.key(3)), str(workdir / "export"),
+                            train_config)
+    c = get_config(f"source={workdir},duration=1")
+    c.generate.decoding_steps, c.generate.prefix_seconds = (2, 2, 2, 2), 0.2
+    c.output.write_codes = True
+    model = MAGNeT(*load_lm(c.source), c)
+    lines = tmp_path / "p.jsonl"
+    lines.write_text(json.dumps({"text": "rock anthem", "num_samples": 2}) + "\n" + json.dumps(
+        {"text": "jazz trio", "audio": str(prompts.parent / "intro.wav")}) + "\n")
+    summary = run(c, lines, tmp_path / "out", model=model)
+    assert (summary["samples"], summary["finished"]) == (3, 2)
+    assert summary["malformed_lines"] == [f"{lines}:2: audio prompt {prompts.parent / 'intro.wav'}: not supported "
+                                          "with a Hybrid-MAGNeT model"]
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["objective"] == "hybrid"
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["objective"], r["params"]["prefix_seconds"]) for r in records] == [("hybrid", 0.2)] * 2
+    expected = model.generate(["rock anthem", "rock anthem"], seed=0).codes  # the API's hybrid generation
+    codes = codes_by_id(tmp_path / "out")
+    for j in range(2):
+        np.testing.assert_array_equal(codes[f"line00001-{j}"], expected[j])
+    assert expected.shape == (2, 4, 48) and len(np.unique(expected)) > 8
+    assert not np.array_equal(expected[0, :, :6], expected[1, :, :6])  # sampled prefixes, one key per sample
+
+    bad = c.copy_and_resolve_references()
+    bad.ar_model = str(tiny["lm"])
+    with pytest.raises(WeightsError, match="Hybrid-MAGNeT model .*rescorer and ar_model are not supported"):
+        run(bad, lines, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -134,6 +134,16 @@ def test_precomputed_cross_kv_equals_condition_path(scan_layers):
     np.testing.assert_allclose(np.asarray(cached), np.asarray(direct), rtol=1e-6, atol=1e-6)
 
 
+def test_single_head_equals_that_codebooks_logits():
+    config = tiny()
+    model, params, condition, logits = setup(config)
+    codes = random_codes(config)
+    full = np.asarray(logits(params, codes, 1))
+    one_head = jax.jit(lambda p, head: model.apply({"params": p}, codes, condition, None, 1, head=head))
+    for head in range(config.n_q):  # one program, the head traced
+        np.testing.assert_allclose(np.asarray(one_head(params, head)), full[:, head], rtol=1e-6, atol=1e-6)
+
+
 def test_bfloat16_compute_runs_close_to_float32():
     _, params, condition, logits = setup(tiny())
     codes = random_codes(tiny())

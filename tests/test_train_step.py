@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from configs.magnet import get_config
 from magnet_jax import conditioner, flops, optim, sharding, t5, train_lib
 from magnet_jax.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.pretrained import read_config
 from magnet_jax.weights import WeightsError
 
 CORPUS = ["rock music with heavy drums", "calm jazz piano at night", "ambient synth pad", "upbeat pop song",
@@ -228,6 +229,10 @@ def test_export_then_fine_tune_from_the_exported_checkpoint(tiny_t5, tmp_path):
     state, _ = _run(config, mesh, tiny_t5, [_batch(config, tiny_t5[2])], steps=2)
     train_lib.export_params(state, str(tmp_path / "ema"), config)
     train_lib.export_params(state, str(tmp_path / "bf16"), config, use_ema=False, dtype="bfloat16")
+    saved = read_config(tmp_path / "bf16")
+    assert saved["objective"] == "magnet" and saved["generate"]["span_len"] == config.masking.span_len == 3
+    assert saved["provenance"] == {"source": "magnet_jax training", "step": 2, "weights": "params",
+                                   "dtype": "bfloat16"} and saved["model"]["param_dtype"] == "bfloat16"
 
     config.train.init_from = str(tmp_path / "ema")
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
