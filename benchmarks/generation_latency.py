@@ -31,7 +31,8 @@ from absl import app, flags
 from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
 from magnet_jax.lm import LanguageModel, LMConfig, count_params
 from magnet_jax.lm_weights import params_from_audiocraft
-from timing import BENCH_SIZES, compile_seconds, interleaved, lm_config, machine, write_results
+from timing import (BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure,
+                    write_results)
 
 _QUICK = flags.DEFINE_bool("quick", True, "short run: batch 1,2,4, steps 4,2,2,2, one timed call each")
 _SIZES = flags.DEFINE_list("sizes", ["512x8"], "models: <dim>x<layers> (dim / 64 heads) and/or presets "
@@ -148,15 +149,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax_latency.set(xlabel="batch size", ylabel="latency (s)", title="generation latency", ylim=(0, None))
     ax_ratio.axhline(1.0, color="gray", lw=0.8)
     ax_ratio.set(xlabel="batch size", ylabel="audiocraft / JAX", title="speed-up (> 1: JAX faster)", ylim=(0, None))
-    batches = sorted({r["batch"] for r in rows})
     for ax in (ax_latency, ax_ratio):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, labels=[str(b) for b in batches])
-        ax.minorticks_off()
-        ax.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        batch_axis(ax, sorted({r["batch"] for r in rows}))
+    save_figure(fig, (ax_latency, ax_ratio), path, title)
 
 
 def main(argv):

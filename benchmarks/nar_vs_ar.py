@@ -36,7 +36,8 @@ from magnet_jax import musicgen
 from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
 from magnet_jax.hybrid import generate_hybrid_codes
 from magnet_jax.lm import LanguageModel, count_params, init_params
-from timing import BENCH_SIZES, compile_seconds, interleaved, lm_config, machine, write_results
+from timing import (BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure,
+                    write_results)
 
 METHODS = ("magnet", "magnet+rescore", "hybrid", "musicgen")
 _SIZE = flags.DEFINE_string("size", "256x4", f"model: <dim>x<layers> or a preset ({', '.join(BENCH_SIZES)})")
@@ -102,15 +103,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax_latency.plot([r["batch"] for r in rs], [r["latency_s"] for r in rs], "o-", label=method)
     ax_trade.set(xscale="log", yscale="log", xlabel="throughput (samples / s)", ylabel="latency (s)",
                  title="latency vs throughput (labels: batch size)")
-    batches = sorted({r["batch"] for r in rows})
-    ax_latency.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency (s)", title="latency")
-    ax_latency.set_xticks(batches, labels=[str(b) for b in batches])
-    ax_latency.minorticks_off()
-    for ax in (ax_trade, ax_latency):
-        ax.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax_latency.set(yscale="log", xlabel="batch size", ylabel="latency (s)", title="latency")
+    batch_axis(ax_latency, sorted({r["batch"] for r in rows}))
+    save_figure(fig, (ax_trade, ax_latency), path, title)
 
 
 def main(argv):

@@ -64,3 +64,18 @@ def write_results(out: str, meta: dict, rows: list[dict], plot, title: str) -> N
     path.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     plot(rows, path.with_suffix(".png"), title)
     print(f"\nwrote {path.with_suffix('.json')} and {path.with_suffix('.png')}")
+
+
+def batch_axis(ax, batches: list[int]) -> None:
+    """A log2 batch-size x axis with one labelled tick per measured batch size."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, labels=[str(b) for b in batches])
+    ax.minorticks_off()
+
+
+def save_figure(fig, axes, path: Path, title: str) -> None:
+    for ax in axes:
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
