@@ -30,11 +30,10 @@ from configs.magnet import get_config
 from magnet_jax import encodec
 from magnet_jax.api import to_codec_audio
 from magnet_jax.encodec import EncodecConfig
-from magnet_jax.encodec_weights import HF_CONFIG, HF_WEIGHTS, _conv_prefix, _module_names
+from magnet_jax.encodec_weights import HF_CONFIG, HF_WEIGHTS, state_dict_from_params
 from magnet_jax.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.pretrained import save_pretrained
 from magnet_jax.t5 import write_random_t5
-from magnet_jax.weights import flatten_params
 
 
 def corpus_descriptions(corpus: str | os.PathLike) -> list[str]:
@@ -77,44 +76,13 @@ def hf_config(config: EncodecConfig) -> dict:
             "norm_type": "weight_norm", "chunk_length_s": None, "overlap": None, "trim_right_ratio": 1.0}
 
 
-def state_dict(config: EncodecConfig, params) -> dict[str, np.ndarray]:
-    """Params -> a transformers EnCodec state dict (plain `weight`s; the inverse of `params_from_state_dict`).
-
-    Arrays are C-contiguous: safetensors writes an array's memory, so a transposed view would be stored scrambled.
-    """
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
-    state = {}
-    for path, (module, kind) in _module_names(config).items():
-        prefix = "/".join(path)
-        if kind == "lstm":
-            for layer in range(config.num_lstm_layers):
-                base = f"{prefix}/layer_{layer}"
-                state[f"{module}.lstm.weight_ih_l{layer}"] = flat[f"{base}/input_kernel"].T
-                state[f"{module}.lstm.weight_hh_l{layer}"] = flat[f"{base}/recurrent_kernel"].T
-                state[f"{module}.lstm.bias_ih_l{layer}"] = flat[f"{base}/bias"]
-                state[f"{module}.lstm.bias_hh_l{layer}"] = np.zeros_like(flat[f"{base}/bias"])
-            continue
-        convs = [("", "")]
-        if kind == "residual":
-            convs = [("conv_a", "block.1"), ("conv_b", "block.3")]
-            convs += [] if config.true_skip else [("shortcut", "shortcut")]
-        for flax_name, sub in convs:
-            name = _conv_prefix(module, sub, "transformers", kind == "convtr")
-            kernel = flat[f"{prefix}/{flax_name}/kernel" if flax_name else f"{prefix}/kernel"]  # [k, in, out]
-            state[f"{name}.weight"] = kernel.transpose(1, 2, 0) if kind == "convtr" else kernel.transpose(2, 1, 0)
-            state[f"{name}.bias"] = flat[f"{prefix}/{flax_name}/bias" if flax_name else f"{prefix}/bias"]
-    for level in range(config.n_q):
-        state[f"quantizer.layers.{level}.codebook.embed"] = flat["quantizer/codebooks"][level]
-    return {k: np.ascontiguousarray(v) for k, v in state.items()}
-
-
 def make_codec(directory: str | os.PathLike, config: EncodecConfig, calibration_wav: np.ndarray, *,
                seed: int = 0) -> Path:
     """Writes a random codec with codebooks fitted on `calibration_wav` `[B, 1, N]` (loadable by `load_encodec`)."""
     params = encodec.init_encodec(config, seed, calibration_wav)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict(config, params), str(directory / HF_WEIGHTS))
+    save_file(state_dict_from_params(config, params), str(directory / HF_WEIGHTS))
     (directory / HF_CONFIG).write_text(json.dumps(hf_config(config), indent=2) + "\n")
     return directory
 

@@ -247,6 +247,37 @@ def params_from_state_dict(config: EncodecConfig, state: Mapping[str, np.ndarray
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), unflatten_params(params))
 
 
+def state_dict_from_params(config: EncodecConfig, params) -> dict[str, np.ndarray]:
+    """Params -> a transformers EnCodec state dict (plain `weight`s; the inverse of `params_from_state_dict`).
+
+    Arrays are C-contiguous: safetensors writes an array's memory, so a transposed view would be stored scrambled.
+    """
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
+    state = {}
+    for path, (module, kind) in _module_names(config).items():
+        prefix = "/".join(path)
+        if kind == "lstm":
+            for layer in range(config.num_lstm_layers):
+                base = f"{prefix}/layer_{layer}"
+                state[f"{module}.lstm.weight_ih_l{layer}"] = flat[f"{base}/input_kernel"].T
+                state[f"{module}.lstm.weight_hh_l{layer}"] = flat[f"{base}/recurrent_kernel"].T
+                state[f"{module}.lstm.bias_ih_l{layer}"] = flat[f"{base}/bias"]
+                state[f"{module}.lstm.bias_hh_l{layer}"] = np.zeros_like(flat[f"{base}/bias"])
+            continue
+        convs = [("", "")]
+        if kind == "residual":
+            convs = [("conv_a", "block.1"), ("conv_b", "block.3")]
+            convs += [] if config.true_skip else [("shortcut", "shortcut")]
+        for flax_name, sub in convs:
+            name = _conv_prefix(module, sub, "transformers", kind == "convtr")
+            kernel = flat[f"{prefix}/{flax_name}/kernel" if flax_name else f"{prefix}/kernel"]  # [k, in, out]
+            state[f"{name}.weight"] = kernel.transpose(1, 2, 0) if kind == "convtr" else kernel.transpose(2, 1, 0)
+            state[f"{name}.bias"] = flat[f"{prefix}/{flax_name}/bias" if flax_name else f"{prefix}/bias"]
+    for level in range(config.n_q):
+        state[f"quantizer.layers.{level}.codebook.embed"] = flat["quantizer/codebooks"][level]
+    return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
 def _folded_weight(state: Mapping[str, np.ndarray], prefix: str) -> np.ndarray:
     for g_name, v_name in _WEIGHT_NORM_NAMES:
         if f"{prefix}.{v_name}" in state:

@@ -467,14 +467,7 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    from magnet_jax.train import _describe_flag_error
-
-    def parse_flags(argv: list[str]) -> list[str]:
-        try:
-            return flags.FLAGS(argv)
-        except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as e:
-            print(f"generate: error: {_describe_flag_error(e, argv)}", file=sys.stderr)
-            sys.exit(2)
+    from magnet_jax.train import parse_flags
 
     config_flags.DEFINE_config_file("config", None, "config file and preset, e.g. "
                                     "configs/generate.py:source=facebook/magnet-small-10secs", lock_config=True)
@@ -482,4 +475,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("output_dir", None, "directory for the audio files, manifest.jsonl and job.json")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")
     FLAGS = flags.FLAGS
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, prog="generate"))

@@ -267,13 +267,12 @@ def _write_codec_dir(directory):
     """The tiny codec as a locally created codec directory (transformers layout, as the quickstart writes it)."""
     from safetensors.numpy import save_file
 
-    from data_pipelines.make_tiny_assets import hf_config, state_dict
+    from data_pipelines.make_tiny_assets import hf_config
+    from magnet_jax.encodec_weights import state_dict_from_params
 
     config, params = tiny_codec()
     directory.mkdir()
-    # contiguous copies: safetensors writes a transposed view's memory order under the view's shape
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict(config, params).items()},
-              str(directory / "model.safetensors"))
+    save_file(state_dict_from_params(config, params), str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(hf_config(config)))
 
 
