@@ -64,12 +64,26 @@ def device_grid(mesh_cfg: Mapping[str, Any], devices: Sequence[Any] | None = Non
         if by_slice and slices > 1:
             raise ValueError(f"the devices span {slices} slices: set a mesh.dcn_* degree (e.g. mesh.dcn_data=-1)")
         ici = _fill_degrees([mesh_cfg[a] for a in MESH_AXES], len(devices), MESH_AXES, "devices")
-        return mesh_utils.create_device_mesh(ici, devices)
+        return _arranged(lambda: mesh_utils.create_device_mesh(ici, devices), ici, None)
     dcn = _fill_degrees(dcn_given, slices, dcn_names, "slices" if by_slice else "processes (slices)")
     if len(devices) % slices:
         raise ValueError(f"{len(devices)} devices do not split evenly over {slices} slices")
     ici = _fill_degrees([mesh_cfg[a] for a in MESH_AXES], len(devices) // slices, MESH_AXES, "devices per slice")
-    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
+    return _arranged(lambda: mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice),
+                     ici, dcn)
+
+
+def _arranged(create, ici: Sequence[int], dcn: Sequence[int] | None) -> np.ndarray:
+    """Runs a `mesh_utils` constructor; its NotImplementedError for degrees that do not map onto the TPU torus
+    becomes a ValueError naming the mesh fields."""
+    try:
+        return create()
+    except NotImplementedError as e:
+        fields = ", ".join(f"mesh.{a}={d}" for a, d in zip(MESH_AXES, ici))
+        if dcn is not None:
+            fields += ", " + ", ".join(f"mesh.dcn_{a}={d}" for a, d in zip(MESH_AXES, dcn))
+        raise ValueError(f"{fields}: these degrees do not map onto the device topology (each mesh axis must be a "
+                         f"product of torus axes): {' '.join(str(e).split())}") from e
 
 
 def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:

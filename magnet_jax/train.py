@@ -130,8 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_s
     try:
         run = Run(config, workdir)
         write_config(config, workdir)
-    except (ValueError, TypeError, KeyError, OSError, NotImplementedError) as e:
-        # (NotImplementedError: jax's mesh_utils, for mesh degrees that do not fit the device torus)
+    except (ValueError, TypeError, KeyError, OSError) as e:
         raise SetupError(_one_line(e)) from e
 
     start = run.resumed_from or 0

@@ -42,6 +42,19 @@ def test_bad_mesh_degrees_are_clear_errors(degrees, match):
         sharding.make_mesh(_mesh_cfg(**degrees))
 
 
+def test_degrees_that_do_not_fit_the_torus_name_the_mesh_fields(monkeypatch):
+    """On TPU, `mesh_utils` raises NotImplementedError for degrees that are not products of torus axes (the CPU
+    path has no torus, so its message is reproduced here); the mesh config gets the blame in one ValueError line."""
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Failed to find assignment for logical_axis_index 1 of size 3 with remaining\n"
+                                  "assignable mesh [4, 4, 8].")
+    monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", refuse)
+    with pytest.raises(ValueError, match=r"^mesh.data=1, mesh.fsdp=8, mesh.tensor=1: these degrees do not map onto "
+                                         r"the device topology .* size 3 with remaining assignable") as error:
+        sharding.make_mesh(_mesh_cfg(fsdp=-1))
+    assert "\n" not in str(error.value)
+
+
 @dataclasses.dataclass(frozen=True)
 class _SliceDevice:
     """Stands in for a TPU device of a multi-slice job (mesh_utils only reads these attributes)."""
