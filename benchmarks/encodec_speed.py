@@ -53,7 +53,7 @@ def _random_params(config, seed: int = 0):
     import jax.numpy as jnp
     import numpy as np
 
-    from magnet_jax.encodec import abstract_params
+    from magnet_jax.models.encodec import abstract_params
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.02, jnp.float32),
                         nn.unbox(abstract_params(config)))
@@ -83,7 +83,7 @@ def main(argv):
     import numpy as np
 
     from configs.magnet import get_config
-    from magnet_jax import encodec
+    from magnet_jax.models import encodec
 
     preset = "size=tiny" if FLAGS.codec == "tiny" else f"size=small,task={FLAGS.codec}"
     config = encodec.EncodecConfig.from_config(get_config(preset).codec)

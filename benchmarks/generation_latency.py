@@ -4,7 +4,7 @@ Both sides run the same work on the same weights: LM decoding of 10 s of codes (
 'nonoverlap' spans) for B descriptions, with CFG (2B rows per forward), top-p 0.9 sampling at temperature 3.0, the
 same decoding steps. Text conditioning is a lookup table of L tokens per description on both sides (T5 and EnCodec
 are outside the timed region on both sides). The audiocraft model is built first (its own init), its state dict is
-converted with `magnet_jax.lm_weights`, and the two are timed alternately in one run on this machine's default JAX
+converted with `magnet_jax.checkpoints.lm_weights`, and the two are timed alternately in one run on this machine's default JAX
 backend and torch's CPU threads, float32 both.
 
 Per (model size, batch size): JAX compile time (tracing + lowering + XLA compile, from jax.monitoring events of the
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
-from magnet_jax.lm import LanguageModel, LMConfig, count_params
-from magnet_jax.lm_weights import params_from_audiocraft
+from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
+from magnet_jax.models.lm import LanguageModel, LMConfig, count_params
+from magnet_jax.checkpoints.lm_weights import params_from_audiocraft
 from timing import (BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure,
                     write_results)
 

@@ -9,7 +9,7 @@ the tiny ratio is a lower bound for the other sizes. (The small step on CPU need
 Without `--files` it writes `--num_records` records of `--record_seconds` of random codes (synthetic-corpus
 descriptions) with the encode job's shard writer, so only the pipeline is measured (reading, decoding, cropping,
 metadata merge, T5 tokenization with word dropout, batching). The tokenizer is a sentencepiece model trained on those
-descriptions (`magnet_jax.t5.write_random_t5`) unless `--t5` names a T5 directory. The train step is the real one
+descriptions (`magnet_jax.models.t5.write_random_t5`) unless `--t5` names a T5 directory. The train step is the real one
 (`train_lib.make_train_step`, random weights, frozen random T5 of the configured width) on this host's devices;
 its consumption is global batch / step time. Prints a table and writes JSON to `--output`.
 """
@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 def synthetic_shards(directory: Path, num_records: int, seconds: float, card: int) -> str:
     from data_pipelines import synthetic_corpus
     from data_pipelines.encode_audio import write_shard
-    from magnet_jax.records import CodeRecord, normalize_metadata, shard_name
+    from magnet_jax.data.records import CodeRecord, normalize_metadata, shard_name
 
     directory.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -62,7 +62,7 @@ def synthetic_shards(directory: Path, num_records: int, seconds: float, card: in
 
 
 def pipeline_rate(settings, tokenizer, batches: int) -> dict:
-    from magnet_jax import input_pipeline
+    from magnet_jax.data import input_pipeline
 
     iterator = input_pipeline.make_iterator(settings, tokenizer, process_index=0, process_count=1)
     start = time.perf_counter()
@@ -82,8 +82,9 @@ def train_step_rate(size: str, t5_dir: str, batch: int, steps: int) -> dict:
     import jax
 
     from configs.magnet import get_config
-    from magnet_jax import sharding, train_lib
-    from magnet_jax.t5 import load_t5
+    from magnet_jax import sharding
+    from magnet_jax.training import train_lib
+    from magnet_jax.models.t5 import load_t5
 
     config = get_config(f"size={size}")
     config.data.batch_size = batch
@@ -125,10 +126,10 @@ def main(argv):
 def benchmark(work: Path) -> dict:
     """Measures the pipeline and the train steps, prints the table, returns the results."""
     from configs.magnet import get_config
-    from magnet_jax import input_pipeline
-    from magnet_jax.conditioner import TextTokenizer
-    from magnet_jax.records import CodeRecord, read_header
-    from magnet_jax.t5 import write_random_t5
+    from magnet_jax.data import input_pipeline
+    from magnet_jax.models.conditioner import TextTokenizer
+    from magnet_jax.data.records import CodeRecord, read_header
+    from magnet_jax.models.t5 import write_random_t5
 
     files = FLAGS.files or synthetic_shards(work / "codes", FLAGS.num_records, FLAGS.record_seconds,
                                            get_config("size=tiny").codec.card)

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from magnet_jax import musicgen
-from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
-from magnet_jax.hybrid import generate_hybrid_codes
-from magnet_jax.lm import LanguageModel, count_params, init_params
+from magnet_jax.generation import musicgen
+from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
+from magnet_jax.generation.hybrid import generate_hybrid_codes
+from magnet_jax.models.lm import LanguageModel, count_params, init_params
 from timing import (BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure,
                     write_results)
 

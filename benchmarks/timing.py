@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 
 from configs.magnet import SIZES, get_config
-from magnet_jax.lm import LMConfig
+from magnet_jax.models.lm import LMConfig
 
 BENCH_SIZES = ("256x4", "512x8") + tuple(s for s in SIZES if s != "tiny")
 

@@ -5,7 +5,7 @@ preset's text-encoder shape: one warm-up step (compile), then `--steps` timed st
 
   tokens/s = B·K·T / step time   (codebook tokens; audio frames/s = tokens/s ÷ K)
   MFU      = flops.train_flops(...) / (step time · peak FLOP/s per device · devices)
-The peak is `magnet_jax.metrics.device_peak_flops`: the device table, or on CPU a float32 matmul FLOP/s, measured
+The peak is `magnet_jax.training.metrics.device_peak_flops`: the device table, or on CPU a float32 matmul FLOP/s, measured
 just before and just after each preset's timed steps (the larger of the two: on a shared machine, the conservative
 MFU).
 
@@ -31,9 +31,10 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from configs.magnet import get_config
-from magnet_jax import flops, metrics, sharding, train_lib
-from magnet_jax.lm import LMConfig, count_params
-from magnet_jax.t5 import T5Config, T5Encoder
+from magnet_jax import sharding
+from magnet_jax.training import flops, metrics, train_lib
+from magnet_jax.models.lm import LMConfig, count_params
+from magnet_jax.models.t5 import T5Config, T5Encoder
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "presets to benchmark")
 _BATCH = flags.DEFINE_list("batch", ["tiny:8", "small:1"], "global batch per preset (size:batch)")

@@ -26,7 +26,7 @@ import ml_collections
 
 from configs import magnet
 from configs.common import parse_arg
-from magnet_jax.decoding import DecodeParams, PrefixParams
+from magnet_jax.generation.decoding import DecodeParams, PrefixParams
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

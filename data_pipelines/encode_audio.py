@@ -9,7 +9,7 @@ Input is a directory (searched recursively for .wav/.flac/.ogg/.mp3, each with a
 manifest keys `duration`/`sample_rate` are checked against the file). Each file is read with soundfile, downmixed
 to mono (channel mean) and resampled to the codec rate with soxr VHQ (`magnet_jax.api.to_codec_audio`), then encoded
 in fixed windows of `--chunk_seconds` batched across files and sharded over `jax.local_devices()`; long files are the
-concatenation of their windows' codes (as `magnet_jax.encodec.encode_long`). A file shorter than `--segment_seconds` but at least `--min_segment_ratio` of it is zero-padded
+concatenation of their windows' codes (as `magnet_jax.models.encodec.encode_long`). A file shorter than `--segment_seconds` but at least `--min_segment_ratio` of it is zero-padded
 to the segment (as audiocraft pads short training segments); shorter, empty, unreadable or non-finite files are
 skipped and listed with their reason.
 
@@ -39,7 +39,7 @@ import numpy as np
 import soundfile as sf
 from absl import logging
 
-from magnet_jax import records
+from magnet_jax.data import records
 from magnet_jax.api import to_codec_audio
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -241,7 +241,7 @@ class WindowEncoder:
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         import jax
 
-        from magnet_jax.encodec import encode
+        from magnet_jax.models.encodec import encode
 
         out = []
         for start in range(0, len(windows), self.batch_size):
@@ -437,7 +437,7 @@ def run(input: str, output: str, *, codec_source: str, codec_config, codec_param
 
     Args:
       codec_source: how the codec was named (recorded in `encode_job.json`).
-      codec_config, codec_params: `magnet_jax.encodec.EncodecConfig` and its params.
+      codec_config, codec_params: `magnet_jax.models.encodec.EncodecConfig` and its params.
       batch_size: windows per device step over all local devices (rounded up to a multiple of their count).
       records_per_shard: input files per shard (skipped files leave their shard shorter).
       log_every: seconds between progress lines.
@@ -532,8 +532,8 @@ def main(argv):
     del argv
     import jax
 
-    from magnet_jax.encodec_weights import load_encodec
-    from magnet_jax.weights import WeightsError
+    from magnet_jax.checkpoints.encodec_weights import load_encodec
+    from magnet_jax.checkpoints.weights import WeightsError
 
     if FLAGS.distributed:
         jax.distributed.initialize()

@@ -10,7 +10,7 @@ Then, from any process (the builder class is not needed to read):
 
 Features: `codes` int16 `[K, T]`, `description` (text, "" when none), `metadata` (JSON text of the cleaned sidecar
 fields), `source`, `offset`, `duration`, `segment_seconds`, `sample_rate`, `frame_rate`, `card`. Text arrives as
-bytes; `magnet_jax.records.CodeRecord.from_example` turns an example back into a record.
+bytes; `magnet_jax.data.records.CodeRecord.from_example` turns an example back into a record.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from magnet_jax.records import CodeRecord, RecordError
+from magnet_jax.data.records import CodeRecord, RecordError
 
 
 class MagnetCodes(tfds.core.GeneratorBasedBuilder):
@@ -69,7 +69,7 @@ class MagnetCodes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, files: str):
         from array_record.python.array_record_module import ArrayRecordReader
 
-        from magnet_jax.input_pipeline import find_shards
+        from magnet_jax.data.input_pipeline import find_shards
 
         for path in find_shards(files):
             reader = ArrayRecordReader(path)

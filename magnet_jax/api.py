@@ -9,7 +9,7 @@ r"""Python generation API in the spirit of audiocraft's `MAGNeT` (magnet-spec §
   out = model.generate_continuation(wav, 44100, ["jazz trio"], seed=1)   # wav [B, C, N] or [C, N]
 
 `source` is a hub id (audiocraft release: `state_dict.bin` + `compression_state_dict.bin`, imported by
-`magnet_jax.lm_weights`), a directory (converted checkpoint in the `magnet_jax.pretrained` format, or audiocraft
+`magnet_jax.checkpoints.lm_weights`), a directory (converted checkpoint in the `magnet_jax.checkpoints.pretrained` format, or audiocraft
 files), or a training workdir (its params export, else the EMA params of its newest checkpoint). The text encoder
 and the codec named by the checkpoint are loaded with it (override with `t5=` / `codec=`).
 
@@ -26,7 +26,7 @@ Differences from audiocraft, all deliberate:
       model.set_generation_params(rescore_weight=0.5, prefix_seconds=2.0)
   * A single-model Hybrid-MAGNeT (trained with `train.objective="hybrid"`; its config.json says "objective":
     "hybrid") generates its own first `prefix_seconds` autoregressively (`ar_*` sampling) and decodes the rest with
-    MAGNeT's steps on the delay layout (`magnet_jax.hybrid.generate_hybrid_codes`); prefix_seconds 0 = MAGNeT
+    MAGNeT's steps on the delay layout (`magnet_jax.generation.hybrid.generate_hybrid_codes`); prefix_seconds 0 = MAGNeT
     decoding of the hybrid model. Without rescorer, ar_model or audio prompts.
   * Generation parameters use the config names (`max_cfg`, `min_cfg`, as in configs/magnet.py's `generate`
     section) and `set_generation_params` changes only the parameters it is given. `duration` may be shortened
@@ -53,11 +53,15 @@ import soxr
 from jax.experimental import multihost_utils
 
 from configs.generate import get_config as generate_defaults
-from magnet_jax import checkpointing, conditioner, decoding, encodec, hybrid, pretrained, sharding, train_lib
-from magnet_jax.encodec_weights import load_encodec
-from magnet_jax.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.t5 import load_t5
-from magnet_jax.weights import WeightsError
+from magnet_jax import sharding
+from magnet_jax.checkpoints import pretrained
+from magnet_jax.generation import decoding, hybrid
+from magnet_jax.models import conditioner, encodec
+from magnet_jax.training import checkpointing, train_lib
+from magnet_jax.checkpoints.encodec_weights import load_encodec
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.models.t5 import load_t5
+from magnet_jax.checkpoints.weights import WeightsError
 
 DECODE_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.DecodeParams))
 PREFIX_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.PrefixParams))
@@ -280,9 +284,9 @@ class MAGNeT:
         """Changes the given generation parameters (the others keep their values).
 
         Names: decoding_steps, temperature, anneal_temp, top_p, top_k, use_sampling, max_cfg, min_cfg,
-        span_arrangement, span_scoring, span_len, rescore_weight (see `magnet_jax.decoding.DecodeParams`;
+        span_arrangement, span_scoring, span_len, rescore_weight (see `magnet_jax.generation.decoding.DecodeParams`;
         rescore_weight is used only with a `rescorer`), prefix_seconds, ar_cfg_coef, ar_temperature, ar_top_k,
-        ar_top_p, ar_use_sampling (`magnet_jax.decoding.PrefixParams`; prefix_seconds > 0 needs an `ar_model` or a
+        ar_top_p, ar_use_sampling (`magnet_jax.generation.decoding.PrefixParams`; prefix_seconds > 0 needs an `ar_model` or a
         hybrid model, which may generate all frames autoregressively), and duration (seconds, at most the model's
         training segment).
         """

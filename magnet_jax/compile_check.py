@@ -10,7 +10,7 @@ compiled for a simulated CPU mesh with the same number of devices, and the repor
 checked, but memory figures are the CPU compiler's, a rough guide only.
 
 Report (per device): arguments + outputs - aliased (donated) + temporaries, from `compiled.memory_analysis()`,
-against the chip's HBM; XLA's FLOPs (`cost_analysis()`) and the model FLOPs of `magnet_jax.flops` divided over the
+against the chip's HBM; XLA's FLOPs (`cost_analysis()`) and the model FLOPs of `magnet_jax.training.flops` divided over the
 devices; a compute-bound lower bound on the step time at the chip's peak. Exit code 0 if it fits, 1 if it does not,
 2 for a bad config or topology.
 """
@@ -30,11 +30,13 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from magnet_jax import flops, metrics, sharding, train_lib
-from magnet_jax.lm import LMConfig
-from magnet_jax.t5 import T5Config, T5Encoder
+from magnet_jax import sharding
+
+from magnet_jax.training import flops, metrics, train_lib
+from magnet_jax.models.lm import LMConfig
+from magnet_jax.models.t5 import T5Config, T5Encoder
 from magnet_jax.train import parse_flags
-from magnet_jax.weights import resolve_file
+from magnet_jax.checkpoints.weights import resolve_file
 
 GiB = 1024**3
 
@@ -221,7 +223,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"    total       {gib(report['total_bytes'])} of {gib(report['hbm_bytes'])} HBM "
             f"({100 * report['hbm_fraction']:.1f}%): {'fits' if report['fits'] else 'DOES NOT FIT'}",
             f"  per-device FLOPs per step: XLA {report['xla_flops_per_device']:.4g} (frozen T5 included; a scanned "
-            f"layer stack counted once), model {report['model_flops_per_device']:.4g} (magnet_jax.flops)",
+            f"layer stack counted once), model {report['model_flops_per_device']:.4g} (magnet_jax.training.flops)",
         ]
     lines.append(f"  compute-bound step time at the chip's peak: {report['min_step_seconds'] * 1e3:.3g} ms")
     if report["compiler"].startswith("cpu"):

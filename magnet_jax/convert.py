@@ -15,8 +15,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from magnet_jax import lm_weights, pretrained
-from magnet_jax.weights import WeightsError
+from magnet_jax.checkpoints import lm_weights, pretrained
+from magnet_jax.checkpoints.weights import WeightsError
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -55,7 +55,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from magnet_jax.api import MAGNeT, load_lm, local_rows, row_keys
-from magnet_jax.weights import WeightsError, flatten_params
+from magnet_jax.checkpoints.weights import WeightsError, flatten_params
 
 PROMPT_KEYS = ("text", "audio", "seed", "num_samples", "id")
 MANIFEST = "manifest.jsonl"

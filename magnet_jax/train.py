@@ -10,12 +10,12 @@ environments). Every process runs the same program; only process 0 writes the re
 
 Workdir layout:
   config.json           the resolved config (process 0)
-  checkpoints/<step>/   train state + input pipeline state + config (`magnet_jax.checkpointing`), resumed from
+  checkpoints/<step>/   train state + input pipeline state + config (`magnet_jax.training.checkpointing`), resumed from
                         automatically when present
   metrics.jsonl         one JSON object per logged (split, step); `tensorboard/` event files of the same scalars
   profile/              `jax.profiler` traces of steps [train.profile_start, + train.profile_steps)
   export/               params-only export (EMA weights; bfloat16 with checkpoint.export_bf16) in the
-                        `magnet_jax.pretrained` format that generation loads, written when training completes
+                        `magnet_jax.checkpoints.pretrained` format that generation loads, written when training completes
 """
 from __future__ import annotations
 
@@ -32,10 +32,14 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from magnet_jax import checkpointing, flops, input_pipeline, metrics, sharding, train_lib
-from magnet_jax.conditioner import TextTokenizer
-from magnet_jax.lm import LMConfig
-from magnet_jax.t5 import load_t5
+from magnet_jax import sharding
+
+from magnet_jax.data import input_pipeline
+
+from magnet_jax.training import checkpointing, flops, metrics, train_lib
+from magnet_jax.models.conditioner import TextTokenizer
+from magnet_jax.models.lm import LMConfig
+from magnet_jax.models.t5 import load_t5
 
 # Per-interval values that are not averaged: the schedule's learning rate and the skipped-steps counter.
 LAST_VALUE_METRICS = ("lr", "skipped_steps")

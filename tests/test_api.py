@@ -20,15 +20,18 @@ import torch
 from configs.magnet import get_config
 from data_pipelines.make_tiny_assets import calibration_audio, make_assets, make_random_lm
 from data_pipelines.synthetic_corpus import generate_corpus
-from magnet_jax import api, checkpointing, encodec, hybrid, train, train_lib
+from magnet_jax import api, train
+from magnet_jax.generation import hybrid
+from magnet_jax.models import encodec
+from magnet_jax.training import checkpointing, train_lib
 from magnet_jax.api import MAGNeT
-from magnet_jax.encodec import EncodecConfig
-from magnet_jax.encodec_weights import load_encodec
-from magnet_jax.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.lm_weights import export_audiocraft
-from magnet_jax.musicgen import generate_ar
-from magnet_jax.pretrained import load_pretrained
-from magnet_jax.weights import WeightsError, flatten_params
+from magnet_jax.models.encodec import EncodecConfig
+from magnet_jax.checkpoints.encodec_weights import load_encodec
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.checkpoints.lm_weights import export_audiocraft
+from magnet_jax.generation.musicgen import generate_ar
+from magnet_jax.checkpoints.pretrained import load_pretrained
+from magnet_jax.checkpoints.weights import WeightsError, flatten_params
 
 STEPS = [2, 2, 2, 2]  # decoding steps per codebook: enough to exercise every stage, cheap to compile
 

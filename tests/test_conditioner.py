@@ -10,10 +10,10 @@ import sentencepiece as spm
 import torch
 from transformers import T5Tokenizer
 
-from magnet_jax import conditioner as cond_lib
-from magnet_jax.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.t5 import write_random_t5
-from magnet_jax.weights import WeightsError
+from magnet_jax.models import conditioner as cond_lib
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.models.t5 import write_random_t5
+from magnet_jax.checkpoints.weights import WeightsError
 
 CORPUS = ["happy rock song with drums and electric guitar", "calm piano melody in a minor key",
           "jazz with saxophone, upright bass and brushes", "électro à la française, 128 bpm",

@@ -2,7 +2,7 @@
 import pytest
 
 from configs.magnet import get_config
-from magnet_jax.lm import LMConfig, count_params
+from magnet_jax.models.lm import LMConfig, count_params
 
 
 @pytest.mark.parametrize("size,dims", [("small", (1024, 16, 24)), ("medium", (1536, 24, 48)),

@@ -12,11 +12,11 @@ import torch
 import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
-from magnet_jax import lm_weights
+from magnet_jax.checkpoints import lm_weights
 from magnet_jax.convert import convert
-from magnet_jax.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.pretrained import load_lm, load_pretrained, save_pretrained
-from magnet_jax.weights import WeightsError, flatten_params
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.checkpoints.pretrained import load_lm, load_pretrained, save_pretrained
+from magnet_jax.checkpoints.weights import WeightsError, flatten_params
 from test_lm_parity import TINY, assert_close, audiocraft_lm, state_dict_numpy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ def test_audiocraft_loader_accepts_export_of_a_model_trained_here(tmp_path, monk
     from audiocraft.models import loaders
     from audiocraft.modules.conditioners import ConditioningAttributes, T5Conditioner
 
-    from magnet_jax.t5 import write_random_t5
+    from magnet_jax.models.t5 import write_random_t5
     t5_dir = str(write_random_t5(tmp_path / "t5", corpus=["happy rock song with drums", "calm piano", "jazz"] * 20,
                                  d_model=TINY["cond_dim"], num_layers=1, num_heads=3, d_kv=8, d_ff=48))
     model_config = LMConfig(**TINY)

@@ -9,10 +9,10 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from configs.magnet import get_config
-from magnet_jax.decoding import (DecodeParams, DecodeState, TextConditioning, decode_step, generate_codes,
+from magnet_jax.generation.decoding import (DecodeParams, DecodeState, TextConditioning, decode_step, generate_codes,
                                  guided_logits_fn, initial_scores, stage_schedule)
-from magnet_jax.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.sampling import (FROZEN_SCORE, sample_categorical, sample_tokens, sample_top_p, top_k_probs,
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.generation.sampling import (FROZEN_SCORE, sample_categorical, sample_tokens, sample_top_p, top_k_probs,
                                  top_p_threshold)
 
 CONFIG = LMConfig(dim=32, num_heads=4, num_layers=2, card=32, cond_dim=16, n_q=4)

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magnet_jax.decoding import DecodeParams, TextConditioning, generate_codes
-from magnet_jax.lm import LanguageModel, LMConfig
-from magnet_jax.lm_weights import params_from_audiocraft
-from magnet_jax.sampling import FROZEN_SCORE, least_probable_span_mask
+from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
+from magnet_jax.models.lm import LanguageModel, LMConfig
+from magnet_jax.checkpoints.lm_weights import params_from_audiocraft
+from magnet_jax.generation.sampling import FROZEN_SCORE, least_probable_span_mask
 
 torch = pytest.importorskip("torch")
 

@@ -15,10 +15,12 @@ from array_record.python.array_record_module import ArrayRecordReader
 from configs.magnet import get_config
 from data_pipelines import encode_audio as ea
 from data_pipelines import synthetic_corpus as sc
-from magnet_jax import encodec, input_pipeline, sharding
-from magnet_jax.conditioner import TextTokenizer
-from magnet_jax.records import CodeRecord, normalize_metadata
-from magnet_jax.t5 import write_random_t5
+from magnet_jax import sharding
+from magnet_jax.data import input_pipeline
+from magnet_jax.models import encodec
+from magnet_jax.models.conditioner import TextTokenizer
+from magnet_jax.data.records import CodeRecord, normalize_metadata
+from magnet_jax.models.t5 import write_random_t5
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 32000  # the tiny codec's rate (50 Hz, hop 640)
@@ -268,7 +270,7 @@ def _write_codec_dir(directory):
     from safetensors.numpy import save_file
 
     from data_pipelines.make_tiny_assets import hf_config
-    from magnet_jax.encodec_weights import state_dict_from_params
+    from magnet_jax.checkpoints.encodec_weights import state_dict_from_params
 
     config, params = tiny_codec()
     directory.mkdir()

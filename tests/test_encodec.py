@@ -19,10 +19,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from configs.magnet import get_config
-from magnet_jax import encodec
-from magnet_jax.encodec import EncodecConfig
-from magnet_jax.encodec_weights import load_encodec, params_from_state_dict
-from magnet_jax.weights import WeightsError
+from magnet_jax.models import encodec
+from magnet_jax.models.encodec import EncodecConfig
+from magnet_jax.checkpoints.encodec_weights import load_encodec, params_from_state_dict
+from magnet_jax.checkpoints.weights import WeightsError
 
 SR = 32000
 # Tiny transformers config of dependencies.md §6; bandwidth 0.8 gives 4 codebooks of 16 entries.

@@ -18,10 +18,11 @@ from configs import magnet
 from configs.generate import get_config
 from data_pipelines.make_tiny_assets import make_assets, make_random_lm
 from data_pipelines.synthetic_corpus import generate_corpus
-from magnet_jax import generate, train_lib
+from magnet_jax import generate
+from magnet_jax.training import train_lib
 from magnet_jax.api import MAGNeT, load_lm
 from magnet_jax.generate import JobError, Manifest, read_prompts, run
-from magnet_jax.weights import WeightsError
+from magnet_jax.checkpoints.weights import WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 
 from configs.magnet import get_config
-from magnet_jax import conditioner, hybrid, masking, musicgen, sharding, t5, train_lib
-from magnet_jax.attention import hybrid_attention_mask
-from magnet_jax.decoding import DecodeParams, TextConditioning
-from magnet_jax.lm import LanguageModel, LMConfig, init_params
+from magnet_jax import sharding
+from magnet_jax.generation import hybrid, musicgen
+from magnet_jax.models import conditioner, t5
+from magnet_jax.training import masking, train_lib
+from magnet_jax.models.attention import hybrid_attention_mask
+from magnet_jax.generation.decoding import DecodeParams, TextConditioning
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 T, K, CARD, CTX = 12, 4, 32, 2
 

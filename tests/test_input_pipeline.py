@@ -13,10 +13,10 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipelines import synthetic_corpus as sc
 from data_pipelines.encode_audio import write_shard
-from magnet_jax import input_pipeline as ip
-from magnet_jax.conditioner import TextTokenizer
-from magnet_jax.records import CodeRecord, RecordError, normalize_metadata, read_header, shard_name
-from magnet_jax.t5 import write_random_t5
+from magnet_jax.data import input_pipeline as ip
+from magnet_jax.models.conditioner import TextTokenizer
+from magnet_jax.data.records import CodeRecord, RecordError, normalize_metadata, read_header, shard_name
+from magnet_jax.models.t5 import write_random_t5
 
 NUM_CLIPS = 12
 

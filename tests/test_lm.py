@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs.magnet import get_config
-from magnet_jax.lm import LanguageModel, LMConfig, count_params, init_params
-from magnet_jax.lm_weights import audiocraft_shapes, set_layer_layout
+from magnet_jax.models.lm import LanguageModel, LMConfig, count_params, init_params
+from magnet_jax.checkpoints.lm_weights import audiocraft_shapes, set_layer_layout
 
 LENGTH, COND_LEN, CARD = 32, 5, 16
 

@@ -1,4 +1,4 @@
-"""Our LM against the PyTorch references on the same random weights, converted by `magnet_jax.lm_weights`.
+"""Our LM against the PyTorch references on the same random weights, converted by `magnet_jax.checkpoints.lm_weights`.
 
 - transformers `MusicgenForCausalLM` / `MusicgenForConditionalGeneration` (causal MusicGen) through the
   transformers-format importer;
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_jax import lm_weights
-from magnet_jax.lm import LanguageModel, LMConfig
+from magnet_jax.checkpoints import lm_weights
+from magnet_jax.models.lm import LanguageModel, LMConfig
 
 audiocraft_stubs.install()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_jax import masking
+from magnet_jax.training import masking
 
 
 @pytest.fixture(scope="module")

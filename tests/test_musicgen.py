@@ -7,9 +7,9 @@ import torch
 from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from magnet_jax.lm import LanguageModel, LMConfig
-from magnet_jax.lm_weights import import_transformers
-from magnet_jax.musicgen import apply_delay_pattern, generate_ar, revert_delay_pattern, sampler
+from magnet_jax.models.lm import LanguageModel, LMConfig
+from magnet_jax.checkpoints.lm_weights import import_transformers
+from magnet_jax.generation.musicgen import apply_delay_pattern, generate_ar, revert_delay_pattern, sampler
 
 V, K, D, H, N, B, L, T = 32, 4, 32, 4, 2, 2, 5, 20
 

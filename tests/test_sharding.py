@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs.magnet import get_config
-from magnet_jax import sharding, train_lib
+from magnet_jax import sharding
+from magnet_jax.training import train_lib
 
 
 def _mesh_cfg(**degrees):

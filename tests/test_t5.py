@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import T5EncoderModel, T5Tokenizer
 
-from magnet_jax.t5 import T5Encoder, load_t5, relative_position_bucket, write_random_t5
-from magnet_jax.weights import WeightsError
+from magnet_jax.models.t5 import T5Encoder, load_t5, relative_position_bucket, write_random_t5
+from magnet_jax.checkpoints.weights import WeightsError
 
 CORPUS = ["happy rock song with drums and electric guitar", "calm piano melody in a minor key",
           "jazz with saxophone, upright bass and brushes", "électro à la française, 128 bpm",

@@ -8,8 +8,8 @@ import pytest
 
 from data_pipelines import tfds_builder
 from data_pipelines.encode_audio import write_shard
-from magnet_jax import input_pipeline as ip
-from magnet_jax.records import CodeRecord, shard_name
+from magnet_jax.data import input_pipeline as ip
+from magnet_jax.data.records import CodeRecord, shard_name
 
 REPO = Path(__file__).resolve().parents[1]
 

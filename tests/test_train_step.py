@@ -14,10 +14,12 @@ import torch
 from jax.sharding import PartitionSpec as P
 
 from configs.magnet import get_config
-from magnet_jax import conditioner, flops, optim, sharding, t5, train_lib
-from magnet_jax.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.pretrained import read_config
-from magnet_jax.weights import WeightsError
+from magnet_jax import sharding
+from magnet_jax.models import conditioner, t5
+from magnet_jax.training import flops, optim, train_lib
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.checkpoints.pretrained import read_config
+from magnet_jax.checkpoints.weights import WeightsError
 
 CORPUS = ["rock music with heavy drums", "calm jazz piano at night", "ambient synth pad", "upbeat pop song",
           "orchestral strings and brass", "lofi hip hop beat"] * 10

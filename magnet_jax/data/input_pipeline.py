@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from magnet_jax.records import CodeRecord, RecordError, read_header
+from magnet_jax.data.records import CodeRecord, RecordError, read_header
 
 # metadata fields merged into descriptions, in audiocraft's MusicInfo field order
 MERGE_FIELDS = ("key", "bpm", "genre", "moods", "keywords", "instrument")
@@ -349,7 +349,7 @@ class InputCheckpointHandler(grain.checkpoint.CheckpointHandler):
             raise ValueError(f"{directory}: no input pipeline state (process_*-of-*.json)")
         if not isinstance(item, BatchIterator):
             raise ValueError(f"{directory}: saved by {saved[0].name.split('-of-')[1][:-5]} processes, restoring on "
-                             f"{jax.process_count()}; only magnet_jax.input_pipeline.BatchIterator states can move "
+                             f"{jax.process_count()}; only magnet_jax.data.input_pipeline.BatchIterator states can move "
                              "to another process count")
         item.set_state(json.loads(saved[0].read_text()))
         item.start_prefetch()

@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax import musicgen
-from magnet_jax.lm import LanguageModel, LMConfig
-from magnet_jax.sampling import (FROZEN_SCORE, chunk_scores, least_probable_span_mask, sample_tokens,
+from magnet_jax.generation import musicgen
+from magnet_jax.models.lm import LanguageModel, LMConfig
+from magnet_jax.generation.sampling import (FROZEN_SCORE, chunk_scores, least_probable_span_mask, sample_tokens,
                                  top_units_mask)
 
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")

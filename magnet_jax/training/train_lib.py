@@ -6,7 +6,7 @@ Public API (api_contracts.md):
   train_state_shardings(config, mesh) -> (abstract_state, shardings)
   create_train_state(config, key, *, mesh=None) -> TrainState
       scratch init (`lm.init_params`, the reference's init) or, when `config.train.init_from` is set, the params of a
-      converted checkpoint directory (`magnet_jax.pretrained.save_pretrained` format) to fine-tune; with `mesh` the
+      converted checkpoint directory (`magnet_jax.checkpoints.pretrained.save_pretrained` format) to fine-tune; with `mesh` the
       state is created directly in its shardings.
   text_encoder_shardings(t5_config, mesh, rules) -> shardings of the frozen T5 params
   make_train_step(config, mesh, t5_config) -> step(state, t5_params, batch, key) -> (state, metrics)
@@ -31,7 +31,7 @@ Metrics (float32 scalars): loss (mean cross-entropy over masked tokens), ppl, lo
 the stages not trained this step; `metrics.summarize` skips NaN), stage, mask_fraction, grad_norm (before clipping),
 lr (the schedule's value; D-Adaptation multiplies it by its own estimate), skipped_steps.
 
-`config.train.objective` selects the loss: "magnet" (above) or "hybrid" (Hybrid-MAGNeT, `magnet_jax.hybrid`: the
+`config.train.objective` selects the loss: "magnet" (above) or "hybrid" (Hybrid-MAGNeT, `magnet_jax.generation.hybrid`: the
 delay layout, a per-sample autoregressive prefix in the loss beside the masked suffix tokens of stage s; needs
 `model.causal=False`). With "hybrid", `loss` is the mean over prefix and masked tokens, and `ar_loss` / `nar_loss`
 (means over their own tokens; NaN when a step has none) are added; mask_fraction counts the masked suffix tokens.
@@ -47,11 +47,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from magnet_jax import conditioner, hybrid, masking, sharding
-from magnet_jax.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.optim import all_finite, ema_update, learning_rate_schedule, make_optimizer
-from magnet_jax.t5 import T5Config, T5Encoder
-from magnet_jax.weights import WeightsError
+from magnet_jax import sharding
+
+from magnet_jax.generation import hybrid
+
+from magnet_jax.models import conditioner
+
+from magnet_jax.training import masking
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.training.optim import all_finite, ema_update, learning_rate_schedule, make_optimizer
+from magnet_jax.models.t5 import T5Config, T5Encoder
+from magnet_jax.checkpoints.weights import WeightsError
 
 OBJECTIVES = ("magnet", "hybrid")  # config.train.objective
 # LMConfig fields that define the architecture: a checkpoint to fine-tune must match them (dtype, remat,
@@ -103,7 +109,7 @@ def _load_init_params(config, shardings) -> Any:
     magnet_jax.convert` of `facebook/magnet-small-10secs`) or anything else `pretrained.load_lm` reads (released
     audiocraft / transformers weights, converted on the fly).
     """
-    from magnet_jax.pretrained import load_lm
+    from magnet_jax.checkpoints.pretrained import load_lm
     source = config.train.init_from
     saved, params = load_lm(source, dtype=config.model.param_dtype, scan_layers=config.model.scan_layers)
     for field in ARCHITECTURE_FIELDS:
@@ -368,7 +374,7 @@ def export_params(state: TrainState, directory: str, config, *, use_ema: bool = 
       use_ema: export `state.ema_params` (default, as the reference exports its EMA/best state) or `state.params`.
       dtype: "float32" or "bfloat16" for the stored params.
     """
-    from magnet_jax.pretrained import save_pretrained
+    from magnet_jax.checkpoints.pretrained import save_pretrained
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"export dtype={dtype!r}: expected 'float32' or 'bfloat16'")
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), state.ema_params if use_ema else state.params)

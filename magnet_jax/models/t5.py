@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax.attention import Projection
-from magnet_jax.weights import WeightsError, check_state_dict, load_safetensors, resolve_file
+from magnet_jax.models.attention import Projection
+from magnet_jax.checkpoints.weights import WeightsError, check_state_dict, load_safetensors, resolve_file
 
 
 @dataclasses.dataclass(frozen=True)

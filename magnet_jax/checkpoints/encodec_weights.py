@@ -1,4 +1,4 @@
-"""Released EnCodec weights -> `magnet_jax.encodec` params (weight norm folded, PyTorch layouts transposed).
+"""Released EnCodec weights -> `magnet_jax.models.encodec` params (weight norm folded, PyTorch layouts transposed).
 
 Two on-disk formats, told apart automatically by `load_encodec(source)`:
   * transformers (`facebook/encodec_32khz`): `config.json` + `model.safetensors`, read without torch. Weight-normed
@@ -8,7 +8,7 @@ Two on-disk formats, told apart automatically by `load_encodec(source)`:
     `{'best_state': state dict, 'xp.cfg': YAML}` or a pointer `{'pretrained': 'facebook/encodec_32khz'}` that is
     loaded through the transformers path (MAGNeT repos ship the pointer).
 `source` is a hub id, a local directory holding either layout, or the `.bin` file itself. Every tensor must match
-the architecture of the loaded config (`magnet_jax.weights.check_state_dict`); only the quantizer's training state
+the architecture of the loaded config (`magnet_jax.checkpoints.weights.check_state_dict`); only the quantizer's training state
 (`embed_avg`, `cluster_size`, `inited`) is skipped. The padding mode is the one in the loaded config.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from magnet_jax.encodec import EncodecConfig, abstract_params
-from magnet_jax.weights import (WeightsError, check_state_dict, flatten_params, load_safetensors, load_torch_pickle,
+from magnet_jax.models.encodec import EncodecConfig, abstract_params
+from magnet_jax.checkpoints.weights import (WeightsError, check_state_dict, flatten_params, load_safetensors, load_torch_pickle,
                                 resolve_file, unflatten_params)
 
 WHAT = "EnCodec weights"
@@ -44,7 +44,7 @@ def load_encodec(source: str | os.PathLike) -> tuple[EncodecConfig, dict]:
 
     Returns:
       (config, params): the architecture read from the checkpoint's own config, and a param tree for
-      `magnet_jax.encodec.encode/decode` (float32 device arrays).
+      `magnet_jax.models.encodec.encode/decode` (float32 device arrays).
     Raises:
       WeightsError: one-line message naming the file/key when the source is missing, unreadable or mismatched.
     """

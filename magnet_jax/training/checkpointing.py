@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from magnet_jax.input_pipeline import InputCheckpointRestore, InputCheckpointSave
+from magnet_jax.data.input_pipeline import InputCheckpointRestore, InputCheckpointSave
 
 STATE, DATA, CONFIG = "state", "data", "config"
 

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax import decoding, musicgen
-from magnet_jax.attention import hybrid_attention_mask
-from magnet_jax.decoding import DecodeParams, TextConditioning
-from magnet_jax.lm import LanguageModel
+from magnet_jax.generation import decoding, musicgen
+from magnet_jax.models.attention import hybrid_attention_mask
+from magnet_jax.generation.decoding import DecodeParams, TextConditioning
+from magnet_jax.models.lm import LanguageModel
 
 AR_SAMPLE = musicgen.sampler(temperature=1.0, top_k=250)  # the branch's AR prefix sampling (one object: one program)
 

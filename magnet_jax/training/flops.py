@@ -22,7 +22,7 @@ Public API:
 """
 from __future__ import annotations
 
-from magnet_jax.lm import LMConfig
+from magnet_jax.models.lm import LMConfig
 
 
 def matmul_params(config: LMConfig) -> tuple[int, int]:

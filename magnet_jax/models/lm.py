@@ -24,9 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.attention import (MultiHeadAttention, cached_causal_mask, stage_attention_mask,
+from magnet_jax.models.attention import (MultiHeadAttention, cached_causal_mask, stage_attention_mask,
                                   truncated_normal)
-from magnet_jax.conditioner import ConditionProjection
+from magnet_jax.models.conditioner import ConditionProjection
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ Throughput definitions (per optimizer step, global batch B, K codebooks, T frame
   tokens/s         = B·K·T / step time        (codebook tokens, the unit audio LMs count)
   audio-seconds/s  = B·S / step time
   MFU              = model FLOPs per step / (step time · peak FLOP/s per device · devices)
-Model FLOPs per step come from `magnet_jax.flops` (documented formula there). The peak is the device's dense bf16
+Model FLOPs per step come from `magnet_jax.training.flops` (documented formula there). The peak is the device's dense bf16
 peak from `PEAK_FLOPS` (matched on `device.device_kind`); on CPU it is a matmul FLOP/s measured at start-up with
 every local device busy at once (`measure_matmul_peak`), so simulated CPU devices sharing cores are not overcounted.
 

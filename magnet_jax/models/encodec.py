@@ -2,7 +2,7 @@
 
 MAGNeT tokenizes 32 kHz mono music with the EnCodec of magnet-spec §7.5 (strides 4·4·5·8, hop 640, 50 Hz,
 4 codebooks × 2048, latent dim 128) and sound with a 16 kHz one (strides 2·4·5·8, hop 320); both are described
-by an `EncodecConfig`. Weights come from `magnet_jax.encodec_weights.load_encodec` (weight norm folded at load),
+by an `EncodecConfig`. Weights come from `magnet_jax.checkpoints.encodec_weights.load_encodec` (weight norm folded at load),
 or `init_encodec` builds a random codec with fitted codebooks for tests and the quickstart.
 
 Public entry points (pure, jitted, `config` static):

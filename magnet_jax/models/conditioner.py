@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax.attention import torch_linear_uniform
-from magnet_jax.t5 import T5Config, T5Encoder, load_t5
+from magnet_jax.models.attention import torch_linear_uniform
+from magnet_jax.models.t5 import T5Config, T5Encoder, load_t5
 
 
 class ConditionProjection(nn.Module):
@@ -57,7 +57,7 @@ class TextTokenizer:
     def _load(self):
         from transformers import T5Tokenizer
 
-        from magnet_jax.weights import WeightsError, resolve_file
+        from magnet_jax.checkpoints.weights import WeightsError, resolve_file
         resolve_file(self.source, "spiece.model", what=f"T5 tokenizer {self.source!r}")  # clear error first
         try:
             return T5Tokenizer.from_pretrained(self.source)

@@ -1,6 +1,6 @@
 """Code records: one encoded audio item (EnCodec codes + text metadata) as the bytes of one ArrayRecord entry.
 
-Written by `data_pipelines.encode_audio`, read by `magnet_jax.input_pipeline` and `data_pipelines.tfds_builder`.
+Written by `data_pipelines.encode_audio`, read by `magnet_jax.data.input_pipeline` and `data_pipelines.tfds_builder`.
 
 Byte layout (no pickle): `b"MJCR"`, a little-endian uint32 header length, a UTF-8 JSON header, then the codes as
 little-endian int16 in C order (`[K, T]`). The header carries the shape and a CRC-32 of the codes so a damaged record

@@ -16,7 +16,7 @@ Public API:
   masked_cross_entropy(logits [B, K, T, V], targets [B, K, T], stage, time_mask [B, T]) -> (ce_sum, count)
   MaskedBatch, mask_batch(key, codes, table, span_len, mask_id) -> MaskedBatch
 
-Hybrid-MAGNeT (one model, delay layout; `magnet_jax.hybrid`): per batch a stage k, per sample a layout boundary b
+Hybrid-MAGNeT (one model, delay layout; `magnet_jax.generation.hybrid`): per batch a stage k, per sample a layout boundary b
 uniform in [0, T); codebook q's frames t < b - q are the autoregressive prefix (ground truth, all in the loss),
 codebook k is span-masked inside its suffix [max(b - k, 0), T) at the cosine rate with the span table of the suffix
 length, codebooks above k are masked from their own boundary on.

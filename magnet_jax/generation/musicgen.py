@@ -3,7 +3,7 @@
 Delay layout for K codebooks and T frames: S = T + K steps; step 0 is all special tokens; step s holds frame
 t = s - 1 - q of codebook q when 0 <= t < T and the special id otherwise. Generation streams steps 1 .. S-1 with a
 self-attention key/value cache, one compiled `lax.fori_loop`, classifier-free guidance on the `[cond; null]` batch
-(`stream_layout`; it also streams the autoregressive prefix of Hybrid-MAGNeT, `magnet_jax.hybrid`). `frame_logits`
+(`stream_layout`; it also streams the autoregressive prefix of Hybrid-MAGNeT, `magnet_jax.generation.hybrid`). `frame_logits`
 aligns layout logits with frames.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.lm import LanguageModel, init_cache
-from magnet_jax.sampling import sample_tokens
+from magnet_jax.models.lm import LanguageModel, init_cache
+from magnet_jax.generation.sampling import sample_tokens
 
 SampleFn = Callable[[jax.Array, jax.Array], jax.Array]  # (key, logits [B, K, card]) -> tokens [B, K]
 

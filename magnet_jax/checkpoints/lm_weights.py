@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from magnet_jax.lm import LMConfig
-from magnet_jax.weights import (WeightsError, check_state_dict, flatten_params, load_safetensors, load_torch_pickle,
+from magnet_jax.models.lm import LMConfig
+from magnet_jax.checkpoints.weights import (WeightsError, check_state_dict, flatten_params, load_safetensors, load_torch_pickle,
                                 resolve_file, unflatten_params)
 
 AUDIOCRAFT_LM_FILE = "state_dict.bin"
@@ -399,7 +399,7 @@ def import_lm(source: str, *, scan_layers: bool = True) -> tuple[dict, dict]:
     elif path.is_dir():
         if (path / "params").is_dir():
             raise WeightsError(f"{path} is already a converted magnet_jax checkpoint (read it with "
-                               "magnet_jax.pretrained.load_pretrained)")
+                               "magnet_jax.checkpoints.pretrained.load_pretrained)")
         hf = not (path / AUDIOCRAFT_LM_FILE).exists() and (path / HF_CONFIG_FILE).exists()
     else:
         return _import_hub(str(source), scan_layers=scan_layers)
@@ -525,7 +525,7 @@ def export_audiocraft(directory: str | Path, params: Mapping, config: Mapping, *
 
     Atomic: everything is written to a temporary sibling directory that is renamed into place.
     """
-    from magnet_jax.pretrained import atomic_directory, model_objective
+    from magnet_jax.checkpoints.pretrained import atomic_directory, model_objective
     if model_objective(config, str(directory)) != "magnet":
         raise WeightsError(f"{directory}: the audiocraft format cannot hold a Hybrid-MAGNeT model (objective "
                            f"{config['objective']!r}); keep the converted (orbax) format")

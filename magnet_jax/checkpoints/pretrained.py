@@ -26,10 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from magnet_jax.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.lm_weights import import_lm, set_layer_layout
-from magnet_jax.train_lib import OBJECTIVES
-from magnet_jax.weights import WeightsError, check_state_dict, flatten_params
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.checkpoints.lm_weights import import_lm, set_layer_layout
+from magnet_jax.training.train_lib import OBJECTIVES
+from magnet_jax.checkpoints.weights import WeightsError, check_state_dict, flatten_params
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
