@@ -41,6 +41,7 @@ setup(
         "test": [
             "torch==2.13.0",
             "pytest>=8",
+            "ruff>=0.15",  # formatter and linter, checked by tests/run.sh
             "matplotlib>=3.8",
             # real dependencies of the audiocraft reference used in parity tests
             "einops>=0.8",

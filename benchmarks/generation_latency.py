@@ -27,12 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from timing import BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure, write_results
 
+from magnet_jax.checkpoints.lm_weights import params_from_audiocraft
 from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
 from magnet_jax.models.lm import LanguageModel, LMConfig, count_params
-from magnet_jax.checkpoints.lm_weights import params_from_audiocraft
-from timing import (BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure,
-                    write_results)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for references/
+from references.audiocraft_lm import lm_state, token_conditioned_magnet  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", True, "short run: batch 1,2,4, steps 4,2,2,2, one timed call each")
 _SIZES = flags.DEFINE_list("sizes", ["512x8"], "models: <dim>x<layers> (dim / 64 heads) and/or presets "
@@ -49,46 +51,16 @@ FRAME_RATE = 50
 N_BINS = 1000  # lookup-table text vocabulary
 
 
-def install_audiocraft() -> None:
-    """Makes audiocraft 1.3.0 importable on this machine (the test suite's import stubs, dependencies.md §7)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import audiocraft_stubs
-    audiocraft_stubs.install()
-
-
 def build_audiocraft(config: LMConfig, duration: float):
     """audiocraft's MagnetLMModel (xformers path emulated with SDPA, band mask honoured) + the same params for JAX."""
-    import torch
-    import audiocraft.modules.transformer as transformer
-    from audiocraft.models.lm_magnet import MagnetLMModel
-    from audiocraft.modules.codebooks_patterns import ParallelPatternProvider
-    from audiocraft.modules.conditioners import ConditionFuser, ConditioningProvider, LUTConditioner
+    def tokenize(texts):  # descriptions are space-separated token ids, all of the same length here
+        length = _COND_LENGTH.value
+        ids = np.asarray([[int(w) for w in t.split()] if t is not None else [0] * length for t in texts])
+        return ids, np.asarray([[int(t is not None)] * length for t in texts], np.int32)
 
-    class TokensConditioner(LUTConditioner):
-        """Descriptions are space-separated token ids (all of the same length here): a T5-shaped condition."""
-
-        def tokenize(self, texts):
-            length = _COND_LENGTH.value
-            ids = torch.tensor([[int(w) for w in t.split()] if t is not None else [0] * length for t in texts])
-            mask = torch.tensor([[int(t is not None)] * length for t in texts], dtype=torch.int32)
-            return ids, mask
-
-    transformer.set_efficient_attention_backend("xformers")
-    torch.manual_seed(0)
-    c = config
-    provider = ConditioningProvider(
-        {"description": TokensConditioner(n_bins=N_BINS, dim=c.cond_dim, output_dim=c.dim, tokenizer="noop")})
-    fuser = ConditionFuser({"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []})
-    lm = MagnetLMModel(
-        pattern_provider=ParallelPatternProvider(n_q=c.n_q, empty_initial=-1), condition_provider=provider,
-        fuser=fuser, n_q=c.n_q, card=c.card, dim=c.dim, num_heads=c.num_heads, num_layers=c.num_layers,
-        hidden_scale=c.hidden_scale, cross_attention=True, causal=False, norm_first=True, bias_proj=False,
-        bias_ff=False, bias_attn=False, activation="gelu", dropout=0.0, positional_embedding="sin", device="cpu",
-        dtype=torch.float32, subcodes_context=c.subcodes_context, compression_model_framerate=FRAME_RATE,
-        segment_duration=int(np.ceil(duration)), span_len=3, memory_efficient=True).eval()
-    state = {k: v.numpy() for k, v in lm.state_dict().items() if not k.endswith("description.embed.weight")}
-    params = jax.tree.map(jnp.asarray, params_from_audiocraft(state, c, source="audiocraft benchmark model"))
-    table = provider.conditioners["description"].embed.weight.detach().numpy()
+    lm, table = token_conditioned_magnet(config, tokenize, n_bins=N_BINS, frame_rate=FRAME_RATE,
+                                         segment_duration=int(np.ceil(duration)))
+    params = jax.tree.map(jnp.asarray, params_from_audiocraft(lm_state(lm), config, source="audiocraft benchmark"))
     return lm, params, table
 
 
@@ -161,7 +133,6 @@ def main(argv):
     steps = tuple(int(s) for s in _STEPS.value or ((4, 2, 2, 2) if quick else (20, 10, 10, 10)))
     repeats = _REPEATS.value or (1 if quick else 3)
     dp = DecodeParams(decoding_steps=steps)  # music defaults: top-p 0.9, temperature 3, CFG 10 -> 1, nonoverlap
-    install_audiocraft()
     import torch
     meta = {**machine(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "duration_s": _DURATION.value, "decoding_steps": list(steps), "cond_length": _COND_LENGTH.value,

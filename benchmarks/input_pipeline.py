@@ -9,7 +9,7 @@ the tiny ratio is a lower bound for the other sizes. (The small step on CPU need
 Without `--files` it writes `--num_records` records of `--record_seconds` of random codes (synthetic-corpus
 descriptions) with the encode job's shard writer, so only the pipeline is measured (reading, decoding, cropping,
 metadata merge, T5 tokenization with word dropout, batching). The tokenizer is a sentencepiece model trained on those
-descriptions (`magnet_jax.models.t5.write_random_t5`) unless `--t5` names a T5 directory. The train step is the real one
+descriptions (`magnet_jax.models.t5_weights.write_random_t5`) unless `--t5` names a T5 directory. The train step is the real one
 (`train_lib.make_train_step`, random weights, frozen random T5 of the configured width) on this host's devices;
 its consumption is global batch / step time. Prints a table and writes JSON to `--output`.
 """
@@ -83,8 +83,9 @@ def train_step_rate(size: str, t5_dir: str, batch: int, steps: int) -> dict:
 
     from configs.magnet import get_config
     from magnet_jax import sharding
+    from magnet_jax.checkpoints.t5_weights import load_t5
+    from magnet_jax.models import t5
     from magnet_jax.training import train_lib
-    from magnet_jax.models.t5 import load_t5
 
     config = get_config(f"size={size}")
     config.data.batch_size = batch
@@ -93,7 +94,7 @@ def train_step_rate(size: str, t5_dir: str, batch: int, steps: int) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config)
     t5_config, t5_params = load_t5(t5_dir)
-    t5_params = jax.device_put(t5_params, train_lib.text_encoder_shardings(t5_config, mesh, rules))
+    t5_params = jax.device_put(t5_params, t5.param_shardings(t5_config, mesh, rules))
     state = train_lib.create_train_state(config, jax.random.key(0), mesh=mesh)
     step = train_lib.make_train_step(config, mesh, t5_config)
     rng = np.random.default_rng(0)
@@ -126,10 +127,10 @@ def main(argv):
 def benchmark(work: Path) -> dict:
     """Measures the pipeline and the train steps, prints the table, returns the results."""
     from configs.magnet import get_config
+    from magnet_jax.checkpoints.t5_weights import write_random_t5
     from magnet_jax.data import input_pipeline
-    from magnet_jax.models.conditioner import TextTokenizer
     from magnet_jax.data.records import CodeRecord, read_header
-    from magnet_jax.models.t5 import write_random_t5
+    from magnet_jax.data.tokenizer import TextTokenizer
 
     files = FLAGS.files or synthetic_shards(work / "codes", FLAGS.num_records, FLAGS.record_seconds,
                                            get_config("size=tiny").codec.card)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from configs.magnet import get_config
-from magnet_jax.training.flops import forward_flops
 from magnet_jax.models.lm import LanguageModel, LMConfig, count_params, init_params
+from magnet_jax.training.flops import forward_flops
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "presets to time end to end")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed forwards per size (after one warm-up)")

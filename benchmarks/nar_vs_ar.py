@@ -31,13 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from timing import BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure, write_results
 
 from magnet_jax.generation import musicgen
 from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
 from magnet_jax.generation.hybrid import generate_hybrid_codes
 from magnet_jax.models.lm import LanguageModel, count_params, init_params
-from timing import (BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure,
-                    write_results)
 
 METHODS = ("magnet", "magnet+rescore", "hybrid", "musicgen")
 _SIZE = flags.DEFINE_string("size", "256x4", f"model: <dim>x<layers> or a preset ({', '.join(BENCH_SIZES)})")

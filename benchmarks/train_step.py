@@ -32,9 +32,10 @@ from absl import app, flags
 
 from configs.magnet import get_config
 from magnet_jax import sharding
-from magnet_jax.training import flops, metrics, train_lib
+from magnet_jax.models import t5
 from magnet_jax.models.lm import LMConfig, count_params
 from magnet_jax.models.t5 import T5Config, T5Encoder
+from magnet_jax.training import flops, metrics, train_lib
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "presets to benchmark")
 _BATCH = flags.DEFINE_list("batch", ["tiny:8", "small:1"], "global batch per preset (size:batch)")
@@ -54,7 +55,7 @@ def random_text_encoder(t5_dim: int, mesh, rules):
     t5_config = T5Config(d_model=t5_dim, **_T5_SHAPES[t5_dim])
     tokens = jnp.zeros((1, 4), jnp.int32)
     init = jax.jit(lambda k: nn.meta.unbox(T5Encoder(t5_config).init(k, tokens, tokens)["params"]),
-                   out_shardings=train_lib.text_encoder_shardings(t5_config, mesh, rules))
+                   out_shardings=t5.param_shardings(t5_config, mesh, rules))
     return t5_config, init(jax.random.key(1))
 
 

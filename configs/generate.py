@@ -11,7 +11,7 @@ Preset options (the arg string after the file name):
   task:     music | sound: picks the generation defaults (temperature, top-p, CFG) of configs/magnet.py
 
 The `generate` section starts from configs/magnet.py's `generate` section for that duration and task (the released
-models' defaults, magnet-spec §6.2); single fields are overridden as usual (`--config.generate.top_p=0.95`,
+models' defaults, docs/design.md §6.2); single fields are overridden as usual (`--config.generate.top_p=0.95`,
 `--config.generate.decoding_steps='(20,10,10,10)'`).
 Rescoring and the composition-mode hybrid take causal MusicGen sources: `--config.rescorer=facebook/musicgen-small
 --config.generate.rescore_weight=0.5`, `--config.ar_model=facebook/musicgen-small --config.generate.prefix_seconds=2`.
@@ -26,6 +26,7 @@ import ml_collections
 
 from configs import magnet
 from configs.common import parse_arg
+from magnet_jax import api
 from magnet_jax.generation.decoding import DecodeParams, PrefixParams
 
 
@@ -36,18 +37,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     base = magnet.get_config(f"size=tiny,duration={arg.duration},task={arg.task}")
     c = ml_collections.ConfigDict()
     c.source = arg.source
-    c.t5 = ""  # text encoder (hub id or dir) instead of the checkpoint's; "" = the checkpoint's
-    c.codec = ""  # EnCodec (hub id, dir or file) instead of the checkpoint's; "" = the checkpoint's
-    c.dtype = "float32"  # LM compute dtype ("bfloat16" on accelerators); params keep their stored dtype
-    # Causal MusicGen models (hub id e.g. facebook/musicgen-small, audiocraft or transformers files, converted dir):
-    c.rescorer = ""  # mixed into the span confidences (generate.rescore_weight); "" = no rescoring
-    c.ar_model = ""  # generates the first generate.prefix_seconds (composition-mode hybrid); may equal rescorer
+    # t5, codec, dtype, mesh, sharding_rules, text_length, rescorer, ar_model: the API's defaults (magnet_jax.api)
+    c.update(api.DEFAULT_SETTINGS)
     # (a Hybrid-MAGNeT source generates its prefix itself: no rescorer, no ar_model)
 
     c.seed = 0  # seed of prompts that give none
     c.num_samples = 1  # samples per prompt when a prompt line gives none
     c.batch_size = 8  # rows per generation step over all devices and hosts (multiple of the data-parallel size)
-    c.text_length = base.conditioner.max_length  # descriptions are padded to this many tokens (one compile)
 
     generate = base.generate.to_dict()  # references resolved: a plain copy
     generate.update(duration=float(arg.duration),
@@ -57,10 +53,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # itself): the library defaults.
     generate.update(rescore_weight=DecodeParams.rescore_weight, **dataclasses.asdict(PrefixParams()))
     c.generate = ml_collections.ConfigDict(generate)
-
-    # Data parallel over every device of every host; `tensor` > 1 shards the LM by the rules (large models).
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
-    c.sharding_rules = list(base.sharding_rules)
 
     c.output = ml_collections.ConfigDict()
     c.output.format = "wav"  # soundfile container: wav | flac

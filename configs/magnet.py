@@ -19,6 +19,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.common import parse_arg
+from magnet_jax import sharding
 
 SIZES = {  # dim, heads, layers (audiocraft config/model/lm/model_scale/*.yaml); tiny is for tests/quickstart
     "tiny": (64, 4, 2),
@@ -27,7 +28,7 @@ SIZES = {  # dim, heads, layers (audiocraft config/model/lm/model_scale/*.yaml);
     "large": (2048, 32, 48),
 }
 
-# EnCodec architectures (magnet-spec §7.5). `ratios` are in decoder order; hop = prod(ratios).
+# EnCodec architectures (docs/design.md §9). `ratios` are in decoder order; hop = prod(ratios).
 CODECS = {
     "music": dict(source="facebook/encodec_32khz", sample_rate=32000, ratios=(8, 5, 4, 4), n_filters=64,
                   dimension=128, card=2048, n_q=4, num_lstm_layers=2, pad_mode="constant"),
@@ -139,24 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.dcn_data = 1  # multi-slice: degrees across slices (data-centre network)
     c.mesh.dcn_fsdp = 1
     c.mesh.dcn_tensor = 1
-    c.sharding_rules = [  # logical axis -> mesh axes
-        ("batch", ("data", "fsdp")),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv", None),
-        ("layers", None),
-        ("length", None),
-        ("norm", None),
-        ("act_embed", None),
-        ("act_mlp", "tensor"),
-        ("act_heads", "tensor"),
-        ("act_kv", None),
-        ("act_vocab", "tensor"),
-        ("cond_length", None),
-        ("cond_embed", None),
-    ]
+    c.sharding_rules = list(sharding.DEFAULT_RULES)  # logical axis -> mesh axes
 
     # --- data ------------------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -168,7 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
     c.data.worker_count = 0  # grain multiprocessing workers (0 = in-process)
     c.data.prefetch = 4
-    c.data.merge_text_p = 0.25  # metadata merge into descriptions (spec §2.5); 0 disables
+    c.data.merge_text_p = 0.25  # metadata merge into descriptions (docs/design.md §3); 0 disables
     c.data.drop_desc_p = 0.5
     c.data.drop_other_p = 0.5
 

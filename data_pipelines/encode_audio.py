@@ -7,7 +7,7 @@ Input is a directory (searched recursively for .wav/.flac/.ogg/.mp3, each with a
 `artist`) or a JSONL manifest (one object per line: `path` (relative to the manifest's folder or absolute), optional
 `offset`/`excerpt_seconds` to encode part of a file, optional metadata fields that override the sidecar; audiocraft's
 manifest keys `duration`/`sample_rate` are checked against the file). Each file is read with soundfile, downmixed
-to mono (channel mean) and resampled to the codec rate with soxr VHQ (`magnet_jax.api.to_codec_audio`), then encoded
+to mono (channel mean) and resampled to the codec rate with soxr VHQ (`magnet_jax.data.audio.to_codec_audio`), then encoded
 in fixed windows of `--chunk_seconds` batched across files and sharded over `jax.local_devices()`; long files are the
 concatenation of their windows' codes (as `magnet_jax.models.encodec.encode_long`). A file shorter than `--segment_seconds` but at least `--min_segment_ratio` of it is zero-padded
 to the segment (as audiocraft pads short training segments); shorter, empty, unreadable or non-finite files are
@@ -30,7 +30,6 @@ import logging as std_logging
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -40,7 +39,8 @@ import soundfile as sf
 from absl import logging
 
 from magnet_jax.data import records
-from magnet_jax.api import to_codec_audio
+from magnet_jax.data.audio import to_codec_audio
+from magnet_jax.fileio import TMP_PREFIX, atomic_file, pin_settings, write_json
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # Manifest keys that are not text metadata (audiocraft's AudioMeta fields and our excerpt fields).
@@ -229,7 +229,8 @@ class WindowEncoder:
 
     def __init__(self, codec_config, params, *, batch_size: int, devices=None):
         import jax
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         devices = list(devices or jax.local_devices())
         self.batch_size = math.ceil(batch_size / len(devices)) * len(devices)
@@ -300,26 +301,17 @@ class CodesAssembler:
 
 # ---- shards and resume --------------------------------------------------------------------------------
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")  # unique across hosts
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_shard(path: Path, payloads: Sequence[bytes]) -> None:
     """Writes an ArrayRecord shard under a temporary name, then renames it into place."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    try:
-        for payload in payloads:
-            writer.write(payload)
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+        try:
+            for payload in payloads:
+                writer.write(payload)
+        finally:
+            writer.close()
 
 
 def shard_is_complete(path: Path) -> bool:
@@ -341,24 +333,6 @@ def shard_is_complete(path: Path) -> bool:
     except Exception:  # missing, truncated or garbled shard/sidecar: redo it
         return False
     return found == expected
-
-
-def pin_settings(output: Path, settings: Settings) -> None:
-    """Writes `encode_job.json`, or checks that an existing one has the same settings."""
-    path = output / JOB_FILE
-    current = dataclasses.asdict(settings)
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise EncodeJobError(f"{path}: cannot read the pinned job settings ({e}); remove it or use a new "
-                                 "--output") from None
-        diffs = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items() if previous.get(k) != v]
-        if diffs:
-            raise EncodeJobError(f"--output={output} holds shards from a job with other settings ({'; '.join(diffs)})"
-                                 "; rerun with the same settings to resume, or use a new --output")
-        return
-    _write_json_atomic(path, current)
 
 
 @dataclasses.dataclass
@@ -423,7 +397,7 @@ def encode_shard(path: Path, items: Sequence[AudioItem], loaded_stream: Iterator
         payloads.append(record.to_bytes())
         listing.append({"source": record.source, "offset": record.offset, "duration": record.duration,
                         "frames": int(record.codes.shape[-1])})
-    _write_json_atomic(path.with_suffix(".json"), {"records": listing, "skipped": skipped})
+    write_json(path.with_suffix(".json"), {"records": listing, "skipped": skipped})
     if payloads:
         write_shard(path, payloads)
     progress.shards_written += 1
@@ -460,7 +434,7 @@ def run(input: str, output: str, *, codec_source: str, codec_config, codec_param
         segment_seconds=float(segment_seconds), min_segment_ratio=float(min_segment_ratio),
         records_per_shard=int(records_per_shard), allow_missing_metadata=bool(allow_missing_metadata),
         process_count=int(process_count), inputs_fingerprint=inputs_fingerprint(items), num_inputs=len(items))
-    pin_settings(out, settings)
+    pin_settings(out / JOB_FILE, dataclasses.asdict(settings), error=EncodeJobError)
 
     share = process_share(items, process_index, process_count)
     shards = [share[s:s + records_per_shard] for s in range(0, len(share), records_per_shard)]
@@ -477,7 +451,7 @@ def run(input: str, output: str, *, codec_source: str, codec_config, codec_param
         progress.encoded += len(done["records"])
         progress.audio_seconds += sum(r["duration"] for r in done["records"])
         progress.skipped += done["skipped"]
-    for stale in out.glob(f".codes-p{process_index:05d}-of-{process_count:05d}-*.tmp-*"):
+    for stale in out.glob(f"{TMP_PREFIX}*-codes-p{process_index:05d}-of-{process_count:05d}-*"):
         stale.unlink()  # temporary files of an interrupted run of this process
     logging.info("process %d/%d: %d files in %d shards (%d already done) -> %s", process_index, process_count,
                  len(share), len(shards), progress.shards_resumed, out)
@@ -502,7 +476,7 @@ def run(input: str, output: str, *, codec_source: str, codec_config, codec_param
         "shards": len(shards), "shards_written": progress.shards_written, "shards_resumed": progress.shards_resumed,
         "skipped_files": progress.skipped,
     }
-    _write_json_atomic(out / f"summary-p{process_index:05d}-of-{process_count:05d}.json", summary)
+    write_json(out / f"summary-p{process_index:05d}-of-{process_count:05d}.json", summary)
     return summary
 
 
@@ -533,7 +507,7 @@ def main(argv):
     import jax
 
     from magnet_jax.checkpoints.encodec_weights import load_encodec
-    from magnet_jax.checkpoints.weights import WeightsError
+    from magnet_jax.fileio import WeightsError
 
     if FLAGS.distributed:
         jax.distributed.initialize()

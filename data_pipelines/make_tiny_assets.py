@@ -27,13 +27,13 @@ import soundfile as sf
 from safetensors.numpy import save_file
 
 from configs.magnet import get_config
-from magnet_jax.models import encodec
-from magnet_jax.api import to_codec_audio
-from magnet_jax.models.encodec import EncodecConfig
 from magnet_jax.checkpoints.encodec_weights import HF_CONFIG, HF_WEIGHTS, state_dict_from_params
-from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.checkpoints.pretrained import save_pretrained
-from magnet_jax.models.t5 import write_random_t5
+from magnet_jax.checkpoints.t5_weights import write_random_t5
+from magnet_jax.data.audio import to_codec_audio
+from magnet_jax.models import encodec
+from magnet_jax.models.encodec import EncodecConfig
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 
 def corpus_descriptions(corpus: str | os.PathLike) -> list[str]:

@@ -13,7 +13,6 @@ Clip i depends only on (seed, i), so growing `--num_clips` keeps the earlier cli
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 import soundfile as sf
+
+from magnet_jax.fileio import atomic_file, write_json
 
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
@@ -204,15 +205,8 @@ def render(spec: ClipSpec, seconds: float, sr: int, rng: np.random.Generator) ->
 def write_clip(path: Path, wav: np.ndarray, sr: int, fmt: str) -> None:
     """Writes `wav` (`[N]` or `[N, C]`) atomically: a temporary name, then a rename."""
     major, subtype = FORMATS[fmt]
-    tmp = path.with_name(f".{path.name}.tmp")
-    sf.write(str(tmp), wav, sr, format=major, subtype=subtype)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        sf.write(str(tmp), wav, sr, format=major, subtype=subtype)
 
 
 def generate_corpus(output: str | os.PathLike, num_clips: int, seconds: float, seed: int = 0, *,

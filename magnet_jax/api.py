@@ -1,73 +1,65 @@
-r"""Python generation API in the spirit of audiocraft's `MAGNeT` (magnet-spec §6.2, §6.10), for notebooks.
+r"""Python generation API in the spirit of audiocraft's `MAGNeT` (docs/design.md §6.2, §6.10, §7).
 
-  from magnet_jax.api import MAGNeT
-  model = MAGNeT.from_pretrained("facebook/magnet-small-10secs")   # or a converted dir, or a training workdir
-  model.set_generation_params(temperature=3.0, top_p=0.9, decoding_steps=[20, 10, 10, 10])
+  model = MAGNeT.from_pretrained(source)   # hub id, converted checkpoint, audiocraft files or a training workdir
+  model.set_generation_params(decoding_steps=[20, 10, 10, 10])
   out = model.generate(["80s rock song with a guitar solo", "calm piano"], seed=0)
-  out.audio        # [B, 1, N] float32 at model.sample_rate
-  out.codes        # [B, K, T] int32 EnCodec codes
-  out = model.generate_continuation(wav, 44100, ["jazz trio"], seed=1)   # wav [B, C, N] or [C, N]
+  out.audio, out.codes                     # [B, 1, N] float32 at model.sample_rate, [B, K, T] int32
 
-`source` is a hub id (audiocraft release: `state_dict.bin` + `compression_state_dict.bin`, imported by
-`magnet_jax.checkpoints.lm_weights`), a directory (converted checkpoint in the `magnet_jax.checkpoints.pretrained` format, or audiocraft
-files), or a training workdir (its params export, else the EMA params of its newest checkpoint). The text encoder
-and the codec named by the checkpoint are loaded with it (override with `t5=` / `codec=`).
-
-Differences from audiocraft, all deliberate:
-  * Randomness is explicit: row i of a call with `seed=s` uses the key `fold_in(key(s), i)`, so the same call gives
-    the same audio, and `seed` picks others. The batch job (`magnet_jax.generate`) uses the same keys.
-  * Each row is conditioned as in a batch of one (it attends its own description's tokens). audiocraft pads every
-    row to the batch's longest description and attends the zero padding, so there a sample depends on its batch
-    mates; here it depends only on its description, prompt and key.
-  * Rescoring (paper Eq. 5) and the composition-mode hybrid (MusicGen prefix, then MAGNeT), absent from
-    audiocraft, are available with released MusicGen weights:
-      model = MAGNeT.from_pretrained("facebook/magnet-small-10secs", rescorer="facebook/musicgen-small",
-                                     ar_model="facebook/musicgen-small")   # the same source is loaded once
-      model.set_generation_params(rescore_weight=0.5, prefix_seconds=2.0)
-  * A single-model Hybrid-MAGNeT (trained with `train.objective="hybrid"`; its config.json says "objective":
-    "hybrid") generates its own first `prefix_seconds` autoregressively (`ar_*` sampling) and decodes the rest with
-    MAGNeT's steps on the delay layout (`magnet_jax.generation.hybrid.generate_hybrid_codes`); prefix_seconds 0 = MAGNeT
-    decoding of the hybrid model. Without rescorer, ar_model or audio prompts.
-  * Generation parameters use the config names (`max_cfg`, `min_cfg`, as in configs/magnet.py's `generate`
-    section) and `set_generation_params` changes only the parameters it is given. `duration` may be shortened
-    below the model's training segment (default: the segment, as audiocraft).
-
-Everything runs on a device mesh (default: every device, data parallel; `mesh=` takes a `mesh` config section):
-rows are sharded over the batch axes, the LM params follow the logical-axis rules, T5 and EnCodec are replicated.
+Row i of a call uses the key `fold_in(key(seed), i)` and is conditioned on its own description only (§6.11), so a
+sample never depends on its batch mates. Rows are sharded over the mesh's batch axes, the LM follows the
+logical-axis rules, T5 and EnCodec are replicated.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-import soxr
 from jax.experimental import multihost_utils
 
-from configs.generate import get_config as generate_defaults
 from magnet_jax import sharding
 from magnet_jax.checkpoints import pretrained
-from magnet_jax.generation import decoding, hybrid
-from magnet_jax.models import conditioner, encodec
-from magnet_jax.training import checkpointing, train_lib
 from magnet_jax.checkpoints.encodec_weights import load_encodec
+from magnet_jax.checkpoints.sources import load_lm
+from magnet_jax.checkpoints.t5_weights import load_t5
+from magnet_jax.data.audio import to_codec_audio
+from magnet_jax.data.tokenizer import TextTokenizer
+from magnet_jax.fileio import WeightsError
+from magnet_jax.generation import decoding, hybrid
+from magnet_jax.models import conditioner, encodec, t5
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.models.t5 import load_t5
-from magnet_jax.checkpoints.weights import WeightsError
 
 DECODE_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.DecodeParams))
 PREFIX_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.PrefixParams))
 GENERATION_PARAMS = DECODE_PARAMS + PREFIX_PARAMS + ("duration",)
-SETTINGS = ("t5", "codec", "dtype", "mesh", "sharding_rules", "text_length", "rescorer",
-            "ar_model")  # configs/generate.py fields read here
+# What a loaded model is set up with (`MAGNeT.from_pretrained(**settings)`; the top-level fields of
+# configs/generate.py start from these).
+DEFAULT_SETTINGS = {
+    "t5": "",  # text encoder (hub id or dir) instead of the checkpoint's; "" = the checkpoint's
+    "codec": "",  # EnCodec (hub id, dir or file) instead of the checkpoint's; "" = the checkpoint's
+    "dtype": "float32",  # LM compute dtype ("bfloat16" on accelerators); params keep their stored dtype
+    # data parallel over every device of every host; `tensor` > 1 shards the LM by the rules (large models)
+    "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1},
+    "sharding_rules": list(sharding.DEFAULT_RULES),
+    "text_length": 256,  # descriptions are padded to this many tokens (one compile), longer ones truncated
+    # Causal MusicGen models (hub id e.g. facebook/musicgen-small, audiocraft or transformers files, converted dir):
+    "rescorer": "",  # mixed into the span confidences (generate.rescore_weight); "" = no rescoring
+    "ar_model": "",  # generates the first generate.prefix_seconds (composition-mode hybrid); may equal rescorer
+}
+SETTINGS = tuple(DEFAULT_SETTINGS)
+
+
+def make_settings(**overrides) -> ml_collections.ConfigDict:
+    """`DEFAULT_SETTINGS` with `overrides`, as `MAGNeT(config, params, settings)` takes them."""
+    unknown = sorted(set(overrides) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+    return ml_collections.ConfigDict({**DEFAULT_SETTINGS, **overrides})
 
 
 class Generation(NamedTuple):
@@ -77,56 +69,7 @@ class Generation(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Model sources
-
-def load_lm(source: str) -> tuple[dict, dict]:
-    """Any LM source -> (config.json dict, host params): a training workdir (params export, else the EMA params of its
-    newest checkpoint), a converted checkpoint, or released weights (hub id, directory or file)."""
-    path = Path(source).expanduser()
-    if (path / "checkpoints").is_dir() or (path / "export").is_dir():
-        export = path / "export"
-        if (export / pretrained.CONFIG_FILE).is_file():
-            return pretrained.load_pretrained(export)
-        return _load_training_checkpoint(path)
-    return pretrained.load_lm(source)
-
-
-def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
-    """EMA params of the newest checkpoint of a run without a params export yet (still training), and the config
-    its export will have."""
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    if not steps or not (workdir / "config.json").is_file():
-        raise WeightsError(f"training workdir {workdir}: no params export and no checkpoint with a config.json")
-    train_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    state_dir = workdir / "checkpoints" / str(steps[-1]) / checkpointing.STATE
-    abstract, _ = train_lib.train_state_shardings(train_config, _host_mesh())
-    target = {"ema_params": abstract.ema_params}
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
-            partial_restore=True))
-    except Exception as e:  # missing or truncated checkpoint files: one line
-        raise WeightsError(f"{state_dir}: cannot restore the EMA params ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    config = train_lib.exported_config(  # what `train_lib.export_params` writes at the end of the run
-        train_config, step=steps[-1], weights="ema", dtype=train_config.model.param_dtype, source=str(workdir))
-    return config, restored["ema_params"]
-
-
-def _host_mesh():
-    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Audio
-
-def to_codec_audio(wav: np.ndarray, sample_rate: int, codec_rate: int) -> np.ndarray:
-    """`[B, C, N]` audio at `sample_rate` -> mono `[B, 1, N']` float32 at `codec_rate` (channel mean, soxr VHQ)."""
-    mono = np.asarray(wav, np.float32).mean(axis=1)
-    if sample_rate != codec_rate:
-        mono = np.stack([soxr.resample(row, sample_rate, codec_rate, quality="VHQ") for row in mono])
-    return np.ascontiguousarray(mono[:, None], dtype=np.float32)
-
+# Rows and keys
 
 def row_keys(seeds_and_indices: Sequence[tuple[int, int]]) -> np.ndarray:
     """Raw `[B, 2]` uint32 PRNG keys `fold_in(key(seed), index)`, one per row (seeds in [0, 2**32))."""
@@ -168,10 +111,10 @@ class MAGNeT:
         lm_config = LMConfig.from_config({**config["model"], "dtype": settings.dtype})
         if lm_config.causal:
             raise WeightsError(f"{source}: a causal (MusicGen) model; MAGNeT generation needs a non-causal one")
-        self.objective = pretrained.model_objective(config, source)  # "magnet" or "hybrid"
-        if self.objective == "hybrid" and (settings.rescorer or settings.ar_model):
-            raise WeightsError(f"{source}: a Hybrid-MAGNeT model (objective 'hybrid') generates its own prefix; "
-                               "rescorer and ar_model are not supported with it")
+        self.objective = pretrained.model_objective(config, source)
+        if self.objective.generates_prefix and (settings.rescorer or settings.ar_model):
+            raise WeightsError(f"{source}: a {self.objective.title} model (objective {self.objective.name!r}) "
+                               "generates its own prefix; rescorer and ar_model are not supported with it")
         self.model = LanguageModel(lm_config)
         self.mesh = sharding.make_mesh(settings.mesh)
         self.rules = sharding.logical_rules(settings)
@@ -182,13 +125,12 @@ class MAGNeT:
         abstract = jax.eval_shape(lambda k: init_params(self.model, k), jax.random.key(0))
         self.lm_params = jax.device_put(lm_params, sharding.logical_shardings(abstract, self.mesh, self.rules))
         self.t5_source = settings.t5 or config["conditioner"]["t5"]
-        self.tokenizer = conditioner.TextTokenizer(self.t5_source, max_length=self.text_length)
+        self.tokenizer = TextTokenizer(self.t5_source, max_length=self.text_length)
         self.t5_config, t5_params = load_t5(self.t5_source)
         if self.t5_config.d_model != lm_config.cond_dim:
             raise WeightsError(f"text encoder {self.t5_source}: d_model {self.t5_config.d_model} but the LM expects "
                                f"cond_dim {lm_config.cond_dim}")
-        self.t5_params = jax.device_put(
-            t5_params, train_lib.text_encoder_shardings(self.t5_config, self.mesh, self.rules))
+        self.t5_params = jax.device_put(t5_params, t5.param_shardings(self.t5_config, self.mesh, self.rules))
         self.codec_source = settings.codec or config["codec"]["source"]
         self.codec_config, codec_params = load_encodec(self.codec_source)
         if (self.codec_config.n_q, self.codec_config.card) != (lm_config.n_q, lm_config.card):
@@ -235,12 +177,7 @@ class MAGNeT:
             training workdir; same codebooks, card and text-encoder width as the MAGNeT model. A Hybrid-MAGNeT
             model (config.json "objective": "hybrid") takes neither: it generates its own prefix.
         """
-        unknown = sorted(set(settings) - set(SETTINGS))
-        if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
-        config = generate_defaults()
-        config.update(settings)
-        return cls(*load_lm(source), config)
+        return cls(*load_lm(source), make_settings(**settings))
 
     # --- properties -----------------------------------------------------------------------------------------
 
@@ -309,10 +246,10 @@ class MAGNeT:
         if num_frames < 1:
             raise ValueError(f"duration={updated['duration']}: shorter than one span")
         if prefix_params.prefix_seconds > 0:
-            if self.ar_model is None and self.objective != "hybrid":
+            if self.ar_model is None and not self.objective.generates_prefix:
                 raise ValueError(f"prefix_seconds={prefix_params.prefix_seconds}: needs an AR model "
                                  "(from_pretrained(..., ar_model=<MusicGen source>) / config.ar_model)")
-            most = num_frames if self.objective == "hybrid" else num_frames - 1  # a hybrid model may do all frames
+            most = num_frames if self.objective.generates_prefix else num_frames - 1  # a hybrid may do all frames
             if not 0 < int(prefix_params.prefix_seconds * self.frame_rate) <= most:
                 raise ValueError(f"prefix_seconds={prefix_params.prefix_seconds}: expected between 1 and {most} of "
                                  f"the {num_frames} generated frames")
@@ -407,7 +344,7 @@ class MAGNeT:
         keys = _global(keys, self.batch_sharding)
         length = int(self.duration * self.frame_rate)
         with nn.logical_axis_rules(self.rules):
-            if self.objective == "hybrid":
+            if self.objective.generates_prefix:
                 return hybrid.generate_hybrid_codes(
                     self.model, self.lm_params, cond, keys, self.decode_params, length=length,
                     prefix_frames=self.prefix_frames, ar_sample=self.prefix_params.sample_fn(self.model.config.card),
@@ -423,9 +360,9 @@ class MAGNeT:
                                            length=length, prompt=prompt, rescorer=self.rescorer)
 
     def _check_no_prompt_for_hybrid(self) -> None:
-        if self.objective == "hybrid":
-            raise ValueError("audio prompts (continuation) are not supported with a Hybrid-MAGNeT model "
-                             "(objective 'hybrid')")
+        if self.objective.generates_prefix:
+            raise ValueError(f"audio prompts (continuation) are not supported with a {self.objective.title} model "
+                             f"(objective {self.objective.name!r})")
 
     def decode_audio(self, codes: jax.Array) -> jax.Array:
         """Codes `[B, K, T]` -> audio `[B, 1, T * hop]` float32 (sharded as `codes`)."""

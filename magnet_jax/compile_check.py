@@ -31,12 +31,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from magnet_jax import sharding
-
-from magnet_jax.training import flops, metrics, train_lib
+from magnet_jax.checkpoints import t5_weights
+from magnet_jax.cli import fail, one_line, parse_flags, quiet_logs
+from magnet_jax.fileio import resolve_file, write_atomic
+from magnet_jax.models import t5
 from magnet_jax.models.lm import LMConfig
 from magnet_jax.models.t5 import T5Config, T5Encoder
-from magnet_jax.train import parse_flags
-from magnet_jax.checkpoints.weights import resolve_file
+from magnet_jax.training import flops, metrics, train_lib
 
 GiB = 1024**3
 
@@ -131,7 +132,7 @@ def text_encoder_config(config: ml_collections.ConfigDict):
     if name in known:
         return T5Config(**known[name], dtype=dtype)
     path = resolve_file(source, "config.json", what=f"T5 text encoder {source!r}")
-    return T5Config.from_hf_config(json.loads(Path(path).read_text()), dtype)
+    return t5_weights.config_from_hf(json.loads(Path(path).read_text()), dtype)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence) -> tuple[Any, jax.sharding.Mesh]:
@@ -147,7 +148,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence) -> 
     tokens = jnp.zeros((1, 4), jnp.int32)
     t5_abstract = jax.eval_shape(lambda k: T5Encoder(t5_config).init(k, tokens, tokens)["params"],
                                  jax.random.key(0))
-    t5_abstract = place(nn.meta.unbox(t5_abstract), train_lib.text_encoder_shardings(t5_config, mesh, rules))
+    t5_abstract = place(nn.meta.unbox(t5_abstract), t5.param_shardings(t5_config, mesh, rules))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     b, k, t, length = (config.data.batch_size, config.model.n_q, config.data.seq_len, config.conditioner.max_length)
     batch = {"codes": jax.ShapeDtypeStruct((b, k, t), jnp.int32, sharding=batch_sharding),
@@ -196,7 +197,7 @@ def check(config: ml_collections.ConfigDict, target: Target, *, num_slices: int 
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return {**report, "fits": False, "compile_error": " ".join(str(e).split())}
+        return {**report, "fits": False, "compile_error": one_line(e)}
     report.update(memory_report(compiled, target))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -233,21 +234,17 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    del argv
+    quiet_logs()
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        print(f"compile_check: error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
     try:
         report = check(FLAGS.config, get_target(FLAGS.topology), num_slices=FLAGS.num_slices,
                        simulate=FLAGS.simulate)
     except (ValueError, TypeError, KeyError, OSError) as e:
-        print(f"compile_check: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+        fail("compile_check", one_line(e))
     print(format_report(report))
     if FLAGS.json:
-        tmp = Path(FLAGS.json).with_name(f".{Path(FLAGS.json).name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=float))
-        tmp.replace(FLAGS.json)
+        write_atomic(FLAGS.json, json.dumps(report, indent=2, default=float))
     sys.exit(0 if report["fits"] else 1)
 
 
@@ -261,7 +258,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("json", None, "also write the report as JSON to this file")
 
     def _parse(argv):
-        rest = parse_flags(argv, prog="compile_check")  # train's one-line errors for bad flags and overrides
+        rest = parse_flags(argv, prog="compile_check")
         target = TARGETS.get(flags.FLAGS.topology)
         if target is not None and (target.topology is None or flags.FLAGS.simulate or not libtpu_available()):
             jax.config.update("jax_num_cpu_devices", target.devices)  # before JAX initializes its CPU backend

@@ -6,17 +6,19 @@ r"""Converts LM checkpoints between the released formats and ours.
   python -m magnet_jax.convert --src=checkpoints/my-run-export --dst=exported/my-magnet --to=audiocraft
 
 The model config always comes from the source (`xp.cfg` / `config.json`). Output is written atomically; on bad input
-the command prints one line naming the file/key and exits with status 1, leaving nothing under `--dst`.
+the command prints one line naming the file/key and exits with status 2, leaving nothing under `--dst`. `--src` may
+also be a training workdir (its export, else the EMA params of its newest checkpoint).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from magnet_jax.checkpoints import lm_weights, pretrained
-from magnet_jax.checkpoints.weights import WeightsError
+from magnet_jax.checkpoints.sources import load_lm
+from magnet_jax.cli import fail, parse_flags, quiet_logs
+from magnet_jax.fileio import WeightsError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -35,10 +37,10 @@ def convert(src: str, dst: str, *, to: str = "jax", dtype: str | None = None, sc
     if Path(dst).expanduser().exists() and not overwrite:
         raise WeightsError(f"{dst} already exists (pass --overwrite to replace it)")
     if to == "jax":
-        config, params = pretrained.load_lm(src, dtype=dtype, scan_layers=scan_layers)
+        config, params = load_lm(src, dtype=dtype, scan_layers=scan_layers)
         pretrained.save_pretrained(dst, params, config, overwrite=overwrite)
     elif to == "audiocraft":
-        config, params = pretrained.load_lm(src)
+        config, params = load_lm(src)
         lm_weights.export_audiocraft(dst, params, config, dtype=dtype or "float32", overwrite=overwrite)
     else:
         raise WeightsError(f"--to={to!r}: expected jax or audiocraft")
@@ -46,19 +48,17 @@ def convert(src: str, dst: str, *, to: str = "jax", dtype: str | None = None, sc
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv
+    quiet_logs()
     if not _SRC.value or not _DST.value:
-        print("convert: --src and --dst are required", file=sys.stderr)
-        sys.exit(1)
+        fail("convert", "--src and --dst are required")
     try:
         out = convert(_SRC.value, _DST.value, to=_TO.value, dtype=_DTYPE.value, scan_layers=_SCAN.value,
                       overwrite=_OVERWRITE.value)
     except WeightsError as e:
-        print(f"convert: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail("convert", str(e))
     print(f"wrote {out} ({_TO.value})")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, prog="convert"))

@@ -3,36 +3,11 @@ r"""Batch offline generation: a prompts file in, one audio file per sample and a
   python -m magnet_jax.generate --config=configs/generate.py:source=facebook/magnet-small-10secs \
       --prompts=prompts.jsonl --output_dir=/tmp/magnet_out [--config.batch_size=16] [--distributed]
 
-Prompts file (UTF-8):
-  * `.txt`: one description per line; blank lines and lines starting with `#` are skipped.
-  * `.jsonl`: one JSON object per line with keys `text` (description; null or "" = unconditional), `audio` (audio
-    prompt to continue, relative to the prompts file or absolute; any rate and channel count), `seed` (integer in
-    [0, 2**32), default `config.seed`), `num_samples` (default `config.num_samples`) and `id` (output name; default
-    `line<N>`). Any other key, a wrong type, a missing or unreadable audio file, or a prompt at least as long as
-    the generated audio makes that line malformed: it is reported with its line number and skipped.
-
-Each sample is a function of its text, audio prompt, seed and sample index only (not of the batch it lands in):
-sample j of a prompt uses the key `fold_in(key(seed), j)`, and the text is conditioned as in a batch of one. The
-job writes, into `--output_dir`:
-  * `<id>-<j>.wav` (or `.flac`, `config.output.format`), and `<id>-<j>.npy` codes `[K, T]` int16 when
-    `config.output.write_codes`; each file is written under a temporary name and renamed when complete;
-  * `manifest.jsonl`: one line per finished sample (prompt, seed, files, model objective, parameters, timings),
-    appended after the sample's files are in place, so a listed sample is always complete;
-  * `job.json`: the settings that determine the outputs, and the model's objective. A restart with the same
-    settings skips the samples in the manifest and generates the rest; a restart with other settings is refused
-    (use another `--output_dir`).
-
-With `config.rescorer` (a causal MusicGen source) span confidences mix in its probabilities
-(`config.generate.rescore_weight`); with `config.ar_model` and `config.generate.prefix_seconds` > 0 the first seconds
-are generated autoregressively by that model and MAGNeT decodes the rest (composition-mode hybrid). A single-model
-Hybrid-MAGNeT source (trained with `train.objective="hybrid"`, a training workdir or its export) generates its own
-first `config.generate.prefix_seconds` (`ar_*` sampling; 0 = MAGNeT decoding only) and takes neither a rescorer, an
-AR model, nor audio prompts (such prompt lines are reported as malformed).
-
-Batches of `config.batch_size` samples (samples with audio prompts are batched by prompt length) are sharded over
-every device of every host (`config.mesh`, data parallel); the last batch is padded. With several hosts
-(`--distributed`), every host reads the prompts file, each writes the audio of the rows it holds, and process 0
-writes the manifest once all hosts have finished the batch.
+The prompts file (`.txt`, or `.jsonl` with `text`, `audio`, `seed`, `num_samples`, `id`) and the outputs
+(`<id>-<j>.wav`, optional codes `.npy`, `manifest.jsonl`, `job.json`) are described in the README. Sample j of a
+prompt uses the key `fold_in(key(seed), j)`, so outputs do not depend on batching; every file is written atomically,
+a restart skips finished samples and refuses changed settings, and with several hosts each writes the rows it holds
+while process 0 writes the manifest.
 """
 from __future__ import annotations
 
@@ -41,7 +16,6 @@ import io
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -52,17 +26,18 @@ import numpy as np
 import soundfile as sf
 import tqdm
 from absl import logging
-from jax.experimental import multihost_utils
 
-from magnet_jax.api import MAGNeT, load_lm, local_rows, row_keys
-from magnet_jax.checkpoints.weights import WeightsError, flatten_params
+from magnet_jax.api import MAGNeT, local_rows, row_keys
+from magnet_jax.checkpoints.sources import load_lm
+from magnet_jax.cli import fail, parse_flags, quiet_logs
+from magnet_jax.data.audio import read_audio
+from magnet_jax.fileio import WeightsError, barrier, pin_settings, remove_temporaries, write_atomic
 
 PROMPT_KEYS = ("text", "audio", "seed", "num_samples", "id")
 MANIFEST = "manifest.jsonl"
 JOB_FILE = "job.json"
 AUDIO_FORMATS = {"wav": "WAV", "flac": "FLAC"}
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_TMP_PREFIX = ".tmp-"
 
 
 class JobError(ValueError):
@@ -169,31 +144,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def read_audio(path: str) -> tuple[np.ndarray, int]:
-    """An audio file as float32 `[C, N]` and its sample rate; a ValueError names the file and the problem."""
-    try:
-        wav, sample_rate = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile errors come in several types; all mean "unreadable"
-        raise ValueError(f"cannot read audio prompt {path} ({str(e).splitlines()[0] if str(e) else e!r})") from None
-    if wav.shape[0] == 0:
-        raise ValueError(f"audio prompt {path} is empty")
-    if not np.all(np.isfinite(wav)):
-        raise ValueError(f"audio prompt {path} contains NaN or Inf samples")
-    return np.ascontiguousarray(wav.T), int(sample_rate)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Outputs
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` under a temporary name in the same directory, then renames it to `path`."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def audio_bytes(wav: np.ndarray, sample_rate: int, fmt: str, subtype: str) -> bytes:
     """`wav` `[C, N]` (clipped to [-1, 1]) encoded as a `fmt` file."""
@@ -260,27 +212,7 @@ def job_settings(config: ml_collections.ConfigDict, model: MAGNeT) -> dict:
     the model's objective ("magnet" or "hybrid": how it generates)."""
     c = json.loads(config.to_json())
     return {**{k: c[k] for k in ("source", "t5", "codec", "dtype", "text_length", "rescorer", "ar_model", "generate",
-                                 "output")}, "objective": model.objective}
-
-
-def pin_settings(output_dir: Path, settings: dict) -> None:
-    """Writes `job.json`, or checks that an existing one holds the same settings."""
-    path = output_dir / JOB_FILE
-    if path.exists():
-        stored = flatten_params(json.loads(path.read_text(encoding="utf-8")), sep=".")
-        current = flatten_params(settings, sep=".")
-        diffs = [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(stored) | set(current))
-                 if stored.get(k) != current.get(k)]
-        if diffs:
-            raise JobError(f"{output_dir} holds a job with other settings ({'; '.join(diffs)}); use another "
-                           "--output_dir or the same settings")
-        return
-    write_atomic(path, (json.dumps(settings, indent=1) + "\n").encode("utf-8"))
-
-
-def remove_stale_temporaries(output_dir: Path) -> None:
-    for stale in output_dir.glob(f"{_TMP_PREFIX}*"):
-        stale.unlink()
+                                 "output")}, "objective": model.objective.name}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -295,11 +227,6 @@ def make_batches(samples: Sequence[Sample], batch_size: int, prompt_frames: dict
     for s in samples:
         groups.setdefault(prompt_frames.get(s.prompt.line, 0), []).append(s)
     return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_dir: str | os.PathLike, *,
@@ -334,10 +261,10 @@ def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_di
                        f"{model.batch_multiple} (the devices the batch is sharded over)")
     if primary:
         out.mkdir(parents=True, exist_ok=True)
-        pin_settings(out, job_settings(config, model))
-        remove_stale_temporaries(out)
+        pin_settings(out / JOB_FILE, job_settings(config, model), error=JobError)
+        remove_temporaries(out)
         manifest = Manifest(out / MANIFEST, repair=True)
-    _sync("generate:prepared")
+    barrier("generate:prepared")
     if not primary:
         manifest = Manifest(out / MANIFEST, repair=False)
     samples = [Sample(p, j) for p in prompt_list for j in range(p.num_samples)]
@@ -369,8 +296,8 @@ def _encode_prompts(model: MAGNeT, todo: Sequence[Sample], prompts_file, errors:
     codes = {}
     for prompt in {s.prompt.line: s.prompt for s in todo if s.prompt.audio}.values():
         try:
-            if model.objective == "hybrid":
-                raise ValueError(f"audio prompt {prompt.audio}: not supported with a Hybrid-MAGNeT model")
+            if model.objective.generates_prefix:
+                raise ValueError(f"audio prompt {prompt.audio}: not supported with a {model.objective.title} model")
             wav, sample_rate = read_audio(prompt.audio)
             c = model.encode_audio(wav[None], sample_rate)[0]
             if c.shape[-1] >= model.num_frames:
@@ -404,7 +331,7 @@ def _generate_all(model: MAGNeT, config, todo: Sequence[Sample], prompt_codes: d
                              audio_bytes(local_audio[i], model.sample_rate, fmt, config.output.subtype))
                 if config.output.write_codes:
                     write_atomic(out / f"{s.name}.npy", npy_bytes(local_codes[i].astype(np.int16)))
-        _sync(f"generate:batch{number}")
+        barrier(f"generate:batch{number}")
         if number == 0:
             timings["first_batch_seconds"] = seconds  # includes compilation
         else:
@@ -426,7 +353,7 @@ def _record(s: Sample, model: MAGNeT, params: dict, config, prompt_codes, second
         "line": p.line, "prompt_id": p.id, "sample": s.index, "text": p.text, "audio_prompt": p.audio,
         "prompt_frames": int(prompt_codes[p.line].shape[-1]) if p.audio else 0, "seed": p.seed,
         "frames": model.num_frames, "duration": model.num_frames / model.frame_rate,
-        "sample_rate": model.sample_rate, "model": config.source, "objective": model.objective,
+        "sample_rate": model.sample_rate, "model": config.source, "objective": model.objective.name,
         "rescorer": config.rescorer or None, "ar_model": config.ar_model or None, "params": params,
         "timing": {"batch": batch_number, "batch_rows": batch_rows, "batch_seconds": round(seconds, 4)},
     }
@@ -446,19 +373,16 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        print(f"generate: error: unexpected arguments {list(argv[1:])}", file=sys.stderr)
-        sys.exit(2)
+    del argv
+    quiet_logs()
     if FLAGS.config is None or not FLAGS.prompts or not FLAGS.output_dir:
-        print("generate: error: --config, --prompts and --output_dir are required", file=sys.stderr)
-        sys.exit(2)
+        fail("generate", "--config, --prompts and --output_dir are required")
     if FLAGS.distributed:
         jax.distributed.initialize()
     try:
         summary = run(FLAGS.config, FLAGS.prompts, FLAGS.output_dir)
     except (JobError, WeightsError) as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("generate", str(e))
     if jax.process_index() == 0:
         print(format_summary(summary))
 
@@ -466,8 +390,6 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
-
-    from magnet_jax.train import parse_flags
 
     config_flags.DEFINE_config_file("config", None, "config file and preset, e.g. "
                                     "configs/generate.py:source=facebook/magnet-small-10secs", lock_config=True)

@@ -1,17 +1,8 @@
-"""Device mesh `('data', 'fsdp', 'tensor')` and logical-axis shardings (jax-patterns §3).
+"""Device mesh `('data', 'fsdp', 'tensor')` and logical-axis shardings (docs/design.md §5.1).
 
-Parameters and activations carry logical axis names (`embed`, `mlp`, `batch`, ...); `config.sharding_rules` maps
-them to mesh axes. The same code runs on 1 device, 8 simulated CPU devices, a GPU node or cluster and a TPU pod:
-only the degrees in `config.mesh` change.
-
-Public API:
-  MESH_AXES = ('data', 'fsdp', 'tensor')
-  device_grid(mesh_cfg, devices=None) -> np.ndarray of devices, shape (data, fsdp, tensor)
-  make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh (Auto axis types)
-  logical_rules(config) -> tuple of (logical name, mesh axes)
-  logical_shardings(abstract_tree, mesh, rules) -> tree of NamedSharding (from boxed logical metadata)
-  batch_sharding(mesh, rules) -> NamedSharding of arrays whose leading axis is the global batch
-  replicated(mesh) -> NamedSharding with every axis replicated
+Parameters and activations carry logical axis names (`embed`, `mlp`, `batch`, ...); the sharding rules map them to
+mesh axes. The same code runs on 1 device, 8 simulated CPU devices, a GPU node or cluster and a TPU pod: only the
+degrees in `config.mesh` change.
 
 Mesh degrees (`config.mesh`): `data`, `fsdp`, `tensor` within a slice (ICI); `dcn_data`, `dcn_fsdp`, `dcn_tensor`
 across slices (data-centre network; TPU multi-slice, or processes on GPU clusters). In each group one degree may be
@@ -30,6 +21,25 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Logical axis -> mesh axes: batch over data and fsdp, weights fully sharded over fsdp, heads/mlp/vocab over tensor.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("length", None),
+    ("norm", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_vocab", "tensor"),
+    ("cond_length", None),
+    ("cond_embed", None),
+)
 
 
 def _fill_degrees(degrees: Sequence[int], total: int, names: Sequence[str], what: str) -> list[int]:
@@ -89,6 +99,11 @@ def _arranged(create, ici: Sequence[int], dcn: Sequence[int] | None) -> np.ndarr
 def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The training/generation mesh with axes `('data', 'fsdp', 'tensor')` (Auto axis types, for Linen)."""
     return Mesh(device_grid(mesh_cfg, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def single_device_mesh() -> Mesh:
+    """A mesh of this process's first device (host-side init and restore)."""
+    return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
 
 
 def logical_rules(config) -> tuple[tuple[str, Any], ...]:

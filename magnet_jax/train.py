@@ -20,10 +20,7 @@ Workdir layout:
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
-import re
-import sys
 import time
 
 import jax
@@ -33,13 +30,15 @@ from etils import epath
 from ml_collections import config_flags
 
 from magnet_jax import sharding
-
+from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, EXPORT_DIR, WORKDIR_CONFIG
+from magnet_jax.checkpoints.t5_weights import load_t5
+from magnet_jax.cli import fail, one_line, parse_flags, quiet_logs
 from magnet_jax.data import input_pipeline
-
-from magnet_jax.training import checkpointing, flops, metrics, train_lib
-from magnet_jax.models.conditioner import TextTokenizer
+from magnet_jax.data.tokenizer import TextTokenizer
+from magnet_jax.fileio import write_atomic
+from magnet_jax.models import t5
 from magnet_jax.models.lm import LMConfig
-from magnet_jax.models.t5 import load_t5
+from magnet_jax.training import checkpointing, flops, metrics, train_lib
 
 # Per-interval values that are not averaged: the schedule's learning rate and the skipped-steps counter.
 LAST_VALUE_METRICS = ("lr", "skipped_steps")
@@ -49,19 +48,11 @@ class SetupError(ValueError):
     """The config or the inputs it names cannot start a run (message is one line)."""
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if not isinstance(e, ValueError) or not text else text
-
-
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Process 0 writes the resolved config to `<workdir>/config.json` (temp name, then rename)."""
-    if jax.process_index() != 0:
-        return
-    path = epath.Path(workdir) / "config.json"
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(checkpointing.config_to_json(config), indent=2, sort_keys=True))
-    tmp.replace(path)
+    if jax.process_index() == 0:
+        write_atomic(os.path.join(workdir, WORKDIR_CONFIG),
+                     json.dumps(checkpointing.config_to_json(config), indent=2, sort_keys=True))
 
 
 class Run:
@@ -77,7 +68,7 @@ class Run:
         rules = sharding.logical_rules(config)
         # Frozen text encoder (weights placed by their logical axes) and its tokenizer for the input pipeline.
         self.t5_config, t5_params = load_t5(config.conditioner.t5, dtype=config.conditioner.dtype)
-        self.t5_params = jax.device_put(t5_params, train_lib.text_encoder_shardings(self.t5_config, self.mesh, rules))
+        self.t5_params = jax.device_put(t5_params, t5.param_shardings(self.t5_config, self.mesh, rules))
         self.tokenizer = TextTokenizer(config.conditioner.t5, max_length=config.conditioner.max_length,
                                        word_dropout=config.conditioner.word_dropout)
         self.train_data = input_pipeline.PipelineConfig.from_config(config, train=True)
@@ -90,7 +81,7 @@ class Run:
 
         self.init_key, self.step_key, self.eval_key = jax.random.split(jax.random.key(config.seed), 3)
         abstract, self.state_shardings = train_lib.train_state_shardings(config, self.mesh)
-        self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+        self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint)
         self.resumed_from = self.checkpointer.latest_step()
         if self.resumed_from is None:
             self.state = train_lib.create_train_state(config, self.init_key, mesh=self.mesh)
@@ -135,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_s
         run = Run(config, workdir)
         write_config(config, workdir)
     except (ValueError, TypeError, KeyError, OSError) as e:
-        raise SetupError(_one_line(e)) from e
+        raise SetupError(one_line(e)) from e
 
     start = run.resumed_from or 0
     end = tc.num_steps if run_steps is None else min(tc.num_steps, start + run_steps)
@@ -196,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_s
         run.checkpointer.close()
         writer.close()
 
-    export_dir = os.path.join(workdir, "export")
+    export_dir = os.path.join(workdir, EXPORT_DIR)
     if step == tc.num_steps and not epath.Path(export_dir).exists():
         dtype = "bfloat16" if config.checkpoint.export_bf16 else "float32"
         train_lib.export_params(state, export_dir, config, use_ema=True, dtype=dtype)
@@ -206,58 +197,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_s
 
 # ---- CLI ------------------------------------------------------------------------------------------------
 
-def _describe_flag_error(e: BaseException, argv: list[str]) -> str:
-    """One line for a failed `--config...` parse (config_flags raises several types with multi-line texts)."""
-    text = str(e)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if isinstance(e, (KeyError, AttributeError)):  # unknown override key; the text nests quoted reprs
-        key = next(iter(re.findall(r"'([A-Za-z0-9_]+)", text)), "?")
-        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        culprit = next((a for a in overrides if key in a.split(".")), "--config.*")
-        hint = re.search(r'Did you mean "([^"]+)"', text)
-        return f"{culprit}: unknown config key {key!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
-    if any(line.startswith("Traceback") for line in lines):  # the config file itself raised
-        return f"{lines[0].rstrip(':')} {lines[-1]}"
-    if isinstance(e, OSError):  # config file not found
-        return f"--config: {lines[-1]}"
-    return " ".join(lines)
-
-
-def parse_flags(argv: list[str], prog: str = "train") -> list[str]:
-    """absl flag parsing for `app.run(flags_parser=...)`: a bad flag or config override is one line, exit code 2."""
-    try:
-        rest = flags.FLAGS(argv)
-        if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
-            flags.FLAGS.config.to_dict()  # config_flags defers a failed config-file load to first use
-        return rest
-    except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as e:
-        print(f"{prog}: error: {_describe_flag_error(e, argv)}", file=sys.stderr)
-        sys.exit(2)
-
-
-class _QuietCheckpointLogs(std_logging.Filter):
-    """Drops orbax's per-save INFO chatter from the run log (its warnings and errors stay)."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
-    logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
-    if len(argv) > 1:
-        print(f"train: error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
+    del argv
+    quiet_logs()
     FLAGS = flags.FLAGS
     if FLAGS.config is None or not FLAGS.workdir:
-        print("train: error: --config and --workdir are required", file=sys.stderr)
-        sys.exit(2)
+        fail("train", "--config and --workdir are required")
     if FLAGS.distributed:
         jax.distributed.initialize()
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir, run_steps=FLAGS.run_steps)
     except SetupError as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("train", str(e))
 
 
 if __name__ == "__main__":
@@ -267,4 +218,4 @@ if __name__ == "__main__":
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")
     flags.DEFINE_integer("run_steps", None, "stop after this many steps in this invocation (checkpoint first); the "
                          "schedule still spans config.train.num_steps")
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, prog="train"))

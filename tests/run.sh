@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the tests need into ./.venv (pinned by constraints.txt) and runs the test suite.
+# Installs everything the tests need into ./.venv (pinned by constraints.txt), checks formatting and lint (ruff),
+# and runs the test suite.
 # Usage: bash tests/run.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +13,7 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -c constraints.txt audiocraft
   touch "$stamp"
 fi
+# formatting and lint first: they take seconds and say exactly what to fix (`ruff format .`, `ruff check --fix .`)
+"$VENV/bin/ruff" format --check --quiet .
+"$VENV/bin/ruff" check --quiet .
 exec "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"

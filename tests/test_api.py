@@ -18,30 +18,22 @@ import soxr
 import torch
 
 from configs.magnet import get_config
-from data_pipelines.make_tiny_assets import calibration_audio, make_assets, make_random_lm
-from data_pipelines.synthetic_corpus import generate_corpus
+from data_pipelines.make_tiny_assets import calibration_audio
 from magnet_jax import api, train
-from magnet_jax.generation import hybrid
-from magnet_jax.models import encodec
-from magnet_jax.training import checkpointing, train_lib
 from magnet_jax.api import MAGNeT
-from magnet_jax.models.encodec import EncodecConfig
+from magnet_jax.checkpoints import sources
 from magnet_jax.checkpoints.encodec_weights import load_encodec
-from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.checkpoints.lm_weights import export_audiocraft
-from magnet_jax.generation.musicgen import generate_ar
 from magnet_jax.checkpoints.pretrained import load_pretrained
-from magnet_jax.checkpoints.weights import WeightsError, flatten_params
+from magnet_jax.fileio import WeightsError, flatten_dict
+from magnet_jax.generation import hybrid
+from magnet_jax.generation.musicgen import generate_ar
+from magnet_jax.models import encodec
+from magnet_jax.models.encodec import EncodecConfig
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.training import checkpointing, train_lib
 
 STEPS = [2, 2, 2, 2]  # decoding steps per codebook: enough to exercise every stage, cheap to compile
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    generate_corpus(root / "corpus", num_clips=4, seconds=1.0, seed=0)
-    assets = make_assets(root / "corpus", root / "assets")
-    return {"root": root, **assets, "lm": make_random_lm(root / "lm", assets, segment_seconds=1.0)}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +48,8 @@ def test_tiny_codec_on_disk_is_the_codec_that_was_created(tiny):
     assert config == EncodecConfig.from_config(get_config("size=tiny").codec)
     calibration = calibration_audio(tiny["root"] / "corpus", 32000)
     created = encodec.init_encodec(config, 0, calibration)  # what make_assets wrote (same seed and audio)
-    for path, value in flatten_params(created).items():
-        np.testing.assert_array_equal(np.asarray(flatten_params(loaded)[path]), np.asarray(value), err_msg=path)
+    for path, value in flatten_dict(created).items():
+        np.testing.assert_array_equal(np.asarray(flatten_dict(loaded)[path]), np.asarray(value), err_msg=path)
     codes = np.asarray(encodec.encode(config, loaded, calibration))
     assert all(len(np.unique(codes[:, k])) > config.card // 4 for k in range(config.n_q))  # fitted, not collapsed
 
@@ -164,20 +156,20 @@ def test_training_workdir_gives_its_newest_checkpoint_ema_params_then_its_export
     ckpt.save(5, state, None, config, force=True)
     ckpt.close()
 
-    loaded_config, params = api.load_lm(str(workdir))
+    loaded_config, params = sources.load_lm(str(workdir))
     assert loaded_config["provenance"]["step"] == 5 and loaded_config["codec"]["source"] == str(tiny["codec"])
     assert loaded_config["objective"] == "magnet" and loaded_config["generate"]["span_len"] == 3
-    for path, value in flatten_params(jax.device_get(state.ema_params)).items():
-        np.testing.assert_array_equal(flatten_params(params)[path], value, err_msg=path)
-    assert MAGNeT(loaded_config, params, api.generate_defaults()).segment_seconds == 1.0
+    for path, value in flatten_dict(jax.device_get(state.ema_params)).items():
+        np.testing.assert_array_equal(flatten_dict(params)[path], value, err_msg=path)
+    assert MAGNeT(loaded_config, params, api.make_settings()).segment_seconds == 1.0
 
     train_lib.export_params(state.replace(ema_params=state.params), str(workdir / "export"), config)
-    exported_config, exported = api.load_lm(str(workdir))
+    exported_config, exported = sources.load_lm(str(workdir))
     assert exported_config["provenance"]["source"] == "magnet_jax training"
     assert {k: exported_config[k] for k in ("objective", "generate")} == \
         {k: loaded_config[k] for k in ("objective", "generate")}
-    for path, value in flatten_params(jax.device_get(state.params)).items():
-        np.testing.assert_array_equal(flatten_params(exported)[path], value, err_msg=path)
+    for path, value in flatten_dict(jax.device_get(state.params)).items():
+        np.testing.assert_array_equal(flatten_dict(exported)[path], value, err_msg=path)
 
 
 @pytest.mark.parametrize("source,fragment", [
@@ -323,9 +315,9 @@ def hybrid_model(hybrid_source):
 def test_export_records_the_objective_and_the_trained_span_len(tiny, hybrid_source, hybrid_model, model):
     saved = json.loads((hybrid_source / "config.json").read_text())
     assert saved["objective"] == "hybrid" and saved["generate"]["span_len"] == 2
-    assert hybrid_model.objective == "hybrid" and hybrid_model.decode_params.span_len == 2
+    assert hybrid_model.objective.name == "hybrid" and hybrid_model.decode_params.span_len == 2
     assert hybrid_model.num_frames == 50  # 1 s at 50 Hz in whole 2-frame spans (48 with the default 3)
-    assert "objective" not in json.loads((tiny["lm"] / "config.json").read_text()) and model.objective == "magnet"
+    assert "objective" not in json.loads((tiny["lm"] / "config.json").read_text()) and model.objective.name == "magnet"
 
 
 def test_hybrid_model_generates_its_own_prefix_as_generate_hybrid_codes_with_the_row_keys(hybrid_model):

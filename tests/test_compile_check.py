@@ -10,7 +10,7 @@ import pytest
 
 from configs.magnet import get_config
 from magnet_jax import compile_check
-from magnet_jax.models.t5 import write_random_t5
+from magnet_jax.checkpoints.t5_weights import write_random_t5
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,23 +16,14 @@ import soundfile as sf
 
 from configs import magnet
 from configs.generate import get_config
-from data_pipelines.make_tiny_assets import make_assets, make_random_lm
-from data_pipelines.synthetic_corpus import generate_corpus
-from magnet_jax import generate
-from magnet_jax.training import train_lib
-from magnet_jax.api import MAGNeT, load_lm
+from magnet_jax import fileio
+from magnet_jax.api import MAGNeT
+from magnet_jax.checkpoints.sources import load_lm
+from magnet_jax.fileio import WeightsError
 from magnet_jax.generate import JobError, Manifest, read_prompts, run
-from magnet_jax.checkpoints.weights import WeightsError
+from magnet_jax.training import train_lib
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    generate_corpus(root / "corpus", num_clips=4, seconds=1.0, seed=0)
-    assets = make_assets(root / "corpus", root / "assets")
-    return {"root": root, **assets, "lm": make_random_lm(root / "lm", assets, segment_seconds=1.0)}
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +146,17 @@ def test_restart_after_a_crash_skips_finished_samples_and_leaves_no_partial_file
         if len(calls) == 19:
             raise Interrupt("killed")
         replace(src, dst)
-    monkeypatch.setattr(generate.os, "replace", crash_in_second_batch)
+    monkeypatch.setattr(fileio.os, "replace", crash_in_second_batch)
     with pytest.raises(Interrupt):
         run(config, prompts, out, model=model)
-    monkeypatch.setattr(generate.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", replace)
 
     first = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(first) == 8  # the first batch finished; the second did not reach its manifest lines
-    assert list(out.glob(".tmp-*"))  # the interrupted write stayed under its temporary name
+    assert not list(out.glob(".tmp-*"))  # the interrupted write removed its temporary file
     for wav in out.glob("*.wav"):  # every file under a final name is complete
         assert sf.info(wav).frames == 48 * 640
+    (out / ".tmp-otherhost-123-line00008-0.wav").write_bytes(b"RIFF")  # what a kill -9 mid-write leaves
     with open(out / "manifest.jsonl", "a") as f:  # and a manifest line cut short by the crash
         f.write('{"id": "line00008-0", "file": "line0')
     mtimes = {r["id"]: (out / r["file"]).stat().st_mtime_ns for r in first}

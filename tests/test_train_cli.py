@@ -13,10 +13,10 @@ import pytest
 
 from configs.magnet import get_config
 from data_pipelines import encode_audio, synthetic_corpus
+from magnet_jax.checkpoints.pretrained import load_pretrained
+from magnet_jax.checkpoints.t5_weights import write_random_t5
 from magnet_jax.models import encodec
 from magnet_jax.training import metrics
-from magnet_jax.checkpoints.pretrained import load_pretrained
-from magnet_jax.models.t5 import write_random_t5
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = 1.5  # clip length; training segments are 1 s = 50 frames

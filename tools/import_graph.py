@@ -15,7 +15,7 @@ checks is the one `docs/design.md` describes:
   training     magnet_jax/training/                         base, models, data, checkpoints
   jobs         the entry points magnet_jax/{api, generate, train, convert, compile_check, evaluate}.py: anything
                above, nothing from configs/ or data_pipelines/
-  apps         configs/, data_pipelines/: anything
+  apps         configs/, data_pipelines/, references/: anything
 
 An import that leaves these bounds is "upward". Modules of the older flat layout (before the layered packages) are
 placed by their file name, so the same report measures both.
@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGES = ("magnet_jax", "configs", "data_pipelines")
+PACKAGES = ("magnet_jax", "configs", "data_pipelines", "references")
 BASE = ("cli", "fileio", "sharding")
 ENTRY_POINTS = ("api", "generate", "train", "convert", "compile_check", "evaluate")
 # Where each module of the flat layout belongs (file name -> layer), for measuring the old tree.

@@ -14,9 +14,10 @@ the architecture of the loaded config (`magnet_jax.checkpoints.weights.check_sta
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -24,9 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from magnet_jax.checkpoints.weights import (
+    check_state_dict,
+    load_safetensors,
+    load_torch_pickle,
+    resolve_interpolation,
+    xp_cfg_value,
+)
+from magnet_jax.fileio import WeightsError, flatten_dict, resolve_file, unflatten_dict
 from magnet_jax.models.encodec import EncodecConfig, abstract_params
-from magnet_jax.checkpoints.weights import (WeightsError, check_state_dict, flatten_params, load_safetensors, load_torch_pickle,
-                                resolve_file, unflatten_params)
 
 WHAT = "EnCodec weights"
 AUDIOCRAFT_FILE = "compression_state_dict.bin"
@@ -95,7 +102,7 @@ def _load_transformers(source: str | os.PathLike) -> tuple[EncodecConfig, dict]:
         hf_config = json.loads(Path(config_file).read_text())
         if not isinstance(hf_config, dict):
             raise ValueError("expected a JSON object")
-        config = EncodecConfig.from_hf_config(hf_config)
+        config = config_from_hf(hf_config)
     except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
         raise WeightsError(f"{WHAT}: {config_file}: {e}") from e
     state = load_safetensors(weights_file, what=WHAT)
@@ -127,10 +134,101 @@ def _load_audiocraft(file: Path, *, via_pointer: bool) -> tuple[EncodecConfig, d
         xp = yaml.safe_load(xp) if isinstance(xp, str) else xp
         if not isinstance(xp, Mapping):
             raise ValueError("expected a YAML mapping")
-        config = EncodecConfig.from_audiocraft_config(xp)
+        config = config_from_audiocraft(xp)
     except (ValueError, TypeError, KeyError, yaml.YAMLError) as e:
         raise WeightsError(f"{WHAT}: {file}: xp.cfg: {str(e).splitlines()[0]}") from e
     return config, params_from_state_dict(config, package["best_state"], layout="audiocraft", source=str(file))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Foreign configs -> EncodecConfig
+
+_HF_DEFAULTS = dict(
+    target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0], sampling_rate=24_000, audio_channels=1, normalize=False,
+    chunk_length_s=None, hidden_size=128, num_filters=32, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 2],
+    norm_type="weight_norm", kernel_size=7, last_kernel_size=7, residual_kernel_size=3, dilation_growth_rate=2,
+    use_causal_conv=True, pad_mode="reflect", compress=2, num_lstm_layers=2, codebook_size=1024, codebook_dim=None,
+    use_conv_shortcut=True)
+
+# Defaults of audiocraft's SEANetEncoder/Decoder and ResidualVectorQuantizer (used for keys absent from xp.cfg).
+_SEANET_DEFAULTS = dict(
+    channels=1, dimension=128, n_filters=32, n_residual_layers=3, ratios=[8, 5, 4, 2], activation="ELU",
+    activation_params={"alpha": 1.0}, norm="none", kernel_size=7, last_kernel_size=7, residual_kernel_size=3,
+    dilation_base=2, causal=False, pad_mode="reflect", true_skip=True, compress=2, lstm=0, final_activation=None)
+_RVQ_DEFAULTS = dict(n_q=8, bins=1024)
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> EncodecConfig:
+    """From a transformers `EncodecConfig` dict (`config.json`); absent keys take transformers' defaults.
+
+    K is transformers' `num_quantizers` (all quantizer layers, set by the largest target bandwidth).
+    """
+    if hf.get("model_type", "encodec") != "encodec":
+        raise ValueError(f"model_type={hf['model_type']!r}: expected an 'encodec' config")
+    c = {**_HF_DEFAULTS, **hf}
+    unsupported = {"use_causal_conv": False, "normalize": False, "norm_type": "weight_norm",
+                   "chunk_length_s": None}
+    for key, supported in unsupported.items():
+        if c[key] != supported:
+            raise ValueError(f"{key}={c[key]!r} is not supported (expected {supported!r}: the MAGNeT codecs "
+                             "are non-causal, weight-normed and unchunked)")
+    if c["codebook_dim"] not in (None, c["hidden_size"]):
+        raise ValueError(f"codebook_dim={c['codebook_dim']} differs from hidden_size={c['hidden_size']}")
+    hop = math.prod(c["upsampling_ratios"])
+    frame_rate = math.ceil(c["sampling_rate"] / hop)
+    bits = math.ceil(math.log2(c["codebook_size"]))
+    n_q = int(1000 * c["target_bandwidths"][-1] // (frame_rate * bits))
+    return EncodecConfig(sample_rate=c["sampling_rate"], ratios=c["upsampling_ratios"], n_filters=c["num_filters"],
+               dimension=c["hidden_size"], card=c["codebook_size"], n_q=n_q, channels=c["audio_channels"],
+               num_lstm_layers=c["num_lstm_layers"], pad_mode=c["pad_mode"],
+               n_residual_layers=c["num_residual_layers"], compress=c["compress"],
+               kernel_size=c["kernel_size"], last_kernel_size=c["last_kernel_size"],
+               residual_kernel_size=c["residual_kernel_size"], dilation_base=c["dilation_growth_rate"],
+               true_skip=not c["use_conv_shortcut"])
+
+def config_from_audiocraft(xp: Mapping[str, Any]) -> EncodecConfig:
+    """From audiocraft's training config (`xp.cfg` of `compression_state_dict.bin`, YAML parsed to a dict).
+
+    Reads `sample_rate`, `channels`, `encodec`, `seanet` (with its `encoder`/`decoder` overrides) and `rvq`;
+    `${a.b}` interpolations are resolved.
+    """
+    def get(section: Mapping, key: str, default):
+        return xp_cfg_value(section, key, default, root=xp)
+
+    if get(xp, "compression_model", "encodec") != "encodec":
+        raise ValueError(f"compression_model={xp['compression_model']!r}: expected 'encodec'")
+    encodec = get(xp, "encodec", {})
+    for key, supported in (("autoencoder", "seanet"), ("quantizer", "rvq"), ("causal", False),
+                           ("renormalize", False)):
+        if get(encodec, key, supported) != supported:
+            raise ValueError(f"encodec.{key}={encodec[key]!r} is not supported (expected {supported!r})")
+    seanet = get(xp, "seanet", {})
+    common = {k: get(seanet, k, v) for k, v in _SEANET_DEFAULTS.items()}
+    sides = {side: {**common, **{k: resolve_interpolation(v, xp) for k, v in (get(seanet, side, None) or {}).items()}}
+             for side in ("encoder", "decoder")}
+    for key in _SEANET_DEFAULTS:
+        if key != "final_activation" and sides["encoder"][key] != sides["decoder"][key]:
+            raise ValueError(f"seanet.encoder.{key}={sides['encoder'][key]!r} differs from "
+                             f"seanet.decoder.{key}={sides['decoder'][key]!r}; asymmetric codecs are not supported")
+    s = sides["decoder"]
+    checks = {"causal": (s["causal"], False), "activation": (s["activation"], "ELU"),
+              "activation_params.alpha": (dict(s["activation_params"] or {}).get("alpha", 1.0), 1.0),
+              "final_activation": (s["final_activation"], None)}
+    for key, (value, supported) in checks.items():
+        if value != supported:
+            raise ValueError(f"seanet.{key}={value!r} is not supported (expected {supported!r})")
+    if s["norm"] not in ("weight_norm", "none"):
+        raise ValueError(f"seanet.norm={s['norm']!r} is not supported (expected 'weight_norm' or 'none')")
+    rvq = {k: get(get(xp, "rvq", {}), k, v) for k, v in _RVQ_DEFAULTS.items()}
+    sample_rate = get(xp, "sample_rate", get(encodec, "sample_rate", None))
+    if sample_rate is None:
+        raise ValueError("sample_rate is missing (expected at the top level or in encodec.sample_rate)")
+    return EncodecConfig(sample_rate=sample_rate, ratios=s["ratios"],
+               n_filters=s["n_filters"], dimension=s["dimension"], card=rvq["bins"], n_q=rvq["n_q"],
+               channels=s["channels"], num_lstm_layers=s["lstm"], pad_mode=s["pad_mode"],
+               n_residual_layers=s["n_residual_layers"], compress=s["compress"], kernel_size=s["kernel_size"],
+               last_kernel_size=s["last_kernel_size"], residual_kernel_size=s["residual_kernel_size"],
+               dilation_base=s["dilation_base"], true_skip=s["true_skip"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -192,7 +290,7 @@ def params_from_state_dict(config: EncodecConfig, state: Mapping[str, np.ndarray
     """
     if layout not in ("transformers", "audiocraft"):
         raise ValueError(f"layout={layout!r}: expected 'transformers' or 'audiocraft'")
-    shapes = {path: leaf.shape for path, leaf in flatten_params(nn.unbox(abstract_params(config))).items()}
+    shapes = {path: leaf.shape for path, leaf in flatten_dict(nn.unbox(abstract_params(config))).items()}
     convs: dict[str, tuple[str, bool]] = {}  # tensor-name prefix -> (flax module path "a/b", transposed)
     lstms: dict[str, str] = {}
     for path, (module, kind) in _module_names(config).items():
@@ -244,7 +342,7 @@ def params_from_state_dict(config: EncodecConfig, state: Mapping[str, np.ndarray
             params[f"{base}/recurrent_kernel"] = state[f"{prefix}.weight_hh_l{layer}"].T
             params[f"{base}/bias"] = state[f"{prefix}.bias_ih_l{layer}"] + state[f"{prefix}.bias_hh_l{layer}"]
     params["quantizer/codebooks"] = np.stack([state[f"{codebook.format(level)}.embed"] for level in range(config.n_q)])
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), unflatten_params(params))
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), unflatten_dict(params))
 
 
 def state_dict_from_params(config: EncodecConfig, params) -> dict[str, np.ndarray]:
@@ -252,7 +350,7 @@ def state_dict_from_params(config: EncodecConfig, params) -> dict[str, np.ndarra
 
     Arrays are C-contiguous: safetensors writes an array's memory, so a transposed view would be stored scrambled.
     """
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_dict(params).items()}
     state = {}
     for path, (module, kind) in _module_names(config).items():
         prefix = "/".join(path)

@@ -1,4 +1,4 @@
-"""LM weights: audiocraft `state_dict.bin` and transformers MusicGen files <-> our param tree (magnet-spec §7).
+"""LM weights: audiocraft `state_dict.bin` and transformers MusicGen files <-> our param tree (docs/design.md §10).
 
 Formats read:
 - audiocraft (MAGNeT and MusicGen releases, `facebook/magnet-*`, `facebook/musicgen-*`): `state_dict.bin`, a torch
@@ -10,7 +10,7 @@ Formats read:
 Format written: audiocraft `state_dict.bin` with a synthesized (or updated original) `xp.cfg`, loadable by
 audiocraft's own `loaders.load_lm_model_magnet` / `load_lm_model` with strict `load_state_dict`.
 
-Mapping (spec §7.4): torch Linear `[out, in]` -> kernel `[in, out]`; packed `in_proj_weight` rows q/k/v -> three
+Mapping (docs/design.md §10.3): torch Linear `[out, in]` -> kernel `[in, out]`; packed `in_proj_weight` rows q/k/v -> three
 `[D, H, Dh]` kernels; `out_proj` -> `[H, Dh, D]`; embeddings as is; T5 `output_proj` -> `cond_proj`. Every importer
 checks keys and shapes strictly (`weights.check_state_dict`) and casts to the config's `param_dtype` (fp16 releases).
 """
@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from magnet_jax.checkpoints.weights import check_state_dict, load_safetensors, load_torch_pickle, xp_cfg_value
+from magnet_jax.fileio import WeightsError, atomic_directory, flatten_dict, resolve_file, unflatten_dict
+from magnet_jax.models import objectives
 from magnet_jax.models.lm import LMConfig
-from magnet_jax.checkpoints.weights import (WeightsError, check_state_dict, flatten_params, load_safetensors, load_torch_pickle,
-                                resolve_file, unflatten_params)
 
 AUDIOCRAFT_LM_FILE = "state_dict.bin"
 AUDIOCRAFT_CODEC_FILE = "compression_state_dict.bin"
@@ -65,13 +66,13 @@ def set_layer_layout(params: Mapping, scan_layers: bool) -> dict:
         return params
     if scan_layers:
         names = sorted((k for k in params if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
-        layers = [flatten_params(params.pop(k)) for k in names]
-        params["blocks"] = unflatten_params({p: np.stack([np.asarray(l[p]) for l in layers]) for p in layers[0]})
+        layers = [flatten_dict(params.pop(k)) for k in names]
+        params["blocks"] = unflatten_dict({p: np.stack([np.asarray(l[p]) for l in layers]) for p in layers[0]})
     else:
-        stacked = {p: np.asarray(v) for p, v in flatten_params(params.pop("blocks")).items()}
+        stacked = {p: np.asarray(v) for p, v in flatten_dict(params.pop("blocks")).items()}
         num_layers = len(next(iter(stacked.values())))
         for i in range(num_layers):
-            params[f"block_{i}"] = unflatten_params({p: v[i] for p, v in stacked.items()})
+            params[f"block_{i}"] = unflatten_dict({p: v[i] for p, v in stacked.items()})
     return params
 
 
@@ -79,7 +80,7 @@ def set_layer_layout(params: Mapping, scan_layers: bool) -> dict:
 # audiocraft state dict <-> params
 
 def audiocraft_shapes(config: LMConfig) -> dict[str, tuple[int, ...]]:
-    """Every `best_state` key of the LM (incl. the T5 output projection) and its shape (spec §7.2/7.3)."""
+    """Every `best_state` key of the LM (incl. the T5 output projection) and its shape (docs/design.md §10.3)."""
     d, f = config.dim, config.ffn_dim
     shapes = {f"emb.{k}.weight": (config.card + 1, d) for k in range(config.n_q)}
     shapes.update({f"linears.{k}.weight": (config.card, d) for k in range(config.n_q)})
@@ -120,12 +121,12 @@ def params_from_audiocraft(state: Mapping[str, np.ndarray], config: LMConfig, *,
             else:
                 flat[f"block_{i}/{path}"] = w.T if kind == "linear" else w
     flat = {p: np.ascontiguousarray(np.asarray(v).astype(dtype)) for p, v in flat.items()}
-    return set_layer_layout(unflatten_params(flat), config.scan_layers)
+    return set_layer_layout(unflatten_dict(flat), config.scan_layers)
 
 
 def audiocraft_from_params(params: Mapping, config: LMConfig) -> dict[str, np.ndarray]:
     """Inverse of `params_from_audiocraft`: our param tree (either layout) -> audiocraft-named host arrays."""
-    flat = flatten_params(set_layer_layout(params, scan_layers=False))
+    flat = flatten_dict(set_layer_layout(params, scan_layers=False))
     flat = {p: np.asarray(v) for p, v in flat.items()}
     d = config.dim
     state = {}
@@ -165,26 +166,16 @@ _GENERATE_KEYS = (  # xp.cfg generate.lm key -> config.json generate key
 )
 
 
-def _get(tree: Mapping, dotted: str, default: Any = KeyError, *, root: Mapping | None = None, source: str = ""):
-    """`tree['a']['b']` for 'a.b', resolving plain `${x.y}` interpolations against `root`."""
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            if default is KeyError:
-                raise WeightsError(f"{source}: xp.cfg has no field {dotted}")
-            return default
-        node = node[part]
-    match = re.fullmatch(r"\$\{([\w.]+)\}", node) if isinstance(node, str) else None
-    return _get(root or tree, match.group(1), default, source=source) if match else node
-
-
 def config_from_xp_cfg(xp: Mapping, *, cond_dim: int, source: str, scan_layers: bool = True) -> dict:
     """The config.json sections `model`, `conditioner`, `segment_seconds`, `generate` from a parsed `xp.cfg`.
 
     Architecture options the port does not implement are an error naming the field (never silently ignored).
     """
     def get(key, default=KeyError):
-        return _get(xp, key, default, source=source)
+        try:
+            return xp_cfg_value(xp, key, default)
+        except KeyError as e:
+            raise WeightsError(f"{source}: xp.cfg has no field {e.args[0]}") from None
 
     lm_model = get("lm_model")
     if lm_model not in (MAGNET, MUSICGEN):
@@ -195,7 +186,7 @@ def config_from_xp_cfg(xp: Mapping, *, cond_dim: int, source: str, scan_layers: 
             raise WeightsError(f"{source}: xp.cfg transformer_lm.{key}={value!r} is not supported "
                                f"(expected {expected!r})")
     conditioners = get("conditioners", None) or {}
-    if set(conditioners) != {"description"} or _get(conditioners, "description.model", None) != "t5":
+    if set(conditioners) != {"description"} or xp_cfg_value(conditioners, "description.model", None, root=xp) != "t5":
         raise WeightsError(f"{source}: xp.cfg conditioners={sorted(conditioners)} is not supported "
                            "(expected one T5 conditioner named 'description')")
     fuser = {k: list(get(f"fuser.{k}", None) or []) for k in ("cross", "prepend", "sum", "input_interpolate")}
@@ -351,7 +342,7 @@ def config_from_hf(hf: Mapping, *, source: str, scan_layers: bool = True) -> tup
     config = {"model": model.to_dict(),
               "conditioner": {"t5": text.get("_name_or_path") or "", "t5_dim": cond_dim},
               "codec": {"source": hf.get("audio_encoder", {}).get("_name_or_path") or ""},
-              # the file has no training segment or sampling settings: MusicGen's API defaults (spec §8)
+              # the file has no training segment or sampling settings: MusicGen's API defaults (docs/design.md §8)
               "segment_seconds": 30.0,
               "generate": {"use_sampling": True, "top_k": 250, "top_p": 0.0, "temperature": 1.0, "cfg_coef": 3.0}}
     if kind == "musicgen":
@@ -525,10 +516,10 @@ def export_audiocraft(directory: str | Path, params: Mapping, config: Mapping, *
 
     Atomic: everything is written to a temporary sibling directory that is renamed into place.
     """
-    from magnet_jax.checkpoints.pretrained import atomic_directory, model_objective
-    if model_objective(config, str(directory)) != "magnet":
-        raise WeightsError(f"{directory}: the audiocraft format cannot hold a Hybrid-MAGNeT model (objective "
-                           f"{config['objective']!r}); keep the converted (orbax) format")
+    objective = objectives.of_config(config, str(directory))
+    if not objective.audiocraft_format:
+        raise WeightsError(f"{directory}: the audiocraft format cannot hold a {objective.title} model (objective "
+                           f"{objective.name!r}); keep the converted (orbax) format")
     try:
         import torch  # the `convert` extra
     except ImportError as e:

@@ -6,88 +6,71 @@ A directory holding
                  "audiocraft_cfg": <xp.cfg YAML, optional>}
   params/       the LM param tree (plain arrays, layout of `model.scan_layers`) as an orbax checkpoint.
 `model.param_dtype` always states the dtype the params are stored in. "objective" is the training objective
-(`config.train.objective`), which decides how the model generates: "magnet" (MAGNeT decoding; also when absent, as in
-converted released weights and older exports) or "hybrid" (Hybrid-MAGNeT, `hybrid.generate_hybrid_codes`). Writes
-are atomic: a temporary sibling directory is renamed into place, so a crash never leaves a half-written checkpoint
+(`config.train.objective`, `magnet_jax.models.objectives`), which decides how the model generates ("magnet" when
+absent, as in converted released weights and older exports). Layout details: docs/design.md §10.1. Writes are atomic: a temporary sibling directory is renamed into place, so a crash never leaves a half-written checkpoint
 under the final name.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from magnet_jax.checkpoints.lm_weights import set_layer_layout
+from magnet_jax.checkpoints.weights import check_state_dict
+from magnet_jax.cli import reason
+from magnet_jax.fileio import WeightsError, atomic_directory, flatten_dict
+from magnet_jax.models import objectives
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.checkpoints.lm_weights import import_lm, set_layer_layout
-from magnet_jax.training.train_lib import OBJECTIVES
-from magnet_jax.checkpoints.weights import WeightsError, check_state_dict, flatten_params
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 REQUIRED_SECTIONS = ("model", "conditioner", "codec", "segment_seconds")
 
 
-@contextlib.contextmanager
-def atomic_directory(directory: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling of `directory` to fill; renames it to `directory` when the block succeeds.
-
-    Multi-host: every process enters; only process 0 touches the file system outside orbax (call it on all).
-    """
-    final = Path(directory).expanduser().absolute()
-    tmp = final.with_name(f".{final.name}.partial")
-    primary = jax.process_index() == 0
-    if final.exists() and not overwrite:
-        raise WeightsError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
-    if primary:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed write
-        tmp.mkdir(parents=True)
-    _sync("atomic_directory:start")
+def model_objective(config: Mapping, source: str) -> objectives.Objective:
+    """The objective of a config.json dict (MAGNeT when absent); an unknown one is a one-line WeightsError naming
+    `source`."""
     try:
-        yield tmp
-    except BaseException:
-        if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if primary:
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    _sync("atomic_directory:done")
+        return objectives.of_config(config, source)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+def config_from_training(config, *, step: int, weights: str, dtype: str, source: str) -> dict:
+    """The config.json of a params export of a run with training config `config`.
 
-
-def model_objective(config: Mapping, source: str) -> str:
-    """The "objective" of a config.json dict: "magnet" when absent; an unknown one is a one-line WeightsError
-    naming `source`."""
-    objective = config.get("objective", "magnet")
-    if objective not in OBJECTIVES:
-        raise WeightsError(f"{source}: objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    return objective
+    Args:
+      config: the training config: its model / conditioner / codec / data / generate sections, `train.objective`
+        (top-level "objective": how the model is generated; absent in older configs = "magnet") and
+        `masking.span_len` (the "generate" section's `span_len`: decoding re-masks spans of the trained length).
+      step: the training step of the params; weights: "ema" or "params"; dtype: the stored params' dtype;
+      source: what produced them (goes to "provenance").
+    """
+    model = LMConfig.from_config(config.model).to_dict()
+    model["param_dtype"] = dtype
+    return {
+        "model": model,
+        "objective": config.train.get("objective", objectives.MAGNET.name),
+        "conditioner": {"t5": config.conditioner.t5, "t5_dim": config.conditioner.t5_dim},
+        "codec": {"source": config.codec.source},
+        "segment_seconds": float(config.data.segment_seconds),
+        "generate": {**config.generate.to_dict(), "span_len": int(config.masking.span_len)},
+        "provenance": {"source": source, "step": int(step), "weights": weights, "dtype": dtype},
+    }
 
 
 def _check_params(params: Mapping, model: LMConfig, source: str) -> None:
     """Strict key/shape check of a param tree against the architecture in `model` (its layer layout)."""
     abstract = jax.eval_shape(lambda k: nn.meta.unbox(init_params(LanguageModel(model), k)), jax.random.key(0))
-    expected = {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
-    check_state_dict(flatten_params(params), expected, source=source)  # leaves: arrays or orbax metadata (.shape)
+    expected = {k: tuple(v.shape) for k, v in flatten_dict(abstract).items()}
+    check_state_dict(flatten_dict(params), expected, source=source)  # leaves: arrays or orbax metadata (.shape)
 
 
 def _stored_dtype(params: Mapping, source: str) -> str:
@@ -119,11 +102,14 @@ def save_pretrained(directory: str | Path, params: Mapping, config: Mapping, *, 
         raise WeightsError(f"save_pretrained({directory}): bad model section ({e})") from e
     model_objective(config, f"save_pretrained({directory})")
     _check_params(params, model, f"save_pretrained({directory})")
-    with atomic_directory(directory, overwrite=overwrite) as tmp:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / PARAMS_DIR, params)
-        if jax.process_index() == 0:
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            with ocp.StandardCheckpointer() as checkpointer:
+                checkpointer.save(tmp / PARAMS_DIR, params)
+            if jax.process_index() == 0:
+                (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    except FileExistsError as e:
+        raise WeightsError(str(e)) from None
 
 
 def read_config(directory: str | Path) -> dict:
@@ -137,7 +123,7 @@ def read_config(directory: str | Path) -> dict:
     except FileNotFoundError:
         raise WeightsError(f"{path}: not a converted checkpoint (no {CONFIG_FILE})") from None
     except (OSError, ValueError) as e:
-        raise WeightsError(f"{file}: not valid JSON ({str(e).splitlines()[0]})") from e
+        raise WeightsError(f"{file}: not valid JSON ({reason(e)})") from e
     missing = [k for k in REQUIRED_SECTIONS if k not in config] if isinstance(config, dict) else REQUIRED_SECTIONS
     if missing:
         raise WeightsError(f"{file}: missing section(s) {', '.join(missing)}")
@@ -168,7 +154,7 @@ def load_pretrained(directory: str | Path, *, dtype: Any = None, scan_layers: bo
         metadata = ocp.PyTreeCheckpointer().metadata(path / PARAMS_DIR).item_metadata.tree
     except Exception as e:  # missing dir, truncated or foreign files: one line
         raise WeightsError(f"{path / PARAMS_DIR}: not a readable orbax checkpoint "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                           f"({type(e).__name__}: {reason(e)})") from e
     _check_params(metadata, model, str(path / PARAMS_DIR))
     scan_layers = model.scan_layers if scan_layers is None else scan_layers
     direct = shardings is not None and scan_layers == model.scan_layers  # orbax reads each device's shard only
@@ -180,26 +166,11 @@ def load_pretrained(directory: str | Path, *, dtype: Any = None, scan_layers: bo
         params = ocp.PyTreeCheckpointer().restore(path / PARAMS_DIR,
                                                   args=ocp.args.PyTreeRestore(restore_args=restore_args))
     except Exception as e:
-        raise WeightsError(f"{path / PARAMS_DIR}: cannot restore ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise WeightsError(f"{path / PARAMS_DIR}: cannot restore ({type(e).__name__}: {reason(e)})") from e
     if not direct:
         params = set_layer_layout(params, scan_layers)
         if shardings is not None:
             params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), params,
                                   shardings)
     config["model"].update(param_dtype=dtype.name, scan_layers=scan_layers)
-    return config, params
-
-
-def load_lm(source: str | Path, *, dtype: Any = None, scan_layers: bool | None = None) -> tuple[dict, dict]:
-    """Any LM source -> (config, host params): a converted checkpoint directory, or released weights (audiocraft
-    `state_dict.bin` / transformers MusicGen; hub id, directory or file) converted on the fly."""
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
-        return load_pretrained(path, dtype=dtype, scan_layers=scan_layers)
-    config, params = import_lm(str(source), scan_layers=True if scan_layers is None else scan_layers)
-    if dtype is not None:
-        dtype = jnp.dtype(dtype)
-        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
-        config["model"]["param_dtype"] = dtype.name
     return config, params

@@ -1,62 +1,20 @@
-"""Locating and reading released weights: hub ids, local directories and files; strict key checking.
+"""Reading released weights: safetensors and torch pickles, strict key checking, audiocraft config lookups.
 
-Every importer (LM, T5, EnCodec) goes through these helpers so that the rules are the same everywhere:
-torch pickles are read with `weights_only=True` only, safetensors with the NumPy loader (no torch), and a
-state dict whose keys or shapes differ from what the model expects is an error that lists every difference.
+Every importer (LM, T5, EnCodec) goes through these helpers so that the rules are the same everywhere: torch pickles
+are read with `weights_only=True` only, safetensors with the NumPy loader (no torch), and a state dict whose keys or
+shapes differ from what the model expects is an error that lists every difference. Files are located by
+`magnet_jax.fileio.resolve_file`.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Iterable, Mapping
+import re
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-
-class WeightsError(ValueError):
-    """Weights could not be found, read, or matched to the model (message is one line)."""
-
-
-def resolve_file(source: str | os.PathLike, filename: str, *, what: str) -> Path:
-    """Finds `filename` for `source`: a local file, a local directory holding it, or a Hugging Face hub id.
-
-    Args:
-      source: path to the file itself, a directory containing `filename`, or a hub id (`facebook/magnet-small-10secs`).
-      filename: the file name inside a directory or hub repository (e.g. `state_dict.bin`).
-      what: words for error messages (e.g. "MAGNeT LM weights").
-    """
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        candidate = path / filename
-        if candidate.is_file():
-            return candidate
-        raise WeightsError(f"{what}: directory {path} has no {filename}")
-    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
-        raise WeightsError(f"{what}: {source} is neither a file nor a directory holding {filename}")
-    return _download(str(source), filename, what=what)
-
-
-def _download(repo_id: str, filename: str, *, what: str) -> Path:
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-    except ImportError as e:  # pragma: no cover - huggingface_hub is a runtime dependency
-        raise WeightsError(f"{what}: huggingface_hub is needed to download {repo_id}: {e}") from e
-    try:
-        return Path(hf_hub_download(repo_id, filename))
-    except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE) or unreachable, and not in the local cache
-        raise WeightsError(
-            f"{what}: could not fetch {filename} from hub id {repo_id!r} (offline or unreachable, not cached); "
-            f"pass a local directory holding {filename} instead") from e
-    except (RepositoryNotFoundError, EntryNotFoundError) as e:
-        raise WeightsError(f"{what}: hub repository {repo_id} has no {filename} ({type(e).__name__})") from e
-    except Exception as e:  # offline mode, no network, proxy errors: all one message
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(
-            f"{what}: could not fetch {filename} from hub id {repo_id!r} (offline or unreachable: {reason}); "
-            f"pass a local directory holding {filename} instead") from e
+from magnet_jax.cli import reason
+from magnet_jax.fileio import WeightsError
 
 
 def load_safetensors(path: str | os.PathLike, *, what: str) -> dict[str, np.ndarray]:
@@ -65,7 +23,7 @@ def load_safetensors(path: str | os.PathLike, *, what: str) -> dict[str, np.ndar
     try:
         return dict(load_file(str(path)))
     except Exception as e:
-        raise WeightsError(f"{what}: cannot read safetensors file {path}: {str(e).splitlines()[0]}") from e
+        raise WeightsError(f"{what}: cannot read safetensors file {path}: {reason(e)}") from e
 
 
 def load_torch_pickle(path: str | os.PathLike, *, what: str):
@@ -82,7 +40,7 @@ def load_torch_pickle(path: str | os.PathLike, *, what: str):
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{what}: cannot read {path} as a PyTorch pickle: {str(e).splitlines()[0]}") from e
+        raise WeightsError(f"{what}: cannot read {path} as a PyTorch pickle: {reason(e)}") from e
     return _torch_to_numpy(obj, torch)
 
 
@@ -123,25 +81,25 @@ def check_state_dict(found: Mapping[str, np.ndarray], expected: Mapping[str, tup
         raise WeightsError(f"{source}: state dict does not match the model; " + "; ".join(problems))
 
 
-def flatten_params(tree: Mapping, prefix: str = "", sep: str = "/") -> dict[str, np.ndarray]:
-    """Flattens a nested param dict into `a/b/c` keys."""
-    flat = {}
-    for k, v in tree.items():
-        name = f"{prefix}{sep}{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            flat.update(flatten_params(v, name, sep))
-        else:
-            flat[name] = v
-    return flat
+def xp_cfg_value(tree: Mapping, dotted: str, default: Any = KeyError, *, root: Mapping | None = None) -> Any:
+    """`tree['a']['b']` for `dotted` = 'a.b' in a parsed audiocraft (OmegaConf) config, following `${x.y}`
+    interpolations against `root` (default `tree`).
+
+    Raises:
+      KeyError: the field (or a field an interpolation names) is absent and no `default` is given.
+    """
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if default is KeyError:
+                raise KeyError(dotted)
+            return default
+        node = node[part]
+    return resolve_interpolation(node, tree if root is None else root)
 
 
-def unflatten_params(flat: Mapping[str, np.ndarray], sep: str = "/") -> dict:
-    """Inverse of `flatten_params`."""
-    tree: dict = {}
-    for name, v in flat.items():
-        node = tree
-        *parents, leaf = name.split(sep)
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
+def resolve_interpolation(value: Any, root: Mapping) -> Any:
+    """`value`, or what a `${a.b}` interpolation string refers to in `root` (followed until a plain value)."""
+    while isinstance(value, str) and (match := re.fullmatch(r"\$\{([\w.]+)\}", value)):
+        value = xp_cfg_value(root, match.group(1))
+    return value

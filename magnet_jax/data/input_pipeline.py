@@ -4,7 +4,7 @@ Per record (a `MapDataset`, so every step is index-addressable and resumable):
   source (ArrayRecord shards of `data_pipelines.encode_audio`, or a TFDS `array_record` dataset directory)
   → seeded shuffle, reshuffled every epoch → repeat → one random map per record, its RNG derived from (seed, position
   in the repeated stream) so it is the same after a restore: random crop to `seq_len` frames, metadata merge into the
-  description (magnet-spec §2.5), tokenization (with a word-dropout key when training) padded to `max_text_len`
+  description (docs/design.md §3), tokenization (with a word-dropout key when training) padded to `max_text_len`
   → `grain.experimental.ElasticIterator`: process i takes positions i, i + n, ... of the stream, batches
   `global_batch / n`, reads ahead in threads and optionally in `worker_count` processes.
 The iterator state is the global number of examples consumed, identical on every process: a restore resumes at
@@ -199,7 +199,7 @@ def random_crop(codes: np.ndarray, seq_len: int, rng: np.random.Generator, where
 
 def merge_metadata(description: str | None, metadata: Mapping[str, Any], rng: random.Random, *,
                    merge_text_p: float, drop_desc_p: float, drop_other_p: float) -> str | None:
-    """The description audiocraft's MusicDataset trains on (magnet-spec §2.5), its draws taken from `rng`.
+    """The description audiocraft's MusicDataset trains on (docs/design.md §3), its draws taken from `rng`.
 
     `merge_text_p == 0` leaves the description as it is. Otherwise (`augment_music_info_description`): with
     probability `merge_text_p`, "field: value" pairs of key/bpm/genre/moods/keywords/instrument (each kept with

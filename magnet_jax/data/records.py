@@ -8,7 +8,7 @@ is an error naming its source instead of silently wrong tokens.
 
 Metadata follows audiocraft's music dataset sidecar format (`<audio>.json`): `description`, `title`, `artist`,
 `key`, `bpm`, `genre`, `moods`, `keywords`, `instrument`; `normalize_metadata` applies audiocraft's per-field
-cleaning once, at encode time, so training only draws the random merge of magnet-spec §2.5.
+cleaning once, at encode time, so training only draws the random merge of docs/design.md §3.
 """
 from __future__ import annotations
 

@@ -1,24 +1,11 @@
-"""MAGNeT iterative decoding (magnet-spec §6): codebook stages one after another, MaskGIT-style steps within each.
+"""MAGNeT iterative decoding (docs/design.md §6): codebook stages one after another, MaskGIT-style steps within each.
 
-One jitted program runs the whole generation: the text conditioning is projected and its cross-attention keys/values
-computed once, then a `lax.fori_loop` over the codebook stages runs a `lax.fori_loop` over that stage's decoding
-steps (the stage and the step are traced, so the LM is compiled once). Each step
-
-  1. re-masks the least confident units of the previous step: non-overlapping 3-token chunks ('nonoverlap'), the
-     least probable overlapping spans ('stride1', binary search of spec §6.9), or single tokens (span_len 1);
-     the prompt is written back;
-  2. runs the LM once on the classifier-free-guidance batch (2B rows: each row followed by its null-condition twin,
-     so a batch sharded over devices keeps both on the same device) and guides the logits of the stage's head,
-     `uncond + (cond - uncond) * cfg`, cfg annealed from `max_cfg` to `min_cfg` with the mask rate;
-  3. samples (nucleus / top-k / multinomial / greedy argmax) at the annealed temperature and writes the samples
-     into the masked positions only;
-  4. scores the units sampled in this step (1 - max prob, or sum of -log prob) and freezes every other unit; with a
-     rescorer (paper Eq. 5) the probability of each sampled token is `w * p_magnet + (1 - w) * p_rescorer`, where
-     p_rescorer comes from one teacher-forced pass of a causal MusicGen model over the candidate codes.
-
-The per-step schedule (number of units to re-mask, CFG coefficient, temperature) is computed on the host with the
-reference's float32 arithmetic (`stage_schedule`) and enters the program as arrays: the prompt length, the step
-counts (up to the same largest one), the temperature and the CFG coefficients do not force a recompilation.
+One jitted program runs the whole generation: the conditioning's cross-attention keys/values are computed once,
+then a `lax.fori_loop` over the stages runs a `lax.fori_loop` over each stage's steps (stage and step traced). A step
+re-masks the least confident units, runs the LM once on the classifier-free-guidance batch, samples into the masked
+positions and scores them (optionally mixing in a rescorer's probabilities, paper Eq. 5). The schedule is computed
+on the host (`stage_schedule`) and enters the program as arrays, so step counts, temperature and CFG do not
+recompile.
 """
 from __future__ import annotations
 
@@ -34,9 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from magnet_jax.generation import musicgen
+from magnet_jax.generation.sampling import (
+    FROZEN_SCORE,
+    chunk_scores,
+    least_probable_span_mask,
+    sample_tokens,
+    top_units_mask,
+)
 from magnet_jax.models.lm import LanguageModel, LMConfig
-from magnet_jax.generation.sampling import (FROZEN_SCORE, chunk_scores, least_probable_span_mask, sample_tokens,
-                                 top_units_mask)
 
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
@@ -44,16 +36,16 @@ SPAN_SCORINGS = ("max", "prod")
 
 @dataclasses.dataclass(frozen=True)
 class DecodeParams:
-    """Decoding settings (frozen, hashable). Defaults are the reference's music defaults (spec §6.2, §14).
+    """Decoding settings (frozen, hashable). Defaults are the reference's music defaults (docs/design.md §6.2).
 
     decoding_steps: steps per codebook stage (one entry per codebook).
     temperature / anneal_temp: initial softmax temperature; annealed as `temperature * (n - 1 - i) / n`, clamped
-      at 0.01 (spec §6.5).
+      at 0.01 (docs/design.md §6.5).
     top_p / top_k / use_sampling: nucleus when top_p > 0, else top-k when top_k > 0, else multinomial; greedy
       argmax when use_sampling is False (confidences still use the tempered softmax).
-    max_cfg / min_cfg: CFG coefficient annealed from max_cfg (all masked) to min_cfg (spec §6.6).
+    max_cfg / min_cfg: CFG coefficient annealed from max_cfg (all masked) to min_cfg (docs/design.md §6.6).
     span_arrangement: 'nonoverlap' (chunks of span_len tokens, length trimmed to a multiple of span_len) or
-      'stride1' (overlapping spans, spec §6.9).
+      'stride1' (overlapping spans, docs/design.md §6.9).
     span_scoring: 'max' (1 - max prob in the chunk) or 'prod' (sum of -log prob); nonoverlap only.
     span_len: span length of the masking scheme (`config.masking.span_len`).
     rescore_weight: w of paper Eq. 5 (w on MAGNeT's term, as Eq. 5 and issue 7; the paper's Fig. 4 pseudo-code puts
@@ -123,9 +115,9 @@ class DecodeParams:
 
 @dataclasses.dataclass(frozen=True)
 class PrefixParams:
-    """Composition-mode hybrid (spec §9.5): the first `prefix_seconds` are generated autoregressively by a causal
+    """Composition-mode hybrid (docs/design.md §7.2): the first `prefix_seconds` are generated autoregressively by a causal
     MusicGen model, then MAGNeT decodes the rest with them as a frozen prompt. 0 = off. The `ar_*` sampling
-    settings default to MusicGen's (spec §8): CFG 3.0, top-k 250, temperature 1.0, multinomial."""
+    settings default to MusicGen's (docs/design.md §8): CFG 3.0, top-k 250, temperature 1.0, multinomial."""
     prefix_seconds: float = 0.0
     ar_cfg_coef: float = 3.0
     ar_temperature: float = 1.0
@@ -181,7 +173,7 @@ def _torch_linspace01(n: int) -> np.ndarray:
 
 
 def stage_schedule(n_steps: int, n_gen_units: int, params: DecodeParams) -> StageSchedule:
-    """The reference's schedule for one stage with `n_gen_units` units to generate (spec §6.4–6.6).
+    """The reference's schedule for one stage with `n_gen_units` units to generate (docs/design.md §6.4–§6.6).
 
     mask_p_i = cos(pi/2 * linspace(0, 1, n)_i) in float32; units re-masked = max(int(mask_p_i * n_gen_units), 1)
     (float32 product, truncated); cfg_i = mask_p_i * max_cfg + (1 - mask_p_i) * min_cfg; temperature_i =
@@ -389,7 +381,7 @@ def decode_step(guided_logits: Callable, decode_params: DecodeParams, state: Dec
                 step: jax.Array, num_masked: jax.Array, cfg_coef: jax.Array, temperature: jax.Array,
                 prompt_row: jax.Array, prompt_len: jax.Array, row_keys: jax.Array, mask_id: int,
                 rescore: Callable | None = None, rescore_weight: jax.Array | float = 1.0) -> DecodeState:
-    """One decoding step of codebook `stage` (spec §6.3): re-mask `num_masked` units by the previous scores, restore
+    """One decoding step of codebook `stage` (docs/design.md §6.3): re-mask `num_masked` units by the previous scores, restore
     the prompt, run the guided LM, sample into the masked positions, score the re-masked units, freeze the rest.
 
     Args:

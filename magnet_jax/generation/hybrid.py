@@ -1,24 +1,6 @@
-"""Hybrid-MAGNeT (magnet-spec §9.2, §9.4): one non-causal model trained with an autoregressive prefix and MAGNeT
-span masking over the MusicGen delay layout; at inference the first seconds are generated autoregressively with the
-key/value cache and the rest is decoded by MAGNeT's iterative decoding with that prefix frozen.
-
-Layout. Codes `[B, K, T]` enter the model as `musicgen.apply_delay_pattern(codes', special=mask_id)`: `[B, K, S]`,
-S = T + K, column 0 all special, column s holding frame s - 1 - q of codebook q. Logits at layout row r of head q
-predict frame t = r - q of codebook q (`musicgen.frame_logits`).
-
-Training (`config.train.objective = "hybrid"`, `masking.hybrid_batch`): per batch a stage k, per sample a boundary b
-uniform in [0, T); layout rows < b are the prefix, i.e. frames t < b - q of codebook q.
-- inputs codes': codebooks above k masked from frame b - q on; codebook k span-masked inside its suffix
-  [max(b - k, 0), T) (cosine rate, span table of the suffix length); lower codebooks and prefix frames ground truth;
-- self-attention (`attention.hybrid_attention_mask`): rows r < b causal; rows r >= b the stage-k MAGNeT mask
-  shifted by the delay (keys j in [1 + k, 1 + k + T), band |j - 1 - r| <= subcodes_context for k >= 1);
-- loss: one cross-entropy mean over every prefix token (AR next-token loss, all codebooks) and the masked suffix
-  tokens of codebook k (`masking.hybrid_cross_entropy`); `ar_loss` / `nar_loss` are reported beside it.
-
-Inference (`generate_hybrid_codes`): the prefix rows r < b (`prefix_frames`) are streamed with the cache, row by
-row (`musicgen.generate_rows`: CFG 3, top-k 250, temperature 1 by default, as audiocraft's hybrid branch); then
-codebook stages k = 0..K-1 are decoded by MAGNeT's stage loop (`decoding.decode_stages`), the LM pass building the
-layout under the hybrid mask with boundary b and stage k, the first b - k frames of codebook k frozen as the prompt.
+"""Hybrid-MAGNeT generation with one model (docs/design.md §4.5, §7.3): the first frames are streamed
+autoregressively on MusicGen's delay layout with the key/value cache, then MAGNeT's stage loop decodes the rest with
+that prefix frozen, the model reading the layout under the hybrid attention mask (`objectives.HYBRID.logits`).
 """
 from __future__ import annotations
 
@@ -30,24 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from magnet_jax.generation import decoding, musicgen
-from magnet_jax.models.attention import hybrid_attention_mask
 from magnet_jax.generation.decoding import DecodeParams, TextConditioning
+from magnet_jax.models import objectives
 from magnet_jax.models.lm import LanguageModel
 
 AR_SAMPLE = musicgen.sampler(temperature=1.0, top_k=250)  # the branch's AR prefix sampling (one object: one program)
-
-
-def hybrid_logits(model: LanguageModel, variables, inputs: jax.Array, boundary: jax.Array, stage: jax.Array,
-                  condition: jax.Array | None, cond_attend: jax.Array | None = None, *, cross_kv=None) -> jax.Array:
-    """Frame-aligned logits `[B, K, T, card]` of the model on the delay layout of `inputs [B, K, T]` under the
-    hybrid mask of `boundary [B]` and `stage` (traced ok); `condition`, `cond_attend`, `cross_kv` as in
-    `LanguageModel.__call__`."""
-    config = model.config
-    _, n_q, length = inputs.shape
-    layout = musicgen.apply_delay_pattern(inputs, config.mask_id)
-    mask = hybrid_attention_mask(boundary, stage, length=length, n_q=n_q, subcodes_context=config.subcodes_context)
-    logits = model.apply(variables, layout, condition, cond_attend, cross_kv=cross_kv, self_mask=mask)
-    return nn.with_logical_constraint(musicgen.frame_logits(logits, length), ("batch", None, "length", "act_vocab"))
 
 
 def autoregressive_prefix(model: LanguageModel, params, cond: TextConditioning, keys: jax.Array, *, length: int,
@@ -109,7 +78,8 @@ def _generate_hybrid(model: LanguageModel, decode_params: DecodeParams, ar_sampl
     boundary = decoding.twice(jnp.full((batch,), prefix_frames, jnp.int32))
 
     def forward(variables, inputs, stage, attend, cross_kv):
-        logits = hybrid_logits(model, variables, inputs, boundary, stage, None, attend, cross_kv=cross_kv)
+        logits = objectives.HYBRID.logits(model, variables, inputs, stage, None, attend, boundary=boundary,
+                                          cross_kv=cross_kv)
         return jax.lax.dynamic_index_in_dim(logits, stage, axis=1, keepdims=False)
     guided_logits = decoding.guided_logits_fn(model, params, cond, forward=forward)
     return decoding.decode_stages(guided_logits, decode_params, codes, tables, prompt_lens, nar_keys,

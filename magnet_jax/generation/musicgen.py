@@ -1,4 +1,4 @@
-"""MusicGen: the autoregressive model over the delay codebook pattern (magnet-spec §8).
+"""MusicGen: the autoregressive model over the delay codebook pattern (docs/design.md §8).
 
 Delay layout for K codebooks and T frames: S = T + K steps; step 0 is all special tokens; step s holds frame
 t = s - 1 - q of codebook q when 0 <= t < T and the special id otherwise. Generation streams steps 1 .. S-1 with a
@@ -14,32 +14,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.models.lm import LanguageModel, init_cache
 from magnet_jax.generation.sampling import sample_tokens
+from magnet_jax.models import codebook_patterns
+from magnet_jax.models.lm import LanguageModel, init_cache
 
 SampleFn = Callable[[jax.Array, jax.Array], jax.Array]  # (key, logits [B, K, card]) -> tokens [B, K]
-
-
-def delay_valid(n_q: int, num_steps: int) -> jax.Array:
-    """`[K, S]` bool: step s of codebook q holds a real frame (0 <= s - 1 - q < S - K)."""
-    frame = jnp.arange(num_steps)[None, :] - 1 - jnp.arange(n_q)[:, None]
-    return (frame >= 0) & (frame < num_steps - n_q)
-
-
-def apply_delay_pattern(codes: jax.Array, special: int) -> jax.Array:
-    """`[B, K, T]` codes -> `[B, K, T + K]` delay layout (step 0 all `special`)."""
-    _, n_q, length = codes.shape
-    frame = jnp.arange(length + n_q)[None, :] - 1 - jnp.arange(n_q)[:, None]  # [K, S]
-    gathered = jnp.take_along_axis(codes, jnp.clip(frame, 0, length - 1)[None], axis=2)
-    return jnp.where(delay_valid(n_q, length + n_q)[None], gathered, special)
-
-
-def revert_delay_pattern(sequence: jax.Array) -> jax.Array:
-    """Inverse of `apply_delay_pattern`: `[B, K, T + K]` -> `[B, K, T]`."""
-    _, n_q, steps = sequence.shape
-    length = steps - n_q
-    index = jnp.arange(length)[None, :] + 1 + jnp.arange(n_q)[:, None]  # [K, T]
-    return jnp.take_along_axis(sequence, index[None], axis=2)
 
 
 def greedy(key: jax.Array, logits: jax.Array) -> jax.Array:
@@ -58,12 +37,6 @@ def sampler(*, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0, u
     return sample
 
 
-def frame_logits(logits: jax.Array, length: int) -> jax.Array:
-    """Delay-layout logits `[B, K, T + K, V]` -> frame-aligned `[B, K, T, V]`: row t + q of head q predicts frame t
-    of codebook q."""
-    return jnp.stack([logits[:, q, q:q + length] for q in range(logits.shape[1])], axis=1)
-
-
 def stream_layout(model: LanguageModel, params, condition: jax.Array, cond_attend: jax.Array | None, key: jax.Array,
                   *, length: int, last_step: int | None = None, cfg_coef: float | None = 3.0,
                   sample_fn: SampleFn = greedy, forced: jax.Array | None = None) -> jax.Array:
@@ -78,7 +51,7 @@ def stream_layout(model: LanguageModel, params, condition: jax.Array, cond_atten
     batch = rows if cfg_coef is None else rows // 2
     n_q, steps, special = config.n_q, length + config.n_q, config.mask_id
     last_step = steps - 1 if last_step is None else last_step
-    valid = delay_valid(n_q, steps)
+    valid = codebook_patterns.delay_valid(n_q, steps)
     variables = {"params": params}
     cross_kv = model.apply(variables, condition, method=model.cross_key_values)
     sequence = jnp.full((batch, n_q, steps), special, jnp.int32)
@@ -107,14 +80,6 @@ def stream_layout(model: LanguageModel, params, condition: jax.Array, cond_atten
     return sequence
 
 
-def forced_layout(prompt: jax.Array, length: int, special: int) -> jax.Array:
-    """Prompt codes `[B, K, Tp]` (Tp <= length) -> the delay layout `[B, K, length + K]` of the tokens to force,
-    `special` where generation is free."""
-    batch, n_q, _ = prompt.shape
-    padded = jnp.full((batch, n_q, length), special, jnp.int32).at[:, :, :prompt.shape[2]].set(prompt)
-    return apply_delay_pattern(padded, special)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "length", "cfg_coef", "sample_fn", "return_layout"))
 def generate_ar(model: LanguageModel, params, condition: jax.Array, cond_attend: jax.Array | None, key: jax.Array,
                 *, length: int, cfg_coef: float | None = 3.0, sample_fn: SampleFn = greedy,
@@ -135,10 +100,10 @@ def generate_ar(model: LanguageModel, params, condition: jax.Array, cond_attend:
     Returns:
       `[B, K, T]` int32 codes (and the layout when asked).
     """
-    forced = None if prompt is None else forced_layout(prompt, length, model.config.mask_id)
+    forced = None if prompt is None else codebook_patterns.forced_layout(prompt, length, model.config.mask_id)
     sequence = stream_layout(model, params, condition, cond_attend, key, length=length, cfg_coef=cfg_coef,
                              sample_fn=sample_fn, forced=forced)
-    codes = revert_delay_pattern(sequence)
+    codes = codebook_patterns.revert_delay_pattern(sequence)
     return (codes, sequence) if return_layout else codes
 
 
@@ -158,10 +123,10 @@ def generate_rows(model: LanguageModel, params, states: jax.Array, mask: jax.Arr
     def one_row(row_states, row_mask, row_attend, key, row_prompt):
         condition = model.apply({"params": params}, jnp.stack([row_states, jnp.zeros_like(row_states)]),
                                 jnp.stack([row_mask, jnp.zeros_like(row_mask)]), method=model.project_condition)
-        forced = None if row_prompt is None else forced_layout(row_prompt[None], length, special)
+        forced = None if row_prompt is None else codebook_patterns.forced_layout(row_prompt[None], length, special)
         sequence = stream_layout(model, params, condition, jnp.stack([row_attend, row_attend]), key, length=length,
                                  last_step=last_step, cfg_coef=cfg_coef, sample_fn=sample_fn, forced=forced)
-        return revert_delay_pattern(sequence)[0]
+        return codebook_patterns.revert_delay_pattern(sequence)[0]
 
     return jax.vmap(one_row)(states, mask, attend.astype(bool), keys, prompt)
 
@@ -180,8 +145,8 @@ def token_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend
       `[B, K, T]` float32: softmax (temperature 1) probability of each given token; 0 where it is the special id.
     """
     special = model.config.mask_id
-    layout = apply_delay_pattern(codes, special)[:, :, :-1]
+    layout = codebook_patterns.apply_delay_pattern(codes, special)[:, :, :-1]
     logits = model.apply({"params": params}, layout, None, attend, cross_kv=cross_kv)  # [B, K, T + K - 1, card]
-    probs = jax.nn.softmax(frame_logits(logits, codes.shape[-1]), axis=-1)
+    probs = jax.nn.softmax(codebook_patterns.frame_logits(logits, codes.shape[-1]), axis=-1)
     picked = jnp.take_along_axis(probs, jnp.minimum(codes, special - 1)[..., None], axis=-1)[..., 0]
     return jnp.where(codes == special, 0.0, picked)

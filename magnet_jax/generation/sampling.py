@@ -1,4 +1,4 @@
-"""Token sampling and span re-masking rules of MAGNeT's iterative decoder (magnet-spec §6.3, §6.7, §6.9).
+"""Token sampling and span re-masking rules of MAGNeT's iterative decoder (docs/design.md §6.3, §6.7, §6.9).
 
 Everything here works on one batch row (the decoder `vmap`s it), is jittable, and takes `k` (how many units to
 re-mask) as a traced value, so one compiled loop body serves every decoding step.
@@ -46,7 +46,7 @@ def top_p_threshold(probs: jax.Array, p: float) -> jax.Array:
 
 
 def sample_top_p(key: jax.Array, probs: jax.Array, p: float) -> jax.Array:
-    """Nucleus sampling (spec §6.7): the most probable tokens whose preceding mass is <= p (the most probable one
+    """Nucleus sampling (docs/design.md §6.7): the most probable tokens whose preceding mass is <= p (the most probable one
     always), renormalised. `probs [..., V]` -> tokens `[...]` int32."""
     return sample_categorical(key, jnp.where(probs >= top_p_threshold(probs, p), probs, 0.0))
 
@@ -121,7 +121,7 @@ def _round_half_even_mean(lo: jax.Array, hi: jax.Array) -> jax.Array:
 
 
 def least_probable_span_mask(scores: jax.Array, k: jax.Array, span_len: int) -> jax.Array:
-    """`stride1` re-masking (spec §6.9): the union of the least probable overlapping spans, about `k` tokens.
+    """`stride1` re-masking (docs/design.md §6.9): the union of the least probable overlapping spans, about `k` tokens.
 
     Span j covers tokens j .. j+L-1 and scores the sum of their token scores. The number u of top spans is found by
     the reference's binary search (lo = k // L, hi = k - L + 1, mid rounded half to even) and the union of the last

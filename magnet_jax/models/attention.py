@@ -1,4 +1,4 @@
-"""Multi-head attention and the attention masks of MAGNeT / MusicGen (magnet-spec §2.4, §3).
+"""Multi-head attention and the attention masks of MAGNeT / MusicGen (docs/design.md §2.1, §2.2).
 
 Projections have no biases (audiocraft `bias_attn: false`); heads are contiguous `head_dim` blocks of the model
 dimension, as in the packed `in_proj_weight` of the reference. The key/value projection is a separate method so that
@@ -37,7 +37,7 @@ def stage_attention_mask(length: int, stage: jax.Array | int, *, subcodes_contex
 
     - causal (MusicGen): key j <= query i;
     - MAGNeT stage 0: everything;
-    - MAGNeT stage >= 1: the band |i - j| <= subcodes_context (every layer, spec §3). `stage` may be traced, so one
+    - MAGNeT stage >= 1: the band |i - j| <= subcodes_context (every layer, docs/design.md §2.2). `stage` may be traced, so one
       compiled program serves all stages.
     """
     q = jnp.arange(length)[:, None]

@@ -1,6 +1,6 @@
 """EnCodec audio tokenizer in Flax Linen (inference): SEANet encoder/decoder and residual vector quantizer.
 
-MAGNeT tokenizes 32 kHz mono music with the EnCodec of magnet-spec §7.5 (strides 4·4·5·8, hop 640, 50 Hz,
+MAGNeT tokenizes 32 kHz mono music with the EnCodec of docs/design.md §9 (strides 4·4·5·8, hop 640, 50 Hz,
 4 codebooks × 2048, latent dim 128) and sound with a 16 kHz one (strides 2·4·5·8, hop 320); both are described
 by an `EncodecConfig`. Weights come from `magnet_jax.checkpoints.encodec_weights.load_encodec` (weight norm folded at load),
 or `init_encodec` builds a random codec with fitted codebooks for tests and the quickstart.
@@ -29,24 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 PAD_MODES = ("constant", "reflect")
+# Keys of a `codec` config section that are not architecture: the weights' source, the derived frame rate and the
+# window long audio is encoded in.
+LOCATION_FIELDS = ("source", "frame_rate", "chunk_seconds")
 _ACT = ("batch", "length", None)
 
 # Defaults of transformers' `EncodecConfig`: `save_pretrained` omits keys that equal them.
-_HF_DEFAULTS = dict(
-    target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0], sampling_rate=24_000, audio_channels=1, normalize=False,
-    chunk_length_s=None, hidden_size=128, num_filters=32, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 2],
-    norm_type="weight_norm", kernel_size=7, last_kernel_size=7, residual_kernel_size=3, dilation_growth_rate=2,
-    use_causal_conv=True, pad_mode="reflect", compress=2, num_lstm_layers=2, codebook_size=1024, codebook_dim=None,
-    use_conv_shortcut=True)
-
-# Defaults of audiocraft's SEANetEncoder/Decoder and ResidualVectorQuantizer (used for keys absent from xp.cfg).
-_SEANET_DEFAULTS = dict(
-    channels=1, dimension=128, n_filters=32, n_residual_layers=3, ratios=[8, 5, 4, 2], activation="ELU",
-    activation_params={"alpha": 1.0}, norm="none", kernel_size=7, last_kernel_size=7, residual_kernel_size=3,
-    dilation_base=2, causal=False, pad_mode="reflect", true_skip=True, compress=2, lstm=0, final_activation=None)
-_RVQ_DEFAULTS = dict(n_q=8, bins=1024)
-
-
 @dataclasses.dataclass(frozen=True)
 class EncodecConfig:
     """EnCodec architecture (hashable: it is the static argument of the jitted entry points).
@@ -110,95 +98,20 @@ class EncodecConfig:
 
     @classmethod
     def from_config(cls, codec: Mapping[str, Any]) -> "EncodecConfig":
-        """From the `codec` section of `configs/magnet.py` (fields missing there take the dataclass defaults)."""
+        """From the `codec` section of `configs/magnet.py` (fields missing there take the dataclass defaults).
+
+        The section also says where the codec comes from and how long audio is encoded (`LOCATION_FIELDS`); any
+        other unknown key is an error, and a given `frame_rate` must be the one the strides imply.
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: codec[k] for k in codec.keys() if k in fields})
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> "EncodecConfig":
-        """From a transformers `EncodecConfig` dict (`config.json`); absent keys take transformers' defaults.
-
-        K is transformers' `num_quantizers` (all quantizer layers, set by the largest target bandwidth).
-        """
-        if hf.get("model_type", "encodec") != "encodec":
-            raise ValueError(f"model_type={hf['model_type']!r}: expected an 'encodec' config")
-        c = {**_HF_DEFAULTS, **hf}
-        unsupported = {"use_causal_conv": False, "normalize": False, "norm_type": "weight_norm",
-                       "chunk_length_s": None}
-        for key, supported in unsupported.items():
-            if c[key] != supported:
-                raise ValueError(f"{key}={c[key]!r} is not supported (expected {supported!r}: the MAGNeT codecs "
-                                 "are non-causal, weight-normed and unchunked)")
-        if c["codebook_dim"] not in (None, c["hidden_size"]):
-            raise ValueError(f"codebook_dim={c['codebook_dim']} differs from hidden_size={c['hidden_size']}")
-        hop = math.prod(c["upsampling_ratios"])
-        frame_rate = math.ceil(c["sampling_rate"] / hop)
-        bits = math.ceil(math.log2(c["codebook_size"]))
-        n_q = int(1000 * c["target_bandwidths"][-1] // (frame_rate * bits))
-        return cls(sample_rate=c["sampling_rate"], ratios=c["upsampling_ratios"], n_filters=c["num_filters"],
-                   dimension=c["hidden_size"], card=c["codebook_size"], n_q=n_q, channels=c["audio_channels"],
-                   num_lstm_layers=c["num_lstm_layers"], pad_mode=c["pad_mode"],
-                   n_residual_layers=c["num_residual_layers"], compress=c["compress"],
-                   kernel_size=c["kernel_size"], last_kernel_size=c["last_kernel_size"],
-                   residual_kernel_size=c["residual_kernel_size"], dilation_base=c["dilation_growth_rate"],
-                   true_skip=not c["use_conv_shortcut"])
-
-    @classmethod
-    def from_audiocraft_config(cls, xp: Mapping[str, Any]) -> "EncodecConfig":
-        """From audiocraft's training config (`xp.cfg` of `compression_state_dict.bin`, YAML parsed to a dict).
-
-        Reads `sample_rate`, `channels`, `encodec`, `seanet` (with its `encoder`/`decoder` overrides) and `rvq`;
-        `${a.b}` interpolations are resolved.
-        """
-        def get(section: Mapping, key: str, default):
-            return _resolve(section.get(key, default), xp)
-
-        if get(xp, "compression_model", "encodec") != "encodec":
-            raise ValueError(f"compression_model={xp['compression_model']!r}: expected 'encodec'")
-        encodec = get(xp, "encodec", {})
-        for key, supported in (("autoencoder", "seanet"), ("quantizer", "rvq"), ("causal", False),
-                               ("renormalize", False)):
-            if get(encodec, key, supported) != supported:
-                raise ValueError(f"encodec.{key}={encodec[key]!r} is not supported (expected {supported!r})")
-        seanet = get(xp, "seanet", {})
-        common = {k: get(seanet, k, v) for k, v in _SEANET_DEFAULTS.items()}
-        sides = {side: {**common, **{k: _resolve(v, xp) for k, v in (get(seanet, side, None) or {}).items()}}
-                 for side in ("encoder", "decoder")}
-        for key in _SEANET_DEFAULTS:
-            if key != "final_activation" and sides["encoder"][key] != sides["decoder"][key]:
-                raise ValueError(f"seanet.encoder.{key}={sides['encoder'][key]!r} differs from "
-                                 f"seanet.decoder.{key}={sides['decoder'][key]!r}; asymmetric codecs are not supported")
-        s = sides["decoder"]
-        checks = {"causal": (s["causal"], False), "activation": (s["activation"], "ELU"),
-                  "activation_params.alpha": (dict(s["activation_params"] or {}).get("alpha", 1.0), 1.0),
-                  "final_activation": (s["final_activation"], None)}
-        for key, (value, supported) in checks.items():
-            if value != supported:
-                raise ValueError(f"seanet.{key}={value!r} is not supported (expected {supported!r})")
-        if s["norm"] not in ("weight_norm", "none"):
-            raise ValueError(f"seanet.norm={s['norm']!r} is not supported (expected 'weight_norm' or 'none')")
-        rvq = {k: get(get(xp, "rvq", {}), k, v) for k, v in _RVQ_DEFAULTS.items()}
-        sample_rate = get(xp, "sample_rate", get(encodec, "sample_rate", None))
-        if sample_rate is None:
-            raise ValueError("sample_rate is missing (expected at the top level or in encodec.sample_rate)")
-        return cls(sample_rate=sample_rate, ratios=s["ratios"],
-                   n_filters=s["n_filters"], dimension=s["dimension"], card=rvq["bins"], n_q=rvq["n_q"],
-                   channels=s["channels"], num_lstm_layers=s["lstm"], pad_mode=s["pad_mode"],
-                   n_residual_layers=s["n_residual_layers"], compress=s["compress"], kernel_size=s["kernel_size"],
-                   last_kernel_size=s["last_kernel_size"], residual_kernel_size=s["residual_kernel_size"],
-                   dilation_base=s["dilation_base"], true_skip=s["true_skip"])
-
-
-def _resolve(value, root: Mapping):
-    """Resolves an OmegaConf-style `${a.b}` reference against `root` (other values pass through)."""
-    while isinstance(value, str) and value.startswith("${") and value.endswith("}"):
-        node = root
-        for part in value[2:-1].split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                raise ValueError(f"cannot resolve {value} in the audiocraft config")
-            node = node[part]
-        value = node
-    return value
+        unknown = sorted(set(codec.keys()) - fields - set(LOCATION_FIELDS))
+        if unknown:
+            raise ValueError(f"codec config: unknown field(s) {', '.join(unknown)}")
+        config = cls(**{k: codec[k] for k in codec.keys() if k in fields})
+        if "frame_rate" in codec and float(codec["frame_rate"]) != config.frame_rate:
+            raise ValueError(f"codec config: frame_rate={codec['frame_rate']} but sample_rate / prod(ratios) = "
+                             f"{config.frame_rate:g}")
+        return config
 
 
 # ------------------------------------------------------------------------------------------------------------

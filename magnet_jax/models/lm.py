@@ -1,4 +1,4 @@
-"""The MAGNeT / MusicGen language model over K parallel codebook streams (magnet-spec §2.4).
+"""The MAGNeT / MusicGen language model over K parallel codebook streams (docs/design.md §2).
 
 One Linen module serves both: `causal=False` is MAGNeT (full attention at stage 0, the ±`subcodes_context` band at
 stages >= 1, the stage being a traced value), `causal=True` is MusicGen; Hybrid-MAGNeT is a non-causal model run
@@ -24,8 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.models.attention import (MultiHeadAttention, cached_causal_mask, stage_attention_mask,
-                                  truncated_normal)
+from magnet_jax.models.attention import MultiHeadAttention, cached_causal_mask, stage_attention_mask, truncated_normal
 from magnet_jax.models.conditioner import ConditionProjection
 
 
@@ -68,6 +67,20 @@ class LMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# LMConfig fields that are run-time choices (compute/storage dtype, remat, layer layout), not architecture.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *, architecture_only: bool = False
+                       ) -> list[tuple[str, Any, Any]]:
+    """`(field, saved value, current value)` for every field of two `model` config sections that differs (only the
+    architecture fields when `architecture_only`: params of one fit a model of the other)."""
+    fields = sorted(set(saved) | set(current))
+    if architecture_only:
+        fields = [f for f in fields if f not in RUNTIME_FIELDS]
+    return [(f, saved.get(f), current.get(f)) for f in fields if saved.get(f) != current.get(f)]
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int, max_period: float, dtype) -> jax.Array:
@@ -152,7 +165,7 @@ class LanguageModel(nn.Module):
                       for k in range(c.n_q)]
 
     def project_condition(self, cond_states: jax.Array, cond_mask: jax.Array) -> jax.Array:
-        """T5 states `[B, L, Dt]` -> conditioning `[B, L, D]`, zero where `cond_mask` is 0 (spec §2.5)."""
+        """T5 states `[B, L, Dt]` -> conditioning `[B, L, D]`, zero where `cond_mask` is 0 (docs/design.md §3)."""
         return self.cond_proj(cond_states, cond_mask)
 
     def cross_key_values(self, condition: jax.Array):
@@ -261,7 +274,7 @@ def _replace(leaf, value):
 
 
 def init_params(model: LanguageModel, key: jax.Array, *, length: int = 8, cond_length: int = 4) -> dict:
-    """Fresh parameters initialised as the reference (spec §4.4), boxed with logical axis names."""
+    """Fresh parameters initialised as the reference (docs/design.md §2.4), boxed with logical axis names."""
     c = model.config
     codes = jnp.zeros((1, c.n_q, length), jnp.int32)
     states = jnp.zeros((1, cond_length, c.cond_dim), jnp.float32)

@@ -27,9 +27,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from magnet_jax.checkpoints.sources import CONFIG_ITEM, DATA_ITEM, STATE_ITEM
+from magnet_jax.cli import reason
 from magnet_jax.data.input_pipeline import InputCheckpointRestore, InputCheckpointSave
-
-STATE, DATA, CONFIG = "state", "data", "config"
+from magnet_jax.models.lm import config_differences
 
 
 class CheckpointError(ValueError):
@@ -52,7 +53,7 @@ def make_manager(directory: str, ckpt_cfg: ml_collections.ConfigDict) -> ocp.Che
         enable_async_checkpointing=ckpt_cfg.async_save,
         create=True,
     )
-    return ocp.CheckpointManager(directory, item_names=(STATE, DATA, CONFIG), options=options)
+    return ocp.CheckpointManager(directory, item_names=(STATE_ITEM, DATA_ITEM, CONFIG_ITEM), options=options)
 
 
 def sharded_target(abstract_state: Any, shardings: Any) -> Any:
@@ -74,18 +75,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def save(self, step: int, state: Any, data_iter: Any, config: ml_collections.ConfigDict, *,
              force: bool = False) -> bool:
         """Saves if the policies say so (interval or preemption) or `force`; returns whether a save started.
 
         Must be called on every process at every step (orbax synchronizes the decision across processes).
         """
-        items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_to_json(config))}
+        items = {STATE_ITEM: ocp.args.StandardSave(state), CONFIG_ITEM: ocp.args.JsonSave(config_to_json(config))}
         if data_iter is not None:
-            items[DATA] = InputCheckpointSave(data_iter)
+            items[DATA_ITEM] = InputCheckpointSave(data_iter)
         saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
             logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
@@ -106,17 +104,17 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"checkpoint: no checkpoint in {self.directory}")
         where = f"checkpoint {self.directory}/{step}"
-        saved_config = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        saved_config = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
         check_model_config(saved_config, config, where=where)
-        items = {STATE: ocp.args.StandardRestore(target)}
+        items = {STATE_ITEM: ocp.args.StandardRestore(target)}
         if data_iter is not None:
-            items[DATA] = InputCheckpointRestore(data_iter)
+            items[DATA_ITEM] = InputCheckpointRestore(data_iter)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-            raise CheckpointError(f"{where}: cannot restore into this run: {_first_line(e)}") from e
+            raise CheckpointError(f"{where}: cannot restore into this run: {reason(e)}") from e
         logging.info("checkpoint: restored step %d from %s", step, self.directory)
-        return restored[STATE]
+        return restored[STATE_ITEM]
 
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()
@@ -133,10 +131,8 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
 
 def check_model_config(saved: Mapping[str, Any], config: ml_collections.ConfigDict, *, where: str) -> None:
     """Raises CheckpointError naming every `model.*` field that differs between a checkpoint and this run."""
-    current = config_to_json(config)["model"]
-    stored = saved.get("model", {})
-    diffs = [f"model.{k}: checkpoint {stored.get(k)!r} vs config {current.get(k)!r}"
-             for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    diffs = [f"model.{k}: checkpoint {a!r} vs config {b!r}"
+             for k, a, b in config_differences(saved.get("model", {}), config_to_json(config)["model"])]
     if diffs:
         raise CheckpointError(f"{where} was written by a different model ({'; '.join(diffs)})")
 
@@ -173,8 +169,3 @@ class PreemptionWatcher:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:400] if text else type(e).__name__

@@ -1,24 +1,8 @@
-"""Model FLOPs of the MAGNeT LM, for MFU (training) and throughput reports.
+"""Model FLOPs of the MAGNeT LM, for MFU (training) and throughput reports (docs/design.md §5.5).
 
-Notation: B batch, T code frames, L text positions (the padded text length the step actually runs), D model dim,
-F = hidden_scale·D, N layers, K codebooks, V = card, Dt text-encoder dim.
-
-Training FLOPs per step = 6 · (T · P_frame + L · P_text) · B  +  3 · attention
-  P_frame = N · (4D² + 2D² + 2DF) + K·D·V   matmul weights applied at every frame: self-attention q/k/v/out,
-                                             cross-attention q/out, feed-forward, the K output heads
-  P_text  = Dt·D + N · 2D²                  matmul weights applied at every text position: the condition
-                                             projection and the cross-attention k/v
-  attention (forward) = B · N · (4·T²·D + 4·T·L·D)   scores and weighted values of self-attention over all T×T
-                                             pairs (MAGNeT is non-causal: no halving; the band of stages >= 1 is
-                                             computed densely) and of cross-attention over T×L.
-i.e. the usual 6 · N_params · tokens + attention, with N_params split by the positions each weight sees. The
-factor 6 (and 3 for attention) is forward 2 + backward 4 per multiply-add. Embedding lookups, norms, biases and
-elementwise work are not counted; the frozen T5 encoder is not part of the trained model's FLOPs.
-
-Public API:
-  matmul_params(config) -> (P_frame, P_text)
-  forward_flops(config, *, batch, seq_len, cond_len) -> float
-  train_flops(config, *, batch, seq_len, cond_len) -> float   (= 3 × forward_flops)
+Training FLOPs per step = 6 · (T · P_frame + L · P_text) · B + 3 · attention: the matmul weights split by the
+positions each one sees (P_frame per code frame, P_text per text position) and self/cross-attention counted densely;
+embeddings, norms and the frozen T5 are not counted.
 """
 from __future__ import annotations
 

@@ -1,31 +1,7 @@
-"""MAGNeT's span-masked training objective (magnet-spec §4.2, §5.2–5.3).
+"""MAGNeT's span-masked training objective and Hybrid-MAGNeT's prefix + suffix masking (docs/design.md §4.1–§4.5).
 
-One codebook stage s per batch, uniform over the K codebooks; per sample a mask rate r = cos(π/2 · u), u ~ U(0, 1);
-a mask over time made of spans of `span_len` tokens whose number comes from the rate -> span-count lookup table;
-codebooks above s fully masked with the mask id, codebooks below s kept; cross-entropy on the masked tokens of
-codebook s only, averaged over all masked tokens of the batch. Everything is a pure function of JAX PRNG keys and
-the stage is a traced value, so one compiled training step serves every stage.
-
-Public API:
-  span_count_table(seq_len, span_len) -> np.ndarray [101] int32      u(m) for m = 0..100 percent
-  sample_stage(key, n_q) -> int32 scalar
-  sample_mask_rates(key, batch) -> [B] float32                       cos(π/2 · U(0, 1))
-  time_mask_from_noise(noise [B, T], rates [B], table, span_len) -> bool [B, T]
-  time_mask(key, rates [B], seq_len, table, span_len) -> bool [B, T]
-  mask_codes(codes [B, K, T], stage, time_mask [B, T], mask_id) -> inputs [B, K, T]
-  masked_cross_entropy(logits [B, K, T, V], targets [B, K, T], stage, time_mask [B, T]) -> (ce_sum, count)
-  MaskedBatch, mask_batch(key, codes, table, span_len, mask_id) -> MaskedBatch
-
-Hybrid-MAGNeT (one model, delay layout; `magnet_jax.generation.hybrid`): per batch a stage k, per sample a layout boundary b
-uniform in [0, T); codebook q's frames t < b - q are the autoregressive prefix (ground truth, all in the loss),
-codebook k is span-masked inside its suffix [max(b - k, 0), T) at the cosine rate with the span table of the suffix
-length, codebooks above k are masked from their own boundary on.
-  span_count_tables(max_len, span_len) -> np.ndarray [max_len + 1, 101]   row n = span_count_table(n)
-  suffix_time_mask_from_noise(noise [B, T], rates [B], start [B], tables, span_len) -> bool [B, T]
-  hybrid_inputs(codes, stage, boundary [B], mask [B, T], mask_id) -> inputs [B, K, T]
-  hybrid_loss_positions(boundary [B], stage, mask [B, T], n_q) -> (prefix, suffix) bool [B, K, T]
-  hybrid_cross_entropy(logits [B, K, T, V], targets, boundary, stage, mask) -> dict of sums
-  HybridBatch, hybrid_batch(key, codes, tables, span_len, mask_id, stage=None) -> HybridBatch
+Pure functions of JAX PRNG keys; the stage is a traced value, so one compiled training step serves every stage.
+Codes are `[B, K, T]`, time masks `[B, T]` bool, logits `[B, K, T, V]`.
 """
 from __future__ import annotations
 
@@ -142,11 +118,12 @@ class MaskedBatch:
 
 
 def mask_batch(key: jax.Array, codes: jax.Array, table: jax.Array | np.ndarray, span_len: int,
-               mask_id: int) -> MaskedBatch:
-    """Draws the stage, the per-sample rates and span masks for `codes [B, K, T]`, and masks the inputs."""
+               mask_id: int, stage: jax.Array | int | None = None) -> MaskedBatch:
+    """Draws the stage (unless given), the per-sample rates and span masks for `codes [B, K, T]`, and masks the
+    inputs; the same key with different given stages draws the same rates and masks."""
     stage_key, rate_key, mask_key = jax.random.split(key, 3)
     batch, n_q, length = codes.shape
-    stage = sample_stage(stage_key, n_q)
+    stage = sample_stage(stage_key, n_q) if stage is None else jnp.asarray(stage, jnp.int32)
     mask = time_mask(mask_key, sample_mask_rates(rate_key, batch), length, table, span_len)
     return MaskedBatch(inputs=mask_codes(codes, stage, mask, mask_id), stage=stage, mask=mask)
 

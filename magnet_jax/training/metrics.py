@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Dense bf16 peak FLOP/s per JAX device, matched as substrings of `device_kind` (first match wins; order matters).
 # TPU v4/v5p devices are megacore chips. GPU figures are the SXM parts without sparsity.

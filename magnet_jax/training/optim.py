@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule and EMA of MAGNeT training (magnet-spec §4.4).
+"""Optimizer, learning-rate schedule and EMA of MAGNeT training (docs/design.md §4.6).
 
 Public API:
   learning_rate_schedule(optim_cfg) -> optax.Schedule   the reference's cosine schedule with linear warm-up

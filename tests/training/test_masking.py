@@ -2,7 +2,6 @@
 import math
 import types
 
-import audiocraft_stubs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from magnet_jax.training import masking
+from references import audiocraft_stubs
 
 
 @pytest.fixture(scope="module")

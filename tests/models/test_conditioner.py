@@ -10,10 +10,11 @@ import sentencepiece as spm
 import torch
 from transformers import T5Tokenizer
 
+from magnet_jax.checkpoints.t5_weights import load_t5, write_random_t5
+from magnet_jax.data.tokenizer import TextTokenizer, drop_words
+from magnet_jax.fileio import WeightsError
 from magnet_jax.models import conditioner as cond_lib
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.models.t5 import write_random_t5
-from magnet_jax.checkpoints.weights import WeightsError
 
 CORPUS = ["happy rock song with drums and electric guitar", "calm piano melody in a minor key",
           "jazz with saxophone, upright bass and brushes", "électro à la française, 128 bpm",
@@ -30,7 +31,7 @@ def t5_dir(tmp_path_factory):
 def test_token_ids_match_transformers_and_sentencepiece(t5_dir):
     long = " ".join(CORPUS[:12])
     texts = ["happy rock", "électro à la française — ça groove", "", long]
-    tok = cond_lib.TextTokenizer(str(t5_dir), max_length=2048)
+    tok = TextTokenizer(str(t5_dir), max_length=2048)
     ours = tok(texts)
     ref = T5Tokenizer.from_pretrained(str(t5_dir))(texts, padding=True, return_tensors="np")
     np.testing.assert_array_equal(ours["ids"], ref["input_ids"])
@@ -46,19 +47,19 @@ def test_token_ids_match_transformers_and_sentencepiece(t5_dir):
 
 def test_long_descriptions_keep_their_first_tokens_and_eos(t5_dir):
     text = " ".join(CORPUS[:12])
-    full = cond_lib.TextTokenizer(str(t5_dir), max_length=4096)([text])["ids"][0]
-    cut = cond_lib.TextTokenizer(str(t5_dir), max_length=10)([text])["ids"][0]
+    full = TextTokenizer(str(t5_dir), max_length=4096)([text])["ids"][0]
+    cut = TextTokenizer(str(t5_dir), max_length=10)([text])["ids"][0]
     np.testing.assert_array_equal(cut, np.concatenate([full[:9], [1]]))
 
 
 def test_tokenizer_is_picklable_for_grain_workers(t5_dir):
-    tok = cond_lib.TextTokenizer(str(t5_dir), max_length=64, word_dropout=0.3)
+    tok = TextTokenizer(str(t5_dir), max_length=64, word_dropout=0.3)
     again = pickle.loads(pickle.dumps(tok))
     np.testing.assert_array_equal(again(DESCRIPTIONS)["ids"], tok(DESCRIPTIONS)["ids"])
 
 
 def _audiocraft_t5_conditioner(t5_dir, output_dim):
-    import audiocraft_stubs
+    from references import audiocraft_stubs
     audiocraft_stubs.install()
     from audiocraft.modules.conditioners import T5Conditioner
     name = str(t5_dir)
@@ -72,10 +73,10 @@ def test_conditioning_matches_audiocraft_t5_conditioner_with_padding_and_nulls(t
     reference = _audiocraft_t5_conditioner(t5_dir, output_dim=24)
     with torch.no_grad():
         embeds, mask = reference(reference.tokenize(DESCRIPTIONS))
-    tok = cond_lib.TextTokenizer(str(t5_dir))
+    tok = TextTokenizer(str(t5_dir))
     tokens = tok(DESCRIPTIONS)
     np.testing.assert_array_equal(tokens["mask"], mask.numpy())
-    t5_config, t5_params = cond_lib.load_t5(str(t5_dir))
+    t5_config, t5_params = load_t5(str(t5_dir))
     states = cond_lib.encode_text(t5_config, t5_params, tokens["ids"], tokens["mask"])
     proj = {"kernel": reference.output_proj.weight.detach().numpy().T, "bias": reference.output_proj.bias.detach().numpy()}
     ours = np.asarray(cond_lib.ConditionProjection(24).apply({"params": proj}, states, jnp.asarray(tokens["mask"])))
@@ -85,10 +86,22 @@ def test_conditioning_matches_audiocraft_t5_conditioner_with_padding_and_nulls(t
     assert (ours[1] == 0).all() and (ours[4] == 0).all()  # null rows are exactly zero
 
 
+def _conditioning(t5_dir, descriptions, *, pad_to=None):
+    """T5 states, mask and `cross_attend` of `descriptions`, the text padded to `pad_to` tokens when given."""
+    tokenizer = TextTokenizer(str(t5_dir))
+    tokens = tokenizer(descriptions)
+    ids, mask = tokens["ids"], tokens["mask"]
+    if pad_to is not None:
+        extra = ((0, 0), (0, pad_to - ids.shape[1]))
+        ids, mask = np.pad(ids, extra, constant_values=tokenizer.pad_id), np.pad(mask, extra)
+    t5_config, t5_params = load_t5(str(t5_dir))
+    return {"states": cond_lib.encode_text(t5_config, t5_params, ids, mask), "mask": jnp.asarray(mask),
+            "attend": cond_lib.cross_attend(ids, tokenizer.pad_id)}
+
+
 def test_static_padding_with_cross_attend_equals_reference_padding(t5_dir):
     """Padding the condition further (static shapes for jit) must not change the LM, given `cross_attend`."""
-    conditioner = cond_lib.TextConditioner(str(t5_dir))
-    tight, padded = conditioner(DESCRIPTIONS), conditioner(DESCRIPTIONS, pad_to=64)
+    tight, padded = _conditioning(t5_dir, DESCRIPTIONS), _conditioning(t5_dir, DESCRIPTIONS, pad_to=64)
     assert padded["states"].shape[1] == 64 > tight["states"].shape[1]
     assert bool(tight["attend"].all())  # at the reference's own padding every position is attended
     model = LanguageModel(LMConfig(32, 4, 2, card=16, cond_dim=32))
@@ -106,14 +119,14 @@ def test_static_padding_with_cross_attend_equals_reference_padding(t5_dir):
 def test_word_dropout_rate_and_reproducibility():
     words = [" ".join(f"w{i}" for i in range(50))] * 40  # 2000 words
     key = jax.random.key(3)
-    kept = sum(len(e.split()) for e in cond_lib.drop_words(words, key, 0.3)) / 2000
+    kept = sum(len(e.split()) for e in drop_words(words, key, 0.3)) / 2000
     assert abs((1 - kept) - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 2000)
-    assert cond_lib.drop_words(words, key, 0.3) == cond_lib.drop_words(words, key, 0.3)
-    assert cond_lib.drop_words(words, key, 0.3) != cond_lib.drop_words(words, jax.random.key(4), 0.3)
+    assert drop_words(words, key, 0.3) == drop_words(words, key, 0.3)
+    assert drop_words(words, key, 0.3) != drop_words(words, jax.random.key(4), 0.3)
 
 
 def test_word_dropout_only_with_a_key_and_all_dropped_becomes_null(t5_dir):
-    tok = cond_lib.TextTokenizer(str(t5_dir), word_dropout=1.0)
+    tok = TextTokenizer(str(t5_dir), word_dropout=1.0)
     assert tok(["calm piano"])["mask"].sum() > 0  # no key: inference, no dropout
     assert tok(["calm piano"], word_dropout_key=jax.random.key(0))["mask"].sum() == 0
 
@@ -128,16 +141,8 @@ def test_cfg_dropout_nullifies_whole_batch_at_rate_p():
     assert abs(rate - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 2000)
 
 
-def test_precompute_gives_per_description_embeddings(t5_dir):
-    conditioner = cond_lib.TextConditioner(str(t5_dir))
-    out = conditioner.precompute(["calm piano", None])
-    full = conditioner(["calm piano", None])
-    assert out[1].shape == (0, 32)
-    np.testing.assert_allclose(out[0], np.asarray(full["states"])[0, :out[0].shape[0]], rtol=1e-6)
-
-
 def test_tokenizer_errors_name_what_was_looked_for(tmp_path):
     with pytest.raises(WeightsError, match="has no spiece.model"):
-        cond_lib.TextTokenizer(str(tmp_path))
+        TextTokenizer(str(tmp_path))
     with pytest.raises(WeightsError, match="could not fetch spiece.model from hub id 't5-base'"):
-        cond_lib.TextTokenizer("t5-base")
+        TextTokenizer("t5-base")

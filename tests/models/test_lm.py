@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs.magnet import get_config
-from magnet_jax.models.lm import LanguageModel, LMConfig, count_params, init_params
 from magnet_jax.checkpoints.lm_weights import audiocraft_shapes, set_layer_layout
+from magnet_jax.models.lm import LanguageModel, LMConfig, count_params, init_params
 
 LENGTH, COND_LEN, CARD = 32, 5, 16
 
@@ -19,7 +19,7 @@ def tiny(**overrides) -> LMConfig:
     return LMConfig(**{**dict(dim=32, num_heads=4, num_layers=2, n_q=4, card=CARD, cond_dim=24), **overrides})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(config: LMConfig):
     """(model, params, condition, jitted logits(params, codes, stage)) for a random model and condition."""
     model = LanguageModel(config)

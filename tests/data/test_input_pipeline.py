@@ -13,10 +13,10 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipelines import synthetic_corpus as sc
 from data_pipelines.encode_audio import write_shard
+from magnet_jax.checkpoints.t5_weights import write_random_t5
 from magnet_jax.data import input_pipeline as ip
-from magnet_jax.models.conditioner import TextTokenizer
 from magnet_jax.data.records import CodeRecord, RecordError, normalize_metadata, read_header, shard_name
-from magnet_jax.models.t5 import write_random_t5
+from magnet_jax.data.tokenizer import TextTokenizer
 
 NUM_CLIPS = 12
 
@@ -169,7 +169,7 @@ def test_restoring_the_state_of_another_dataset_is_refused(data):
 
 
 def test_metadata_cleaning_and_merge_match_audiocraft():
-    import audiocraft_stubs
+    from references import audiocraft_stubs
 
     audiocraft_stubs.install()
     from audiocraft.data.audio_dataset import AudioMeta

@@ -13,13 +13,15 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
 from magnet_jax.checkpoints import lm_weights
+from magnet_jax.checkpoints.pretrained import load_pretrained, save_pretrained
+from magnet_jax.checkpoints.sources import load_lm
 from magnet_jax.convert import convert
+from magnet_jax.fileio import WeightsError, flatten_dict
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.checkpoints.pretrained import load_lm, load_pretrained, save_pretrained
-from magnet_jax.checkpoints.weights import WeightsError, flatten_params
-from test_lm_parity import TINY, assert_close, audiocraft_lm, state_dict_numpy
+from references.audiocraft_lm import TINY, audiocraft_lm, state_dict_numpy
+from references.parity import assert_close
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def xp_cfg(causal: bool = False, **changes) -> str:
@@ -175,7 +177,7 @@ def test_load_pretrained_casts_and_changes_layer_layout(tmp_path, magnet_dir):
     config, params = load_pretrained(tmp_path / "ckpt")
     config16, per_layer = load_pretrained(tmp_path / "ckpt", dtype="bfloat16", scan_layers=False)
     assert config16["model"]["param_dtype"] == "bfloat16" and config16["model"]["scan_layers"] is False
-    flat = flatten_params(per_layer)
+    flat = flatten_dict(per_layer)
     assert {x.dtype.name for x in flat.values()} == {"bfloat16"}
     np.testing.assert_array_equal(flat["block_1/linear1/kernel"],
                                   params["blocks"]["linear1"]["kernel"][1].astype("bfloat16"))
@@ -203,9 +205,8 @@ def test_load_pretrained_restores_onto_a_device_mesh(tmp_path, magnet_dir, scan_
 
 
 def test_sharded_transformers_checkpoint_imports_like_a_single_file(tmp_path):
-    from transformers import MusicgenForCausalLM
-
     from test_lm_parity import _musicgen_decoder_config
+    from transformers import MusicgenForCausalLM
     reference = MusicgenForCausalLM(_musicgen_decoder_config())
     reference.save_pretrained(tmp_path / "single")
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
@@ -242,7 +243,7 @@ def test_audiocraft_loader_accepts_export_of_a_model_trained_here(tmp_path, monk
     from audiocraft.models import loaders
     from audiocraft.modules.conditioners import ConditioningAttributes, T5Conditioner
 
-    from magnet_jax.models.t5 import write_random_t5
+    from magnet_jax.checkpoints.t5_weights import write_random_t5
     t5_dir = str(write_random_t5(tmp_path / "t5", corpus=["happy rock song with drums", "calm piano", "jazz"] * 20,
                                  d_model=TINY["cond_dim"], num_layers=1, num_heads=3, d_kv=8, d_ff=48))
     model_config = LMConfig(**TINY)
@@ -300,10 +301,10 @@ def test_cli_converts_release_to_checkpoint(tmp_path, magnet_dir):
     assert config["provenance"]["format"] == "audiocraft"
 
 
-def test_cli_bad_source_prints_one_line_and_exits_1(tmp_path):
+def test_cli_bad_source_prints_one_line_and_exits_2(tmp_path):
     result = run_cli(f"--src={tmp_path / 'missing'}", f"--dst={tmp_path / 'out'}")
-    assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.startswith("convert:")]
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("convert: error:")]
     assert len(lines) == 1 and "missing" in lines[0]
     assert not (tmp_path / "out").exists()
 

@@ -8,12 +8,14 @@ import pytest
 
 from configs.magnet import get_config
 from magnet_jax import sharding
+from magnet_jax.checkpoints import t5_weights
+from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.generation import hybrid, musicgen
-from magnet_jax.models import conditioner, t5
-from magnet_jax.training import masking, train_lib
-from magnet_jax.models.attention import hybrid_attention_mask
 from magnet_jax.generation.decoding import DecodeParams, TextConditioning
+from magnet_jax.models import codebook_patterns, objectives, t5
+from magnet_jax.models.attention import hybrid_attention_mask
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.training import masking, train_lib
 
 T, K, CARD, CTX = 12, 4, 32, 2
 
@@ -92,7 +94,7 @@ def test_inputs_and_loss_positions_cover_the_prefix_and_the_masked_suffix_only()
     # Through the layout: head q's row t + q carries frame t; every other logit is outside the loss.
     layout_logits = jax.random.normal(jax.random.key(3), (len(codes), K, T + K, CARD))
     grad = jax.grad(lambda x: sum(v for k, v in masking.hybrid_cross_entropy(
-        musicgen.frame_logits(x, T), codes, boundary, stage, mask).items() if k.endswith("_ce")))(layout_logits)
+        codebook_patterns.frame_logits(x, T), codes, boundary, stage, mask).items() if k.endswith("_ce")))(layout_logits)
     covered = np.zeros((len(codes), K, T + K), bool)
     for b in range(len(codes)):
         for q in range(K):
@@ -129,8 +131,8 @@ def test_prefix_logits_never_see_suffix_inputs():
     prefix = np.arange(T)[None, None] < boundary[:, None, None] - np.arange(K)[None, :, None]
     changed = masking.hybrid_inputs(jnp.asarray(np.where(prefix, codes, other)), drawn.stage, boundary, drawn.mask,
                                     CARD)
-    run = jax.jit(lambda x: hybrid.hybrid_logits(model, {"params": params}, x, boundary, drawn.stage, condition,
-                                                 cond.attend))
+    run = jax.jit(lambda x: objectives.HYBRID.logits(model, {"params": params}, x, drawn.stage, condition,
+                                                     cond.attend, boundary=boundary))
     before, after = np.asarray(run(drawn.inputs)), np.asarray(run(changed))
     np.testing.assert_array_equal(before[prefix], after[prefix])
     assert prefix.sum() > 0 and np.abs(before[~prefix] - after[~prefix]).max() > 1e-3
@@ -142,9 +144,9 @@ CORPUS = ["rock music with heavy drums", "calm jazz piano at night", "ambient sy
 
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
-    directory = t5.write_random_t5(tmp_path_factory.mktemp("t5"), corpus=CORPUS)
-    t5_config, params = t5.load_t5(str(directory))
-    return t5_config, params, conditioner.TextTokenizer(str(directory), max_length=8)
+    directory = t5_weights.write_random_t5(tmp_path_factory.mktemp("t5"), corpus=CORPUS)
+    t5_config, params = t5_weights.load_t5(str(directory))
+    return t5_config, params, TextTokenizer(str(directory), max_length=8)
 
 
 def _train_config(**optim):
@@ -172,7 +174,7 @@ def test_hybrid_train_step_learns_on_the_222_mesh_and_eval_reports_both_parts(ti
     rules = sharding.logical_rules(config)
     state = train_lib.create_train_state(config, jax.random.key(0), mesh=mesh)
     step = train_lib.make_train_step(config, mesh, t5_config)
-    t5_params = jax.device_put(t5_params, train_lib.text_encoder_shardings(t5_config, mesh, rules))
+    t5_params = jax.device_put(t5_params, t5.param_shardings(t5_config, mesh, rules))
     batch = jax.device_put(_batch(config, tokenizer), sharding.batch_sharding(mesh, rules))
     losses = []
     for _ in range(30):
@@ -252,7 +254,7 @@ def test_ar_phase_over_the_whole_layout_is_generate_ar_and_teacher_forced_argmax
                          self_mask=jnp.tril(jnp.ones((steps, steps), bool))[None, None])
     cond_logits, uncond_logits = jnp.split(logits, 2)
     guided = uncond_logits + 3.0 * (cond_logits - uncond_logits)
-    predicted = np.argmax(np.asarray(musicgen.frame_logits(guided, T)), -1)
+    predicted = np.argmax(np.asarray(codebook_patterns.frame_logits(guided, T)), -1)
     np.testing.assert_array_equal(predicted[:, valid], prefix[:, valid])
 
     # Sampled: row b is generate_ar of that row alone (with its null twin) under its own key.

@@ -10,7 +10,7 @@ import soundfile as sf
 
 from data_pipelines import synthetic_corpus as sc
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _chroma(wav: np.ndarray, sr: int) -> np.ndarray:

@@ -1,12 +1,12 @@
 """Greedy MAGNeT decoding against two references on the same random weights.
 
-1. A step-by-step NumPy implementation of magnet-spec §6.3/§6.9, written here from the spec (it only borrows the LM
+1. A step-by-step NumPy implementation of docs/design.md §6.3/§6.9, written here from that description (it only borrows the LM
    forward pass and torch's float32 schedule arithmetic), for every span arrangement / scoring, with and without a
    prompt.
-2. audiocraft 1.3.0's own `MagnetLMModel.generate(use_sampling=False)` (the oracle of dependencies.md §7, xformers
+2. audiocraft 1.3.0's own `MagnetLMModel.generate(use_sampling=False)` (the oracle of docs/design.md §11, xformers
    path emulated with SDPA so the stage >= 1 band mask is honoured).
 
-Random LMs are unconfident (dependencies.md §11): the heads are scaled up, and the NumPy reference asserts at every
+Random LMs are unconfident (docs/design.md §11): the heads are scaled up, and the NumPy reference asserts at every
 step that the decisions which select tokens and re-masked units have margins far above float noise (top-2 logit
 gap >= 1e-4, no near-ties at the re-masking boundary), so exact equality is meaningful and not flaky.
 """
@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
-from magnet_jax.models.lm import LanguageModel, LMConfig
 from magnet_jax.checkpoints.lm_weights import params_from_audiocraft
+from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
 from magnet_jax.generation.sampling import FROZEN_SCORE, least_probable_span_mask
+from magnet_jax.models.lm import LanguageModel, LMConfig
+from references.audiocraft_lm import lm_state, token_conditioned_magnet
 
 torch = pytest.importorskip("torch")
 
@@ -37,7 +38,7 @@ SETTINGS = [("nonoverlap", "max"), ("nonoverlap", "prod"), ("stride1", "max")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# NumPy reference (magnet-spec §6.3, §6.4, §6.9), greedy
+# NumPy reference (docs/design.md §6.3, §6.4, §6.9), greedy
 # ----------------------------------------------------------------------------------------------------------------
 
 def reference_schedule(n_steps, n_gen, max_cfg, min_cfg, temperature):
@@ -175,39 +176,11 @@ def _tokenize(descriptions):
 
 @pytest.fixture(scope="module")
 def oracle():
-    import audiocraft_stubs
-    audiocraft_stubs.install()
-    import audiocraft.modules.transformer as transformer
-    from audiocraft.models.lm_magnet import MagnetLMModel
-    from audiocraft.modules.codebooks_patterns import ParallelPatternProvider
-    from audiocraft.modules.conditioners import ConditionFuser, ConditioningProvider, LUTConditioner
-
-    class IdsConditioner(LUTConditioner):
-        """A LUT text conditioner over several tokens per description, padded like the T5 conditioner."""
-
-        def tokenize(self, x):
-            ids, mask = _tokenize(x)
-            return torch.from_numpy(ids), torch.from_numpy(mask).int()
-
-    transformer.set_efficient_attention_backend("xformers")  # band mask kept at stages >= 1 (the stub's SDPA)
-    torch.manual_seed(0)
-    c = CONFIG
-    provider = ConditioningProvider(
-        {"description": IdsConditioner(n_bins=N_BINS, dim=c.cond_dim, output_dim=c.dim, tokenizer="noop")})
-    fuser = ConditionFuser({"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []})
-    lm = MagnetLMModel(
-        pattern_provider=ParallelPatternProvider(n_q=c.n_q, empty_initial=-1), condition_provider=provider,
-        fuser=fuser, n_q=c.n_q, card=c.card, dim=c.dim, num_heads=c.num_heads, num_layers=c.num_layers,
-        hidden_scale=c.hidden_scale, cross_attention=True, causal=False, norm_first=True, bias_proj=False,
-        bias_ff=False, bias_attn=False, activation="gelu", dropout=0.0, positional_embedding="sin", device="cpu",
-        dtype=torch.float32, subcodes_context=c.subcodes_context, compression_model_framerate=50,
-        segment_duration=1, span_len=3, memory_efficient=True).eval()
+    lm, table = token_conditioned_magnet(CONFIG, _tokenize, n_bins=N_BINS)
     with torch.no_grad():
         for head in lm.linears:
             head.weight.mul_(HEAD_SCALE)
-    state = {k: v.numpy() for k, v in lm.state_dict().items() if not k.endswith("description.embed.weight")}
-    params = jax.tree.map(jnp.asarray, params_from_audiocraft(state, c, source="audiocraft oracle"))
-    table = provider.conditioners["description"].embed.weight.detach().numpy()
+    params = jax.tree.map(jnp.asarray, params_from_audiocraft(lm_state(lm), CONFIG, source="audiocraft oracle"))
     return lm, params, table
 
 

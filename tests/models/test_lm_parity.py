@@ -6,7 +6,6 @@
   importer, stages 0-3, with padded conditioning fed as `condition_tensors`.
 The helpers at the top are reused by test_convert.py.
 """
-import audiocraft_stubs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,55 +14,10 @@ import torch
 
 from magnet_jax.checkpoints import lm_weights
 from magnet_jax.models.lm import LanguageModel, LMConfig
+from references.audiocraft_lm import TINY, audiocraft_lm, state_dict_numpy
+from references.parity import assert_close
 
-audiocraft_stubs.install()
-
-TINY = dict(dim=32, num_heads=4, num_layers=2, n_q=4, card=32, cond_dim=24)
 RTOL = 1e-4
-
-
-def audiocraft_lm(*, dim, num_heads, num_layers, n_q, card, cond_dim, causal=False, seed=0):
-    """audiocraft MAGNeT (or MusicGen with `causal`) LM with the released flags; the description conditioner is a
-    bare `output_proj` (the T5 conditioner's only parameters); LayerNorms randomised so they are exercised too."""
-    from audiocraft.models.lm import LMModel
-    from audiocraft.models.lm_magnet import MagnetLMModel
-    from audiocraft.modules.codebooks_patterns import DelayedPatternProvider, ParallelPatternProvider
-    from audiocraft.modules.conditioners import BaseConditioner, ConditionFuser, ConditioningProvider
-    from audiocraft.modules.transformer import set_efficient_attention_backend
-
-    set_efficient_attention_backend("xformers")  # as audiocraft's MAGNeT loader; never the 'torch' backend
-    torch.manual_seed(seed)
-    common = dict(
-        condition_provider=ConditioningProvider({"description": BaseConditioner(cond_dim, dim)}),
-        fuser=ConditionFuser({"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []}),
-        n_q=n_q, card=card, dim=dim, num_heads=num_heads, num_layers=num_layers, hidden_scale=4, norm="layer_norm",
-        norm_first=True, bias_proj=False, bias_ff=False, bias_attn=False, activation="gelu", cross_attention=True,
-        causal=causal, positional_embedding="sin", memory_efficient=True, weight_init="gaussian",
-        depthwise_init="current", zero_bias_init=True, device="cpu", dtype=torch.float32)
-    if causal:
-        lm = LMModel(pattern_provider=DelayedPatternProvider(n_q=n_q, delays=list(range(n_q))), **common)
-    else:
-        lm = MagnetLMModel(pattern_provider=ParallelPatternProvider(n_q=n_q, empty_initial=-1), subcodes_context=5,
-                           compression_model_framerate=50, segment_duration=1, span_len=3, **common)
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            if "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
-    return lm.eval()
-
-
-def state_dict_numpy(module) -> dict:
-    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
-
-
-def assert_close(ours, expected, rtol=RTOL):
-    """Relative error w.r.t. the largest reference magnitude; also checks the reference is not degenerate."""
-    ours, expected = np.asarray(ours), np.asarray(expected)
-    assert ours.shape == expected.shape
-    assert expected.std() > 0.1 and np.abs(np.diff(expected, axis=-2)).max() > 0.1  # varies over positions
-    err = np.abs(ours - expected).max() / np.abs(expected).max()
-    assert err <= rtol, f"max relative error {err:.3g}"
-    return err
 
 
 # ---------------------------------------------------------------------------------------------------------------

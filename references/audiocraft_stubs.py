@@ -7,7 +7,7 @@ called, so a test can never silently run on a stub.
 
 Usage (in a test module or fixture, before the first `import audiocraft...`):
 
-    import audiocraft_stubs  # tests/ is on sys.path under pytest (no __init__.py)
+    from references import audiocraft_stubs
     audiocraft_stubs.install()
 """
 from __future__ import annotations

@@ -15,17 +15,19 @@ import pytest
 import torch
 import transformers
 import yaml
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from configs.magnet import get_config
+from magnet_jax.checkpoints import encodec_weights
+from magnet_jax.checkpoints.encodec_weights import load_encodec, params_from_state_dict
+from magnet_jax.fileio import WeightsError
 from magnet_jax.models import encodec
 from magnet_jax.models.encodec import EncodecConfig
-from magnet_jax.checkpoints.encodec_weights import load_encodec, params_from_state_dict
-from magnet_jax.checkpoints.weights import WeightsError
 
 SR = 32000
-# Tiny transformers config of dependencies.md §6; bandwidth 0.8 gives 4 codebooks of 16 entries.
+# Tiny transformers config (docs/design.md §11); bandwidth 0.8 gives 4 codebooks of 16 entries.
 TINY_HF = dict(sampling_rate=SR, audio_channels=1, normalize=False, chunk_length_s=None, overlap=None,
                target_bandwidths=[0.8], codebook_size=16, codebook_dim=16, hidden_size=16, num_filters=4,
                num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4], norm_type="weight_norm", use_causal_conv=False,
@@ -230,7 +232,7 @@ def real_32khz_model():
 def test_codes_match_transformers_encodec_32khz_architecture(real_32khz_model):
     """Pad modes are covered on the tiny config, which has the same kernels and strides."""
     model = real_32khz_model
-    config = EncodecConfig.from_hf_config(model.config.to_dict())
+    config = encodec_weights.config_from_hf(model.config.to_dict())
     assert config.pad_mode == "reflect" and config.hop_length == 640
     state = {name: tensor.numpy() for name, tensor in model.state_dict().items()}
     params = params_from_state_dict(config, state, layout="transformers", source="encodec_32khz (random)")
@@ -250,7 +252,7 @@ def test_codes_match_transformers_encodec_32khz_architecture(real_32khz_model):
 
 
 def test_encodec_32khz_config_gives_spec_architecture():
-    config = EncodecConfig.from_hf_config({"model_type": "encodec", **REAL_32KHZ_HF})
+    config = encodec_weights.config_from_hf({"model_type": "encodec", **REAL_32KHZ_HF})
     assert (config.hop_length, config.frame_rate, config.n_q) == (640, 50.0, 4)
     assert (config.card, config.dimension) == (2048, 128)
     assert config.true_skip and config.num_lstm_layers == 2 and config.pad_mode == "reflect"  # transformers default
@@ -288,7 +290,7 @@ def test_hub_weight_norm_names_load_like_transformers5_names(tiny_hf_dir, tmp_pa
 @pytest.fixture(scope="module")
 def audiocraft_encodec(tmp_path_factory):
     """audiocraft EncodecModel built by audiocraft's own builder from xp.cfg, exported as compression_state_dict.bin."""
-    import audiocraft_stubs
+    from references import audiocraft_stubs
     audiocraft_stubs.install()
     from audiocraft.models import builders
     from omegaconf import OmegaConf
@@ -402,7 +404,7 @@ def test_unsupported_audiocraft_config_is_rejected(edit, fragment):
         for key, value in values.items():
             xp[section][key] = {**xp[section][key], **value} if isinstance(value, dict) else value
     with pytest.raises(ValueError, match=fragment.replace(".", r"\.")):
-        EncodecConfig.from_audiocraft_config(xp)
+        encodec_weights.config_from_audiocraft(xp)
 
 
 def test_audiocraft_file_without_best_state_is_one_line_error(tmp_path):

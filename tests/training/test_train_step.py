@@ -15,11 +15,13 @@ from jax.sharding import PartitionSpec as P
 
 from configs.magnet import get_config
 from magnet_jax import sharding
-from magnet_jax.models import conditioner, t5
-from magnet_jax.training import flops, optim, train_lib
-from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.checkpoints import t5_weights
 from magnet_jax.checkpoints.pretrained import read_config
-from magnet_jax.checkpoints.weights import WeightsError
+from magnet_jax.data.tokenizer import TextTokenizer
+from magnet_jax.fileio import WeightsError
+from magnet_jax.models import t5
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.training import flops, optim, train_lib
 
 CORPUS = ["rock music with heavy drums", "calm jazz piano at night", "ambient synth pad", "upbeat pop song",
           "orchestral strings and brass", "lofi hip hop beat"] * 10
@@ -37,9 +39,9 @@ def _reference_module(relative: str):
 
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
-    directory = t5.write_random_t5(tmp_path_factory.mktemp("t5"), corpus=CORPUS)
-    t5_config, params = t5.load_t5(str(directory))
-    return t5_config, params, conditioner.TextTokenizer(str(directory), max_length=TEXT_LEN)
+    directory = t5_weights.write_random_t5(tmp_path_factory.mktemp("t5"), corpus=CORPUS)
+    t5_config, params = t5_weights.load_t5(str(directory))
+    return t5_config, params, TextTokenizer(str(directory), max_length=TEXT_LEN)
 
 
 def _config(**optim):
@@ -88,7 +90,7 @@ def _run(config, mesh, tiny_t5, batches, *, steps, state=None, key=jax.random.ke
     rules = sharding.logical_rules(config)
     state = _initial_state(config, mesh) if state is None else state
     step = _cached("step", config, mesh, lambda: train_lib.make_train_step(config, mesh, t5_config))
-    t5_params = jax.device_put(t5_params, train_lib.text_encoder_shardings(t5_config, mesh, rules))
+    t5_params = jax.device_put(t5_params, t5.param_shardings(t5_config, mesh, rules))
     losses = []
     for i in range(steps):
         batch = jax.device_put(batches[i % len(batches)], sharding.batch_sharding(mesh, rules))
@@ -260,7 +262,7 @@ def test_eval_step_scores_every_stage_deterministically(tiny_t5):
     state = _initial_state(config, mesh)
     evaluate = train_lib.make_eval_step(config, mesh, t5_config)
     rules = sharding.logical_rules(config)
-    t5_params = jax.device_put(t5_params, train_lib.text_encoder_shardings(t5_config, mesh, rules))
+    t5_params = jax.device_put(t5_params, t5.param_shardings(t5_config, mesh, rules))
     batch = jax.device_put(_batch(config, tokenizer), sharding.batch_sharding(mesh, rules))
     first = jax.device_get(evaluate(state.params, t5_params, batch, jax.random.key(3)))
     again = jax.device_get(evaluate(state.params, t5_params, batch, jax.random.key(3)))
@@ -279,7 +281,7 @@ def test_fsdp8_state_memory_is_an_eighth_and_bfloat16_compute_keeps_float32_weig
     rules = sharding.logical_rules(config)
     t5_config, t5_params, tokenizer = tiny_t5
     abstract, state_shardings = train_lib.train_state_shardings(config, mesh)
-    t5_shardings = train_lib.text_encoder_shardings(t5_config, mesh, rules)
+    t5_shardings = t5.param_shardings(t5_config, mesh, rules)
     batch = jax.device_put(_batch(config, tokenizer), sharding.batch_sharding(mesh, rules))
     step = train_lib.make_train_step(config, mesh, t5_config)
     compiled = step.lower(abstract, jax.eval_shape(lambda: t5_params), batch, jax.random.key(0)).compile()

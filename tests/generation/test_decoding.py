@@ -1,4 +1,4 @@
-"""Rules of the MAGNeT decoder (magnet-spec §6): schedules, sampling rules, one step's masking, whole generation."""
+"""Rules of the MAGNeT decoder (docs/design.md §6): schedules, sampling rules, one step's masking, whole generation."""
 import math
 
 import flax.linen as nn
@@ -9,11 +9,25 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from configs.magnet import get_config
-from magnet_jax.generation.decoding import (DecodeParams, DecodeState, TextConditioning, decode_step, generate_codes,
-                                 guided_logits_fn, initial_scores, stage_schedule)
+from magnet_jax.generation.decoding import (
+    DecodeParams,
+    DecodeState,
+    TextConditioning,
+    decode_step,
+    generate_codes,
+    guided_logits_fn,
+    initial_scores,
+    stage_schedule,
+)
+from magnet_jax.generation.sampling import (
+    FROZEN_SCORE,
+    sample_categorical,
+    sample_tokens,
+    sample_top_p,
+    top_k_probs,
+    top_p_threshold,
+)
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
-from magnet_jax.generation.sampling import (FROZEN_SCORE, sample_categorical, sample_tokens, sample_top_p, top_k_probs,
-                                 top_p_threshold)
 
 CONFIG = LMConfig(dim=32, num_heads=4, num_layers=2, card=32, cond_dim=16, n_q=4)
 MASK = CONFIG.card
@@ -86,7 +100,7 @@ def test_decode_params_from_config():
 # ----------------------------------------------------------------------------------------------------------------
 
 def _numpy_nucleus(probs, p):
-    """spec §6.7: sorted descending, token j dropped when cumsum_j - p_j > p."""
+    """docs/design.md §6.7: sorted descending, token j dropped when cumsum_j - p_j > p."""
     order = np.argsort(-probs, kind="stable")
     sorted_p = probs[order]
     keep = np.cumsum(sorted_p) - sorted_p <= p

@@ -16,13 +16,13 @@ from configs.magnet import get_config
 from data_pipelines import encode_audio as ea
 from data_pipelines import synthetic_corpus as sc
 from magnet_jax import sharding
+from magnet_jax.checkpoints.t5_weights import write_random_t5
 from magnet_jax.data import input_pipeline
-from magnet_jax.models import encodec
-from magnet_jax.models.conditioner import TextTokenizer
 from magnet_jax.data.records import CodeRecord, normalize_metadata
-from magnet_jax.models.t5 import write_random_t5
+from magnet_jax.data.tokenizer import TextTokenizer
+from magnet_jax.models import encodec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SR = 32000  # the tiny codec's rate (50 Hz, hop 640)
 JOB = dict(segment_seconds=1.0, chunk_seconds=1.0, batch_size=8, records_per_shard=2, log_every=0.0)
 
@@ -198,7 +198,7 @@ def test_an_interrupted_job_resumes_and_skips_finished_shards(corpus, tmp_path, 
     assert [p.name for p in out.glob("*.array_record")] == ["codes-p00000-of-00001-s00000.array_record"]
     first = out / "codes-p00000-of-00001-s00000.array_record"
     first_mtime = first.stat().st_mtime_ns
-    (out / ".codes-p00000-of-00001-s00001.array_record.tmp-99999").write_bytes(b"partial")  # left by a crash
+    (out / ".tmp-otherhost-99999-codes-p00000-of-00001-s00001.array_record").write_bytes(b"partial")  # a crash's
 
     summary = run_job(corpus[0].parent, out)
     assert summary["shards_resumed"] == 1 and summary["shards_written"] == 2 and summary["encoded"] == 5
@@ -218,7 +218,7 @@ def test_an_interrupted_job_resumes_and_skips_finished_shards(corpus, tmp_path, 
 
 def test_resuming_with_other_settings_is_refused(corpus, tmp_path):
     run_job(corpus[0].parent, tmp_path, records_per_shard=5)
-    with pytest.raises(ea.EncodeJobError, match=r"holds shards from a job with other settings \(segment_seconds: "
+    with pytest.raises(ea.EncodeJobError, match=r"holds the output of a job with other settings \(segment_seconds: "
                                                  r"1\.0 -> 1\.2\)"):
         run_job(corpus[0].parent, tmp_path, records_per_shard=5, segment_seconds=1.2)
 

@@ -7,9 +7,10 @@ import torch
 from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from magnet_jax.models.lm import LanguageModel, LMConfig
 from magnet_jax.checkpoints.lm_weights import import_transformers
-from magnet_jax.generation.musicgen import apply_delay_pattern, generate_ar, revert_delay_pattern, sampler
+from magnet_jax.generation.musicgen import generate_ar, sampler
+from magnet_jax.models.codebook_patterns import apply_delay_pattern, revert_delay_pattern
+from magnet_jax.models.lm import LanguageModel, LMConfig
 
 V, K, D, H, N, B, L, T = 32, 4, 32, 4, 2, 2, 5, 20
 

@@ -14,12 +14,12 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from configs.magnet import get_config
 from magnet_jax import sharding
+from magnet_jax.checkpoints.t5_weights import write_random_t5
 from magnet_jax.data import input_pipeline
-from magnet_jax.training import checkpointing, train_lib
-from magnet_jax.models.conditioner import TextTokenizer
 from magnet_jax.data.records import CodeRecord
-from magnet_jax.models.t5 import write_random_t5
+from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.train import train_and_evaluate
+from magnet_jax.training import checkpointing, train_lib
 
 WORDS = ["calm", "piano", "bright", "synth", "slow", "drums", "warm", "pad", "fast", "bass"]
 

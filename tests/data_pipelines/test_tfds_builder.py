@@ -11,7 +11,7 @@ from data_pipelines.encode_audio import write_shard
 from magnet_jax.data import input_pipeline as ip
 from magnet_jax.data.records import CodeRecord, shard_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _records(n, seed):

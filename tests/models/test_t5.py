@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import T5EncoderModel, T5Tokenizer
 
-from magnet_jax.models.t5 import T5Encoder, load_t5, relative_position_bucket, write_random_t5
-from magnet_jax.checkpoints.weights import WeightsError
+from magnet_jax.checkpoints.t5_weights import load_t5, write_random_t5
+from magnet_jax.fileio import WeightsError
+from magnet_jax.models.t5 import T5Encoder, relative_position_bucket
 
 CORPUS = ["happy rock song with drums and electric guitar", "calm piano melody in a minor key",
           "jazz with saxophone, upright bass and brushes", "électro à la française, 128 bpm",

@@ -1,0 +1,95 @@
+"""One way to resolve a model source: a training workdir, a converted checkpoint, or released weights.
+
+  load_lm(source) -> (config.json dict, host params)
+
+`source` is
+  * a training workdir (`magnet_jax.train`; layout below): its params export, else the EMA params of its newest
+    checkpoint (a run still training), with the config.json its export will have;
+  * a converted checkpoint directory (`magnet_jax.checkpoints.pretrained`);
+  * released weights: a hub id, directory or file in audiocraft's (`state_dict.bin`) or transformers' (MusicGen)
+    format, converted on the fly (`magnet_jax.checkpoints.lm_weights`).
+
+Training workdir layout (docs/design.md §10.2): `config.json` (the resolved training config), `checkpoints/<step>/`
+(orbax items `state`, `data`, `config`), `export/` (a converted checkpoint written when training completes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from magnet_jax.checkpoints import pretrained
+from magnet_jax.checkpoints.lm_weights import import_lm, set_layer_layout
+from magnet_jax.cli import reason
+from magnet_jax.fileio import WeightsError
+from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+
+WORKDIR_CONFIG = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+EXPORT_DIR = "export"
+# The orbax items of a checkpoint step: the train state {step, params, opt_state, ema_params, skipped_steps}, the input
+# pipeline's iterator state, the resolved training config.
+STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
+
+
+def is_workdir(path: Path) -> bool:
+    return (path / CHECKPOINTS_DIR).is_dir() or (path / EXPORT_DIR).is_dir()
+
+
+def load_lm(source: str | Path, *, dtype: Any = None, scan_layers: bool | None = None) -> tuple[dict, dict]:
+    """Any LM source -> (config.json dict, host params).
+
+    Args:
+      dtype: cast the params (e.g. "bfloat16"); None keeps the stored dtype (`config.model.param_dtype` follows).
+      scan_layers: re-layout the transformer layers (stacked vs per layer); None keeps the stored layout (released
+        weights: stacked).
+    """
+    path = Path(source).expanduser()
+    if is_workdir(path):
+        export = path / EXPORT_DIR
+        if (export / pretrained.CONFIG_FILE).is_file():
+            return pretrained.load_pretrained(export, dtype=dtype, scan_layers=scan_layers)
+        config, params = _load_training_checkpoint(path)
+    elif path.is_dir() and (path / pretrained.CONFIG_FILE).is_file() and (path / pretrained.PARAMS_DIR).is_dir():
+        return pretrained.load_pretrained(path, dtype=dtype, scan_layers=scan_layers)
+    else:
+        config, params = import_lm(str(source), scan_layers=True if scan_layers is None else scan_layers)
+    if scan_layers is not None and scan_layers != config["model"]["scan_layers"]:
+        params = set_layer_layout(params, scan_layers)
+        config["model"]["scan_layers"] = scan_layers
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+        config["model"]["param_dtype"] = dtype.name
+    return config, params
+
+
+def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
+    """EMA params of the newest checkpoint of a run without a params export yet (still training), and the config
+    its export will have."""
+    checkpoints = workdir / CHECKPOINTS_DIR
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
+    if not steps or not (workdir / WORKDIR_CONFIG).is_file():
+        raise WeightsError(f"training workdir {workdir}: no params export and no checkpoint with a config.json")
+    train_config = ml_collections.ConfigDict(json.loads((workdir / WORKDIR_CONFIG).read_text()))
+    model = LanguageModel(LMConfig.from_config(train_config.model))
+    abstract = nn.meta.unbox(jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0)))
+    target = {"ema_params": abstract}
+    state_dir = checkpoints / str(steps[-1]) / STATE_ITEM
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+            partial_restore=True))
+    except Exception as e:  # missing or truncated checkpoint files: one line
+        raise WeightsError(f"{state_dir}: cannot restore the EMA params ({type(e).__name__}: {reason(e)})") from e
+    config = pretrained.config_from_training(
+        train_config, step=steps[-1], weights="ema", dtype=train_config.model.param_dtype, source=str(workdir))
+    return config, restored["ema_params"]

@@ -1,0 +1,206 @@
+"""Files: written so that a crash never leaves a half-written one under its final name, located wherever a user
+keeps them (a path, a directory, a hub id), and multi-host barriers.
+
+Every output of the package goes through here: single files (`atomic_file`, `write_atomic`), directories
+(`atomic_directory`) and the settings a job pins in its output directory (`pin_settings`). Temporary names start
+with `TMP_PREFIX` and carry the host and process id, so processes sharing a file system never collide. Every input
+a user names by hub id or path is found by `resolve_file`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+from etils import epath
+from jax.experimental import multihost_utils
+
+from magnet_jax.cli import reason
+
+TMP_PREFIX = ".tmp-"
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def temporary_name(path: Path) -> Path:
+    """A sibling of `path` no other process uses: `.tmp-<host>-<pid>-<name>`."""
+    return path.with_name(f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path to write; when the block succeeds it is synced and renamed to `path`, when it fails
+    it is removed. For writers that take a path (soundfile, ArrayRecord)."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Writes `data` (str as UTF-8) to `path` atomically. Remote paths (`gs://...`) are written in one object put,
+    which object stores make atomic."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    if "://" in str(path):
+        epath.Path(path).write_bytes(data)
+        return
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as indented UTF-8 JSON with a final newline, written atomically."""
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def remove_temporaries(directory: str | os.PathLike) -> None:
+    """Deletes temporaries left in `directory` by interrupted writes (call while no other writer runs)."""
+    for stale in Path(directory).glob(f"{TMP_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling of `directory` to fill; renames it to `directory` when the block succeeds.
+
+    Multi-host: every process enters (the temporary name is the same on all); only process 0 touches the file
+    system outside the block.
+    Raises:
+      FileExistsError: `directory` exists and `overwrite` is off.
+    """
+    final = Path(directory).expanduser().absolute()
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
+    primary = jax.process_index() == 0
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed write
+        tmp.mkdir(parents=True)
+    barrier("atomic_directory:start")
+    try:
+        yield tmp
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if primary:
+        if final.exists():
+            old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    barrier("atomic_directory:done")
+
+
+def flatten_dict(tree: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """A nested dict (a param tree, a settings file) as `{'a/b/c': leaf}`."""
+    flat = {}
+    for k, v in tree.items():
+        name = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            flat.update(flatten_dict(v, name, sep))
+        else:
+            flat[name] = v
+    return flat
+
+
+def unflatten_dict(flat: Mapping[str, Any], sep: str = "/") -> dict:
+    """Inverse of `flatten_dict`."""
+    tree: dict = {}
+    for name, v in flat.items():
+        node = tree
+        *parents, leaf = name.split(sep)
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def pin_settings(path: str | os.PathLike, settings: Mapping[str, Any], *, error: type[Exception] = ValueError) -> None:
+    """Writes the JSON `settings` a job's output depends on to `path`, or checks that an existing file holds the same.
+
+    Raises:
+      error: the file holds other settings (naming every field that differs) or cannot be read.
+    """
+    path = Path(path)
+    current = flatten_dict(json.loads(json.dumps(dict(settings))), sep=".")
+    if not path.exists():
+        write_json(path, dict(settings))
+        return
+    try:
+        stored = flatten_dict(json.loads(path.read_text(encoding="utf-8")), sep=".")
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: cannot read the pinned job settings ({reason(e)}); remove it or use another "
+                    "output directory") from None
+    diffs = [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(stored) | set(current))
+             if stored.get(k) != current.get(k)]
+    if diffs:
+        raise error(f"{path.parent} holds the output of a job with other settings ({'; '.join(diffs)}); rerun with "
+                    "the same settings to resume, or use another output directory")
+
+
+class WeightsError(ValueError):
+    """Weights could not be found, read, or matched to the model (message is one line)."""
+
+
+def resolve_file(source: str | os.PathLike, filename: str, *, what: str) -> Path:
+    """Finds `filename` for `source`: a local file, a local directory holding it, or a Hugging Face hub id.
+
+    Args:
+      source: path to the file itself, a directory containing `filename`, or a hub id (`facebook/magnet-small-10secs`).
+      filename: the file name inside a directory or hub repository (e.g. `state_dict.bin`).
+      what: words for error messages (e.g. "MAGNeT LM weights").
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidate = path / filename
+        if candidate.is_file():
+            return candidate
+        raise WeightsError(f"{what}: directory {path} has no {filename}")
+    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+        raise WeightsError(f"{what}: {source} is neither a file nor a directory holding {filename}")
+    return _download(str(source), filename, what=what)
+
+
+def _download(repo_id: str, filename: str, *, what: str) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a runtime dependency
+        raise WeightsError(f"{what}: huggingface_hub is needed to download {repo_id}: {e}") from e
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE) or unreachable, and not in the local cache
+        raise WeightsError(
+            f"{what}: could not fetch {filename} from hub id {repo_id!r} (offline or unreachable, not cached); "
+            f"pass a local directory holding {filename} instead") from e
+    except (RepositoryNotFoundError, EntryNotFoundError) as e:
+        raise WeightsError(f"{what}: hub repository {repo_id} has no {filename} ({type(e).__name__})") from e
+    except Exception as e:  # offline mode, no network, proxy errors: all one message
+        raise WeightsError(
+            f"{what}: could not fetch {filename} from hub id {repo_id!r} (offline or unreachable: {reason(e)}); "
+            f"pass a local directory holding {filename} instead") from e
