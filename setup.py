@@ -3,6 +3,7 @@
 Version ranges here admit newer releases (TPU users run Python 3.12+ with jax 0.12+);
 `constraints.txt` pins the exact set CI installs on Python 3.11.
 """
+
 from setuptools import find_packages, setup
 
 RUNTIME = [

@@ -9,6 +9,7 @@ PyTorch EncodecModel on the same architecture and input for reference.
 
 Writes a table to stdout and JSON to --out (default benchmarks/results/encodec_speed.json).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,22 +55,34 @@ def _random_params(config, seed: int = 0):
     import numpy as np
 
     from magnet_jax.models.encodec import abstract_params
+
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.02, jnp.float32),
-                        nn.unbox(abstract_params(config)))
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.02, jnp.float32), nn.unbox(abstract_params(config))
+    )
 
 
 def _torch_model(config):
     import torch
     import transformers
+
     torch.manual_seed(0)
     hf = transformers.EncodecConfig(
-        sampling_rate=config.sample_rate, audio_channels=config.channels, upsampling_ratios=list(config.ratios),
-        num_filters=config.n_filters, hidden_size=config.dimension, codebook_size=config.card,
+        sampling_rate=config.sample_rate,
+        audio_channels=config.channels,
+        upsampling_ratios=list(config.ratios),
+        num_filters=config.n_filters,
+        hidden_size=config.dimension,
+        codebook_size=config.card,
         target_bandwidths=[config.n_q * config.frame_rate * (config.card - 1).bit_length() / 1000],
-        num_lstm_layers=config.num_lstm_layers, pad_mode=config.pad_mode, use_causal_conv=False, normalize=False,
-        use_conv_shortcut=not config.true_skip, num_residual_layers=config.n_residual_layers,
-        compress=config.compress)
+        num_lstm_layers=config.num_lstm_layers,
+        pad_mode=config.pad_mode,
+        use_causal_conv=False,
+        normalize=False,
+        use_conv_shortcut=not config.true_skip,
+        num_residual_layers=config.n_residual_layers,
+        compress=config.compress,
+    )
     model = transformers.EncodecModel(hf).eval()
     with torch.no_grad():
         for layer in model.quantizer.layers:
@@ -93,47 +106,96 @@ def main(argv):
     rows = []
 
     def add(impl, op, batch, seconds, first, median):
-        rows.append(dict(impl=impl, op=op, batch=batch, audio_seconds=batch * seconds, first_call_s=first,
-                         median_s=median, audio_s_per_s=batch * seconds / median))
+        rows.append(
+            dict(
+                impl=impl,
+                op=op,
+                batch=batch,
+                audio_seconds=batch * seconds,
+                first_call_s=first,
+                median_s=median,
+                audio_s_per_s=batch * seconds / median,
+            )
+        )
 
     torch_model = _torch_model(config) if FLAGS.torch_reference else None
     for batch in map(int, FLAGS.batch_sizes):
         wav = (0.1 * rng.standard_normal((batch, config.channels, n))).astype(np.float32)
         wav_device = jax.device_put(wav)
-        add("jax", "encode", batch, FLAGS.seconds,
-            *_time(lambda: encodec.encode(config, params, wav_device).block_until_ready(), FLAGS.repeats))
+        add(
+            "jax",
+            "encode",
+            batch,
+            FLAGS.seconds,
+            *_time(lambda: encodec.encode(config, params, wav_device).block_until_ready(), FLAGS.repeats),
+        )
         codes = encodec.encode(config, params, wav_device)
-        add("jax", "decode", batch, FLAGS.seconds,
-            *_time(lambda: encodec.decode(config, params, codes).block_until_ready(), FLAGS.repeats))
+        add(
+            "jax",
+            "decode",
+            batch,
+            FLAGS.seconds,
+            *_time(lambda: encodec.decode(config, params, codes).block_until_ready(), FLAGS.repeats),
+        )
         if torch_model is not None:
             import torch
+
             model, bandwidth = torch_model
             x = torch.from_numpy(wav)
             with torch.no_grad():
                 torch_codes = model.encode(x, bandwidth=bandwidth).audio_codes
-                add("torch", "encode", batch, FLAGS.seconds,
-                    *_time(lambda: model.encode(x, bandwidth=bandwidth), FLAGS.repeats))
-                add("torch", "decode", batch, FLAGS.seconds,
-                    *_time(lambda: model.decode(torch_codes, [None]), FLAGS.repeats))
+                add(
+                    "torch",
+                    "encode",
+                    batch,
+                    FLAGS.seconds,
+                    *_time(lambda: model.encode(x, bandwidth=bandwidth), FLAGS.repeats),
+                )
+                add(
+                    "torch",
+                    "decode",
+                    batch,
+                    FLAGS.seconds,
+                    *_time(lambda: model.decode(torch_codes, [None]), FLAGS.repeats),
+                )
     if FLAGS.long_seconds > 0:
-        wav = (0.1 * rng.standard_normal((1, config.channels, int(FLAGS.long_seconds * config.sample_rate))))
+        wav = 0.1 * rng.standard_normal((1, config.channels, int(FLAGS.long_seconds * config.sample_rate)))
         wav = wav.astype(np.float32)
-        add("jax", f"encode_long({FLAGS.chunk_seconds:g}s chunks)", 1, FLAGS.long_seconds,
-            *_time(lambda: encodec.encode_long(config, params, wav, FLAGS.chunk_seconds), FLAGS.repeats))
+        add(
+            "jax",
+            f"encode_long({FLAGS.chunk_seconds:g}s chunks)",
+            1,
+            FLAGS.long_seconds,
+            *_time(lambda: encodec.encode_long(config, params, wav, FLAGS.chunk_seconds), FLAGS.repeats),
+        )
 
     load = os.getloadavg()[0]  # other processes on a shared host slow every row down
-    print(f"EnCodec {FLAGS.codec} (sr {config.sample_rate}, hop {config.hop_length}, K {config.n_q}), "
-          f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, load average {load:.1f}")
+    print(
+        f"EnCodec {FLAGS.codec} (sr {config.sample_rate}, hop {config.hop_length}, K {config.n_q}), "
+        f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, load average {load:.1f}"
+    )
     print(f"{'impl':6} {'op':28} {'batch':>5} {'audio s':>8} {'first s':>8} {'median s':>9} {'audio s/s':>10}")
     for r in rows:
-        print(f"{r['impl']:6} {r['op']:28} {r['batch']:>5} {r['audio_seconds']:>8.1f} {r['first_call_s']:>8.2f} "
-              f"{r['median_s']:>9.3f} {r['audio_s_per_s']:>10.1f}")
+        print(
+            f"{r['impl']:6} {r['op']:28} {r['batch']:>5} {r['audio_seconds']:>8.1f} {r['first_call_s']:>8.2f} "
+            f"{r['median_s']:>9.3f} {r['audio_s_per_s']:>10.1f}"
+        )
     out = Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = dict(codec=FLAGS.codec, config=config.__dict__, device=jax.devices()[0].device_kind,
-                  device_count=jax.device_count(), cpu_count=os.cpu_count(), platform=platform.platform(),
-                  load_average=load, jax=jax.__version__, seconds=FLAGS.seconds, repeats=FLAGS.repeats, rows=rows,
-                  timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    report = dict(
+        codec=FLAGS.codec,
+        config=config.__dict__,
+        device=jax.devices()[0].device_kind,
+        device_count=jax.device_count(),
+        cpu_count=os.cpu_count(),
+        platform=platform.platform(),
+        load_average=load,
+        jax=jax.__version__,
+        seconds=FLAGS.seconds,
+        repeats=FLAGS.repeats,
+        rows=rows,
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=list))
     tmp.replace(out)

@@ -9,10 +9,11 @@ the tiny ratio is a lower bound for the other sizes. (The small step on CPU need
 Without `--files` it writes `--num_records` records of `--record_seconds` of random codes (synthetic-corpus
 descriptions) with the encode job's shard writer, so only the pipeline is measured (reading, decoding, cropping,
 metadata merge, T5 tokenization with word dropout, batching). The tokenizer is a sentencepiece model trained on those
-descriptions (`magnet_jax.models.t5_weights.write_random_t5`) unless `--t5` names a T5 directory. The train step is the real one
-(`train_lib.make_train_step`, random weights, frozen random T5 of the configured width) on this host's devices;
+descriptions (`magnet_jax.models.t5_weights.write_random_t5`) unless `--t5` names a T5 directory. The train step is the
+real one (`train_lib.make_train_step`, random weights, frozen random T5 of the configured width) on this host's devices;
 its consumption is global batch / step time. Prints a table and writes JSON to `--output`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,13 +52,21 @@ def synthetic_shards(directory: Path, num_records: int, seconds: float, card: in
     records = []
     for i in range(num_records):
         spec = synthetic_corpus.draw_spec(rng)
-        records.append(CodeRecord(
-            codes=rng.integers(0, card, (4, int(seconds * 50))).astype(np.int16), sample_rate=32000, frame_rate=50.0,
-            card=card, duration=seconds, segment_seconds=10.0, source=f"clip_{i:05d}.wav",
-            metadata=normalize_metadata(spec.sidecar(f"clip {i}"))).to_bytes())
+        records.append(
+            CodeRecord(
+                codes=rng.integers(0, card, (4, int(seconds * 50))).astype(np.int16),
+                sample_rate=32000,
+                frame_rate=50.0,
+                card=card,
+                duration=seconds,
+                segment_seconds=10.0,
+                source=f"clip_{i:05d}.wav",
+                metadata=normalize_metadata(spec.sidecar(f"clip {i}")),
+            ).to_bytes()
+        )
     per_shard = 64
     for s in range(0, num_records, per_shard):
-        write_shard(directory / shard_name(0, 1, s // per_shard), records[s:s + per_shard])
+        write_shard(directory / shard_name(0, 1, s // per_shard), records[s : s + per_shard])
     return str(directory / "*.array_record")
 
 
@@ -74,8 +83,11 @@ def pipeline_rate(settings, tokenizer, batches: int) -> dict:
         next(iterator)
     elapsed = time.perf_counter() - start
     iterator.close()
-    return {"workers": settings.worker_count, "samples_per_s": batches * settings.global_batch_size / elapsed,
-            "startup_s": first}
+    return {
+        "workers": settings.worker_count,
+        "samples_per_s": batches * settings.global_batch_size / elapsed,
+        "startup_s": first,
+    }
 
 
 def train_step_rate(size: str, t5_dir: str, batch: int, steps: int) -> dict:
@@ -100,9 +112,11 @@ def train_step_rate(size: str, t5_dir: str, batch: int, steps: int) -> dict:
     rng = np.random.default_rng(0)
     put = sharding.batch_sharding(mesh, rules)
     codes = rng.integers(0, config.codec.card, (batch, 4, config.data.seq_len)).astype(np.int32)
-    data = {"codes": jax.device_put(codes, put),
-            "text_ids": jax.device_put(np.tile(np.arange(2, 34, dtype=np.int32), (batch, 1)), put),
-            "text_mask": jax.device_put(np.ones((batch, 32), np.int32), put)}
+    data = {
+        "codes": jax.device_put(codes, put),
+        "text_ids": jax.device_put(np.tile(np.arange(2, 34, dtype=np.int32), (batch, 1)), put),
+        "text_mask": jax.device_put(np.ones((batch, 32), np.int32), put),
+    }
     times = []
     for i in range(steps + 2):
         start = time.perf_counter()
@@ -110,8 +124,14 @@ def train_step_rate(size: str, t5_dir: str, batch: int, steps: int) -> dict:
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times[2:])
-    return {"size": size, "global_batch": batch, "seq_len": config.data.seq_len, "step_s": step_s,
-            "samples_per_s": batch / step_s, "devices": len(jax.devices())}
+    return {
+        "size": size,
+        "global_batch": batch,
+        "seq_len": config.data.seq_len,
+        "step_s": step_s,
+        "samples_per_s": batch / step_s,
+        "devices": len(jax.devices()),
+    }
 
 
 def main(argv):
@@ -132,8 +152,9 @@ def benchmark(work: Path) -> dict:
     from magnet_jax.data.records import CodeRecord, read_header
     from magnet_jax.data.tokenizer import TextTokenizer
 
-    files = FLAGS.files or synthetic_shards(work / "codes", FLAGS.num_records, FLAGS.record_seconds,
-                                           get_config("size=tiny").codec.card)
+    files = FLAGS.files or synthetic_shards(
+        work / "codes", FLAGS.num_records, FLAGS.record_seconds, get_config("size=tiny").codec.card
+    )
     source = input_pipeline.open_source(files)
     descriptions = [CodeRecord.from_bytes(source[i]).description or "" for i in range(min(len(source), 256))]
     results = {"host": platform.node(), "cpus": os.cpu_count(), "records": len(source), "pipeline": [], "train": []}
@@ -142,31 +163,49 @@ def benchmark(work: Path) -> dict:
         path = work / f"t5_{width}"
         if not path.is_dir():
             heads = max(4, width // 64)
-            write_random_t5(path, corpus=descriptions * 4, d_model=width, num_layers=layers, num_heads=heads,
-                            d_kv=width // heads, d_ff=4 * width, vocab_size=1000)
+            write_random_t5(
+                path,
+                corpus=descriptions * 4,
+                d_model=width,
+                num_layers=layers,
+                num_heads=heads,
+                d_kv=width // heads,
+                d_ff=4 * width,
+                vocab_size=1000,
+            )
         return str(path)
 
     for size in FLAGS.sizes:
         size_config = get_config(f"size={size}")
         batch = size_config.data.batch_size if size == "tiny" else FLAGS.small_batch
         layers = 2 if size == "tiny" else 12  # t5-base depth for the real sizes
-        results["train"].append(train_step_rate(size, random_t5(size_config.conditioner.t5_dim, layers), batch,
-                                                FLAGS.steps))
+        results["train"].append(
+            train_step_rate(size, random_t5(size_config.conditioner.t5_dim, layers), batch, FLAGS.steps)
+        )
 
     config = get_config("size=tiny")  # the pipeline settings: 10 s crops, batch 8, word dropout 0.3, merge 0.25
     config.data.train_files = files
-    tokenizer = TextTokenizer(FLAGS.t5 or random_t5(config.conditioner.t5_dim, 2),
-                              max_length=config.conditioner.max_length, word_dropout=config.conditioner.word_dropout)
+    tokenizer = TextTokenizer(
+        FLAGS.t5 or random_t5(config.conditioner.t5_dim, 2),
+        max_length=config.conditioner.max_length,
+        word_dropout=config.conditioner.word_dropout,
+    )
     head = read_header(source[0])  # the codec the records come from
-    base = dataclasses.replace(input_pipeline.PipelineConfig.from_config(config, train=True),
-                               sample_rate=head["sample_rate"], frame_rate=head["frame_rate"], card=head["card"],
-                               n_q=head["codes_shape"][0])
+    base = dataclasses.replace(
+        input_pipeline.PipelineConfig.from_config(config, train=True),
+        sample_rate=head["sample_rate"],
+        frame_rate=head["frame_rate"],
+        card=head["card"],
+        n_q=head["codes_shape"][0],
+    )
     for workers in map(int, FLAGS.workers):
         settings = dataclasses.replace(base, worker_count=workers)
         results["pipeline"].append(pipeline_rate(settings, tokenizer, FLAGS.batches))
 
-    print(f"\nrecords: {len(source)}, crop {base.seq_len} frames, batch "
-          f"{base.global_batch_size}, text {base.max_text_len} tokens, host cpus {os.cpu_count()}")
+    print(
+        f"\nrecords: {len(source)}, crop {base.seq_len} frames, batch "
+        f"{base.global_batch_size}, text {base.max_text_len} tokens, host cpus {os.cpu_count()}"
+    )
     print(f"{'pipeline':<24}{'samples/s':>12}{'startup s':>12}")
     for r in results["pipeline"]:
         print(f"{str(r['workers']) + ' workers':<24}{r['samples_per_s']:>12.1f}{r['startup_s']:>12.2f}")
@@ -174,8 +213,10 @@ def benchmark(work: Path) -> dict:
     best = max(r["samples_per_s"] for r in results["pipeline"])
     for r in results["train"]:
         r["pipeline_over_step"] = best / r["samples_per_s"]
-        print(f"{r['size'] + ' (batch ' + str(r['global_batch']) + ')':<24}{r['samples_per_s']:>12.1f}"
-              f"{r['step_s']:>12.3f}{r['pipeline_over_step']:>23.1f}x")
+        print(
+            f"{r['size'] + ' (batch ' + str(r['global_batch']) + ')':<24}{r['samples_per_s']:>12.1f}"
+            f"{r['step_s']:>12.3f}{r['pipeline_over_step']:>23.1f}x"
+        )
     return results
 
 

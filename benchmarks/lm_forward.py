@@ -7,6 +7,7 @@
 
   python benchmarks/lm_forward.py [--sizes=tiny,small] [--repeats=3] [--out=benchmarks/results/lm_forward.json]
 """
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,19 @@ def forward_fn(config: LMConfig):
     def forward(params, codes, states, mask, stage):
         condition = model.apply({"params": params}, states, mask, method=model.project_condition)
         return model.apply({"params": params}, codes, condition, None, stage)
+
     return forward
 
 
 def abstract_inputs(config: LMConfig, params):
-    b, t, l = _BATCH.value, _LENGTH.value, _COND_LENGTH.value
-    return (params, jax.ShapeDtypeStruct((b, config.n_q, t), jnp.int32),
-            jax.ShapeDtypeStruct((b, l, config.cond_dim), jnp.float32), jax.ShapeDtypeStruct((b, l), jnp.int32),
-            jax.ShapeDtypeStruct((), jnp.int32))
+    b, t, length = _BATCH.value, _LENGTH.value, _COND_LENGTH.value
+    return (
+        params,
+        jax.ShapeDtypeStruct((b, config.n_q, t), jnp.int32),
+        jax.ShapeDtypeStruct((b, length, config.cond_dim), jnp.float32),
+        jax.ShapeDtypeStruct((b, length), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
 
 
 def compile_times(config: LMConfig, params) -> tuple[float, float, jax.stages.Compiled]:
@@ -73,10 +79,16 @@ def time_size(size: str) -> dict:
         times.append(time.perf_counter() - start)
     forward_s = statistics.median(times)
     gflop = forward_flops(config, batch=_BATCH.value, seq_len=_LENGTH.value, cond_len=_COND_LENGTH.value) / 1e9
-    return {"size": size, "params_M": round(count_params(config) / 1e6, 1), "lower_s": round(lower_s, 2),
-            "compile_s": round(compile_s, 2), "forward_s": round(forward_s, 3),
-            "forward_all_s": [round(t, 3) for t in times], "gflop": round(gflop, 1),
-            "gflop_per_s": round(gflop / forward_s, 1)}
+    return {
+        "size": size,
+        "params_M": round(count_params(config) / 1e6, 1),
+        "lower_s": round(lower_s, 2),
+        "compile_s": round(compile_s, 2),
+        "forward_s": round(forward_s, 3),
+        "forward_all_s": [round(t, 3) for t in times],
+        "gflop": round(gflop, 1),
+        "gflop_per_s": round(gflop / forward_s, 1),
+    }
 
 
 def time_layer_loop() -> list[dict]:
@@ -85,23 +97,38 @@ def time_layer_loop() -> list[dict]:
         config = LMConfig.from_config({**get_config("size=medium").model, "scan_layers": scan_layers})
         params = jax.eval_shape(lambda k: nn.meta.unbox(init_params(LanguageModel(config), k)), jax.random.key(0))
         lower_s, compile_s, _ = compile_times(config, params)
-        rows.append({"model": f"medium-shaped, {config.num_layers} layers", "scan_layers": scan_layers,
-                     "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2)})
+        rows.append(
+            {
+                "model": f"medium-shaped, {config.num_layers} layers",
+                "scan_layers": scan_layers,
+                "lower_s": round(lower_s, 2),
+                "compile_s": round(compile_s, 2),
+            }
+        )
     return rows
 
 
 def main(argv):
     del argv
     device = jax.devices()[0]
-    result = {"device": f"{device.platform}: {device.device_kind}", "num_devices": jax.device_count(),
-              "host": platform.processor() or platform.machine(), "jax": jax.__version__,
-              "batch": _BATCH.value, "length": _LENGTH.value, "cond_length": _COND_LENGTH.value,
-              "forward": [time_size(s) for s in _SIZES.value], "layer_loop_compile": time_layer_loop()}
+    result = {
+        "device": f"{device.platform}: {device.device_kind}",
+        "num_devices": jax.device_count(),
+        "host": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "batch": _BATCH.value,
+        "length": _LENGTH.value,
+        "cond_length": _COND_LENGTH.value,
+        "forward": [time_size(s) for s in _SIZES.value],
+        "layer_loop_compile": time_layer_loop(),
+    }
     print(f"device {result['device']}; batch {_BATCH.value}, T {_LENGTH.value}, L {_COND_LENGTH.value}, stage 1")
     print(f"{'size':8} {'params M':>9} {'lower s':>8} {'compile s':>10} {'forward s':>10} {'GFLOP':>8} {'GFLOP/s':>8}")
     for r in result["forward"]:
-        print(f"{r['size']:8} {r['params_M']:9.1f} {r['lower_s']:8.2f} {r['compile_s']:10.2f} {r['forward_s']:10.3f} "
-              f"{r['gflop']:8.1f} {r['gflop_per_s']:8.1f}")
+        print(
+            f"{r['size']:8} {r['params_M']:9.1f} {r['lower_s']:8.2f} {r['compile_s']:10.2f} {r['forward_s']:10.3f} "
+            f"{r['gflop']:8.1f} {r['gflop_per_s']:8.1f}"
+        )
     print(f"\n{'model':28} {'scan':>5} {'lower s':>8} {'compile s':>10}")
     for r in result["layer_loop_compile"]:
         print(f"{r['model']:28} {str(r['scan_layers']):>5} {r['lower_s']:8.2f} {r['compile_s']:10.2f}")

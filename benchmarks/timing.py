@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: model sizes, compile-time measurement, interleaved timing, machine facts."""
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ def compile_seconds(fn) -> tuple[float, float]:
     def listener(name, seconds, **_):
         if name.startswith("/jax/core/compile/"):
             events.append(seconds)
+
     jax.monitoring.register_event_duration_secs_listener(listener)
     start = time.perf_counter()
     fn()
@@ -53,8 +55,13 @@ def interleaved(fns, repeats: int) -> list[list[float]]:
 
 def machine() -> dict:
     device = jax.devices()[0]
-    return {"device": f"{device.platform}: {device.device_kind}", "jax_devices": jax.device_count(),
-            "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "jax": jax.__version__}
+    return {
+        "device": f"{device.platform}: {device.device_kind}",
+        "jax_devices": jax.device_count(),
+        "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+    }
 
 
 def write_results(out: str, meta: dict, rows: list[dict], plot, title: str) -> None:

@@ -5,9 +5,9 @@ preset's text-encoder shape: one warm-up step (compile), then `--steps` timed st
 
   tokens/s = B·K·T / step time   (codebook tokens; audio frames/s = tokens/s ÷ K)
   MFU      = flops.train_flops(...) / (step time · peak FLOP/s per device · devices)
-The peak is `magnet_jax.training.metrics.device_peak_flops`: the device table, or on CPU a float32 matmul FLOP/s, measured
-just before and just after each preset's timed steps (the larger of the two: on a shared machine, the conservative
-MFU).
+The peak is `magnet_jax.training.metrics.device_peak_flops`: the device table, or on CPU a float32 matmul FLOP/s,
+measured just before and just after each preset's timed steps (the larger of the two: on a shared machine, the
+conservative MFU).
 
   python benchmarks/train_step.py [--sizes=tiny,small] [--batch=tiny:8,small:1] [--steps=3] \
       [--optimizer=adamw] [--out=benchmarks/results/train_step.json]
@@ -15,6 +15,7 @@ MFU).
 Memory (XLA CPU, compiled memory analysis, one device): small with D-Adaptation at batch 1, T = 500 needs ~15 GB
 (state 8.4 GB + temporaries 6.4 GB); with AdamW ~13 GB.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,16 +47,21 @@ _TEXT_LEN = flags.DEFINE_integer("text_len", 0, "static text length L (0: the pr
 _OUT = flags.DEFINE_string("out", "benchmarks/results/train_step.json", "JSON output (a .md table is written beside)")
 
 # T5 shapes by model width (t5-base, t5-large; the tiny preset's random encoder).
-_T5_SHAPES = {768: dict(), 1024: dict(d_ff=4096, num_layers=24, num_heads=16),
-              32: dict(vocab_size=128, d_kv=8, d_ff=64, num_layers=2, num_heads=4)}
+_T5_SHAPES = {
+    768: dict(),
+    1024: dict(d_ff=4096, num_layers=24, num_heads=16),
+    32: dict(vocab_size=128, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+}
 
 
 def random_text_encoder(t5_dim: int, mesh, rules):
     """A random T5 encoder of the preset's shape (the benchmark needs no download), placed on `mesh`."""
     t5_config = T5Config(d_model=t5_dim, **_T5_SHAPES[t5_dim])
     tokens = jnp.zeros((1, 4), jnp.int32)
-    init = jax.jit(lambda k: nn.meta.unbox(T5Encoder(t5_config).init(k, tokens, tokens)["params"]),
-                   out_shardings=t5.param_shardings(t5_config, mesh, rules))
+    init = jax.jit(
+        lambda k: nn.meta.unbox(T5Encoder(t5_config).init(k, tokens, tokens)["params"]),
+        out_shardings=t5.param_shardings(t5_config, mesh, rules),
+    )
     return t5_config, init(jax.random.key(1))
 
 
@@ -98,20 +104,48 @@ def benchmark(size: str, batch: int) -> dict:
     lm = LMConfig.from_config(config.model)
     model_flops = flops.train_flops(lm, batch=batch, seq_len=config.data.seq_len, cond_len=text_len)
     tokens = batch * lm.n_q * config.data.seq_len
-    return {"size": size, "params_M": round(count_params(lm) / 1e6, 1), "optimizer": config.optim.name,
-            "dtype": config.model.dtype, "batch": batch, "T": config.data.seq_len, "L": text_len,
-            "devices": mesh.size, "first_step_s": round(first_s, 2), "step_s": round(step_s, 3),
-            "step_all_s": [round(t, 3) for t in times], "tokens_per_s": round(tokens / step_s, 1),
-            "audio_s_per_s": round(batch * config.data.segment_seconds / step_s, 3),
-            "model_tflop_per_step": round(model_flops / 1e12, 4),
-            "achieved_gflop_per_s": round(model_flops / step_s / 1e9, 1), "peak_gflop_per_s": round(peak / 1e9, 1),
-            "peak_source": peak_source, "mfu": round(model_flops / (step_s * peak * mesh.size), 4),
-            "final_loss": round(float(out["loss"]), 4), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "size": size,
+        "params_M": round(count_params(lm) / 1e6, 1),
+        "optimizer": config.optim.name,
+        "dtype": config.model.dtype,
+        "batch": batch,
+        "T": config.data.seq_len,
+        "L": text_len,
+        "devices": mesh.size,
+        "first_step_s": round(first_s, 2),
+        "step_s": round(step_s, 3),
+        "step_all_s": [round(t, 3) for t in times],
+        "tokens_per_s": round(tokens / step_s, 1),
+        "audio_s_per_s": round(batch * config.data.segment_seconds / step_s, 3),
+        "model_tflop_per_step": round(model_flops / 1e12, 4),
+        "achieved_gflop_per_s": round(model_flops / step_s / 1e9, 1),
+        "peak_gflop_per_s": round(peak / 1e9, 1),
+        "peak_source": peak_source,
+        "mfu": round(model_flops / (step_s * peak * mesh.size), 4),
+        "final_loss": round(float(out["loss"]), 4),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["size", "params_M", "optimizer", "batch", "T", "L", "devices", "first_step_s", "step_s", "tokens_per_s",
-            "audio_s_per_s", "model_tflop_per_step", "achieved_gflop_per_s", "peak_gflop_per_s", "mfu"]
+    cols = [
+        "size",
+        "params_M",
+        "optimizer",
+        "batch",
+        "T",
+        "L",
+        "devices",
+        "first_step_s",
+        "step_s",
+        "tokens_per_s",
+        "audio_s_per_s",
+        "model_tflop_per_step",
+        "achieved_gflop_per_s",
+        "peak_gflop_per_s",
+        "mfu",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -131,14 +165,26 @@ def main(argv):
     for size in _SIZES.value:
         rows.append(benchmark(size, int(batches.get(size, 1))))
         print(table(rows[-1:]))
-    result = {"machine": {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
-                          "devices": len(devices), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                          "jax": jax.__version__}, "steps_timed": _STEPS.value, "results": rows}
+    result = {
+        "machine": {
+            "platform": devices[0].platform,
+            "device_kind": devices[0].device_kind,
+            "devices": len(devices),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+        },
+        "steps_timed": _STEPS.value,
+        "results": rows,
+    }
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), f"Train step on {len(devices)} {devices[0].platform} device(s) "
-                                         f"(`python {' '.join(sys.argv)}`).\n\n{table(rows)}\n")
+    write_atomic(
+        out.with_suffix(".md"),
+        f"Train step on {len(devices)} {devices[0].platform} device(s) "
+        f"(`python {' '.join(sys.argv)}`).\n\n{table(rows)}\n",
+    )
     print(table(rows))
 
 

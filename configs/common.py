@@ -1,4 +1,5 @@
 """Preset-string parsing shared by the config files (`configs/magnet.py:size=small,duration=10`)."""
+
 from __future__ import annotations
 
 import ml_collections

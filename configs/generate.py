@@ -18,6 +18,7 @@ Rescoring and the composition-mode hybrid take causal MusicGen sources: `--confi
 A single-model Hybrid-MAGNeT source (trained with `train.objective="hybrid"`) takes neither: it generates its own
 first `--config.generate.prefix_seconds` with the `ar_*` sampling settings (0 = MAGNeT decoding only).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 8  # rows per generation step over all devices and hosts (multiple of the data-parallel size)
 
     generate = base.generate.to_dict()  # references resolved: a plain copy
-    generate.update(duration=float(arg.duration),
-                    decoding_steps=tuple(generate["decoding_steps"]))  # a tuple can be overridden by a flag
+    generate.update(
+        duration=float(arg.duration), decoding_steps=tuple(generate["decoding_steps"])
+    )  # a tuple can be overridden by a flag
     # Rescoring weight w (paper Eq. 5, on MAGNeT's term; used only with a rescorer) and the hybrid's AR prefix
     # (prefix_seconds 0 = off; ar_* = MusicGen's sampling defaults; by the ar_model, or by a Hybrid-MAGNeT model
     # itself): the library defaults.

@@ -14,6 +14,7 @@ Preset options:
 Derived values are FieldReferences, so overriding `data.segment_seconds` also changes `data.seq_len`, and
 overriding `codec.card` changes `model.card`.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -30,13 +31,40 @@ SIZES = {  # dim, heads, layers (audiocraft config/model/lm/model_scale/*.yaml);
 
 # EnCodec architectures (docs/design.md §9). `ratios` are in decoder order; hop = prod(ratios).
 CODECS = {
-    "music": dict(source="facebook/encodec_32khz", sample_rate=32000, ratios=(8, 5, 4, 4), n_filters=64,
-                  dimension=128, card=2048, n_q=4, num_lstm_layers=2, pad_mode="constant"),
-    "sound": dict(source="facebook/audio-magnet-small", sample_rate=16000, ratios=(8, 5, 4, 2), n_filters=64,
-                  dimension=128, card=2048, n_q=4, num_lstm_layers=2, pad_mode="constant"),
+    "music": dict(
+        source="facebook/encodec_32khz",
+        sample_rate=32000,
+        ratios=(8, 5, 4, 4),
+        n_filters=64,
+        dimension=128,
+        card=2048,
+        n_q=4,
+        num_lstm_layers=2,
+        pad_mode="constant",
+    ),
+    "sound": dict(
+        source="facebook/audio-magnet-small",
+        sample_rate=16000,
+        ratios=(8, 5, 4, 2),
+        n_filters=64,
+        dimension=128,
+        card=2048,
+        n_q=4,
+        num_lstm_layers=2,
+        pad_mode="constant",
+    ),
     # Small codec the quickstart creates locally (no downloads); 50 Hz like the real one.
-    "tiny": dict(source="", sample_rate=32000, ratios=(8, 5, 4, 4), n_filters=4, dimension=16, card=64, n_q=4,
-                 num_lstm_layers=2, pad_mode="constant"),
+    "tiny": dict(
+        source="",
+        sample_rate=32000,
+        ratios=(8, 5, 4, 4),
+        n_filters=4,
+        dimension=16,
+        card=64,
+        n_q=4,
+        num_lstm_layers=2,
+        pad_mode="constant",
+    ),
 }
 
 TEXT_ENCODERS = {  # hub id / dir, d_model
@@ -179,4 +207,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.generate.span_scoring = "max"  # or "prod"
     c.generate.duration = c.data.get_ref("segment_seconds")
     return c
-

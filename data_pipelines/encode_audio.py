@@ -7,11 +7,11 @@ Input is a directory (searched recursively for .wav/.flac/.ogg/.mp3, each with a
 `artist`) or a JSONL manifest (one object per line: `path` (relative to the manifest's folder or absolute), optional
 `offset`/`excerpt_seconds` to encode part of a file, optional metadata fields that override the sidecar; audiocraft's
 manifest keys `duration`/`sample_rate` are checked against the file). Each file is read with soundfile, downmixed
-to mono (channel mean) and resampled to the codec rate with soxr VHQ (`magnet_jax.data.audio.to_codec_audio`), then encoded
-in fixed windows of `--chunk_seconds` batched across files and sharded over `jax.local_devices()`; long files are the
-concatenation of their windows' codes (as `magnet_jax.models.encodec.encode_long`). A file shorter than `--segment_seconds` but at least `--min_segment_ratio` of it is zero-padded
-to the segment (as audiocraft pads short training segments); shorter, empty, unreadable or non-finite files are
-skipped and listed with their reason.
+to mono (channel mean) and resampled to the codec rate with soxr VHQ (`magnet_jax.data.audio.to_codec_audio`), then
+encoded in fixed windows of `--chunk_seconds` batched across files and sharded over `jax.local_devices()`; long files
+are the concatenation of their windows' codes (as `magnet_jax.models.encodec.encode_long`). A file shorter than
+`--segment_seconds` but at least `--min_segment_ratio` of it is zero-padded to the segment (as audiocraft pads short
+training segments); shorter, empty, unreadable or non-finite files are skipped and listed with their reason.
 
 Multi-host: process i of n (`jax.process_index()/process_count()` after `--distributed`, or `--process_index/
 --process_count` for independent jobs) takes files i, i+n, ... of the sorted input and writes
@@ -19,6 +19,7 @@ Multi-host: process i of n (`jax.process_index()/process_count()` after `--distr
 files). Shards are written under a temporary name and renamed when complete, so a restarted job skips finished
 shards and redoes the rest; `encode_job.json` pins the settings, and resuming with different ones is refused.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -31,8 +32,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -55,6 +57,7 @@ class EncodeJobError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class AudioItem:
     """One input: an audio file (or an excerpt of it) and metadata given inline by a manifest."""
+
     path: str
     offset: float = 0.0
     excerpt_seconds: float | None = None
@@ -64,6 +67,7 @@ class AudioItem:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything that determines the bytes of the output (pinned in `encode_job.json`)."""
+
     codec: str
     codec_fingerprint: str
     sample_rate: int
@@ -83,14 +87,14 @@ class Settings:
 
 # ---- inputs -------------------------------------------------------------------------------------------
 
+
 def list_inputs(source: str | os.PathLike) -> list[AudioItem]:
     """The sorted inputs of a directory (recursive) or a JSONL manifest; raises EncodeJobError if there are none."""
     source = Path(source)
     if source.is_dir():
         paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
         if not paths:
-            raise EncodeJobError(f"--input={source}: directory has no audio files "
-                                 f"({', '.join(AUDIO_EXTENSIONS)})")
+            raise EncodeJobError(f"--input={source}: directory has no audio files ({', '.join(AUDIO_EXTENSIONS)})")
         return [AudioItem(str(p)) for p in paths]
     if not source.is_file():
         raise EncodeJobError(f"--input={source}: no such file or directory")
@@ -136,6 +140,7 @@ def process_share(items: Sequence[AudioItem], process_index: int, process_count:
 
 # ---- reading one file ---------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class LoadedAudio:
     wav: np.ndarray | None  # float32 [N] mono at the codec rate, zero-padded to the segment if it was shorter
@@ -162,14 +167,18 @@ def read_metadata(item: AudioItem, allow_missing: bool) -> dict | Skipped:
             return Skipped(item.path, f"sidecar {sidecar.name} is not a JSON object")
     inline = {k: v for k, v in (item.inline or {}).items() if k not in MANIFEST_KEYS}
     if not sidecar.is_file() and not inline and not allow_missing:
-        return Skipped(item.path, f"no sidecar metadata {sidecar.name} (pass --allow_missing_metadata to encode "
-                                  "it with an empty description)")
+        return Skipped(
+            item.path,
+            f"no sidecar metadata {sidecar.name} (pass --allow_missing_metadata to encode "
+            "it with an empty description)",
+        )
     raw.update(inline)
     return records.normalize_metadata(raw)
 
 
-def load_audio(item: AudioItem, *, sample_rate: int, segment_seconds: float, min_segment_ratio: float,
-               allow_missing_metadata: bool) -> LoadedAudio | Skipped:
+def load_audio(
+    item: AudioItem, *, sample_rate: int, segment_seconds: float, min_segment_ratio: float, allow_missing_metadata: bool
+) -> LoadedAudio | Skipped:
     """Reads, checks, downmixes, resamples and pads one input; any problem becomes a `Skipped` with its reason."""
     metadata = read_metadata(item, allow_missing_metadata)
     if isinstance(metadata, Skipped):
@@ -178,11 +187,17 @@ def load_audio(item: AudioItem, *, sample_rate: int, segment_seconds: float, min
         info = sf.info(item.path)
         declared = item.inline or {}
         if "sample_rate" in declared and int(declared["sample_rate"]) != info.samplerate:
-            return Skipped(item.path, f"manifest says sample_rate {declared['sample_rate']} but the file is "
-                                      f"{info.samplerate} Hz (stale manifest?)")
+            return Skipped(
+                item.path,
+                f"manifest says sample_rate {declared['sample_rate']} but the file is "
+                f"{info.samplerate} Hz (stale manifest?)",
+            )
         if "duration" in declared and abs(float(declared["duration"]) - info.duration) > 0.1:
-            return Skipped(item.path, f"manifest says duration {float(declared['duration']):.2f} s but the file "
-                                      f"has {info.duration:.2f} s (stale manifest?)")
+            return Skipped(
+                item.path,
+                f"manifest says duration {float(declared['duration']):.2f} s but the file "
+                f"has {info.duration:.2f} s (stale manifest?)",
+            )
         start = int(round(item.offset * info.samplerate))
         if start >= info.frames > 0:
             return Skipped(item.path, f"offset {item.offset:g} s is past the end ({info.duration:.2f} s)")
@@ -199,8 +214,9 @@ def load_audio(item: AudioItem, *, sample_rate: int, segment_seconds: float, min
     duration = mono.shape[0] / sample_rate
     segment = int(round(segment_seconds * sample_rate))
     if mono.shape[0] < min_segment_ratio * segment:
-        return Skipped(item.path, f"too short: {duration:.2f} s < {min_segment_ratio:g} x {segment_seconds:g} s "
-                                  "segment")
+        return Skipped(
+            item.path, f"too short: {duration:.2f} s < {min_segment_ratio:g} x {segment_seconds:g} s segment"
+        )
     if mono.shape[0] < segment:
         mono = np.pad(mono, (0, segment - mono.shape[0]))
     return LoadedAudio(np.ascontiguousarray(mono, dtype=np.float32), duration, metadata)
@@ -220,6 +236,7 @@ def prefetch_map(fn: Callable, items: Iterable, workers: int, lookahead: int) ->
 
 
 # ---- encoding on devices ------------------------------------------------------------------------------
+
 
 class WindowEncoder:
     """Encodes fixed-length windows `[n, 1, L]` → codes `[n, K, L / hop]`, each batch sharded over local devices.
@@ -246,7 +263,7 @@ class WindowEncoder:
 
         out = []
         for start in range(0, len(windows), self.batch_size):
-            batch = windows[start:start + self.batch_size]
+            batch = windows[start : start + self.batch_size]
             n = len(batch)
             if n < self.batch_size:
                 batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)])
@@ -262,8 +279,9 @@ class CodesAssembler:
     Memory stays at about one batch of windows plus the files not yet complete.
     """
 
-    def __init__(self, encoder: Callable[[np.ndarray], np.ndarray], *, batch_size: int, chunk_samples: int,
-                 hop_length: int):
+    def __init__(
+        self, encoder: Callable[[np.ndarray], np.ndarray], *, batch_size: int, chunk_samples: int, hop_length: int
+    ):
         self._encoder, self._batch_size = encoder, batch_size
         self._chunk, self._hop = chunk_samples, hop_length
         self._queue: list[tuple[Any, np.ndarray]] = []  # (key, window [1, L])
@@ -300,6 +318,7 @@ class CodesAssembler:
 
 
 # ---- shards and resume --------------------------------------------------------------------------------
+
 
 def write_shard(path: Path, payloads: Sequence[bytes]) -> None:
     """Writes an ArrayRecord shard under a temporary name, then renames it into place."""
@@ -338,6 +357,7 @@ def shard_is_complete(path: Path) -> bool:
 @dataclasses.dataclass
 class Progress:
     """Counts for the progress log and the summary (resumed shards count as files, not as this run's rate)."""
+
     total_files: int
     files: int = 0
     encoded: int = 0
@@ -368,13 +388,27 @@ class Progress:
         now = time.monotonic()
         if now - self.last_log >= every:
             self.last_log = now
-            logging.info("files %d/%d (%d encoded, %d skipped), %.3f h of audio, %.4f h/s, %.0f s elapsed",
-                         self.files, self.total_files, self.encoded, len(self.skipped), self.audio_seconds / 3600,
-                         self.hours_per_second, now - self.start)
+            logging.info(
+                "files %d/%d (%d encoded, %d skipped), %.3f h of audio, %.4f h/s, %.0f s elapsed",
+                self.files,
+                self.total_files,
+                self.encoded,
+                len(self.skipped),
+                self.audio_seconds / 3600,
+                self.hours_per_second,
+                now - self.start,
+            )
 
 
-def encode_shard(path: Path, items: Sequence[AudioItem], loaded_stream: Iterator, assembler: CodesAssembler,
-                 settings: Settings, progress: Progress, log_every: float) -> None:
+def encode_shard(
+    path: Path,
+    items: Sequence[AudioItem],
+    loaded_stream: Iterator,
+    assembler: CodesAssembler,
+    settings: Settings,
+    progress: Progress,
+    log_every: float,
+) -> None:
     """Encodes one shard's files (taken in order from `loaded_stream`) and writes its sidecar, then the shard."""
     loaded, codes, skipped = {}, {}, []
     for i in range(len(items)):
@@ -391,22 +425,50 @@ def encode_shard(path: Path, items: Sequence[AudioItem], loaded_stream: Iterator
     payloads, listing = [], []
     for i, r in loaded.items():
         record = records.CodeRecord(
-            codes=codes[i].astype(np.int16), sample_rate=settings.sample_rate, frame_rate=settings.frame_rate,
-            card=settings.card, duration=r.duration, segment_seconds=settings.segment_seconds, source=items[i].path,
-            offset=items[i].offset, metadata=r.metadata)
+            codes=codes[i].astype(np.int16),
+            sample_rate=settings.sample_rate,
+            frame_rate=settings.frame_rate,
+            card=settings.card,
+            duration=r.duration,
+            segment_seconds=settings.segment_seconds,
+            source=items[i].path,
+            offset=items[i].offset,
+            metadata=r.metadata,
+        )
         payloads.append(record.to_bytes())
-        listing.append({"source": record.source, "offset": record.offset, "duration": record.duration,
-                        "frames": int(record.codes.shape[-1])})
+        listing.append(
+            {
+                "source": record.source,
+                "offset": record.offset,
+                "duration": record.duration,
+                "frames": int(record.codes.shape[-1]),
+            }
+        )
     write_json(path.with_suffix(".json"), {"records": listing, "skipped": skipped})
     if payloads:
         write_shard(path, payloads)
     progress.shards_written += 1
 
 
-def run(input: str, output: str, *, codec_source: str, codec_config, codec_params, segment_seconds: float = 10.0,
-        min_segment_ratio: float = 0.8, chunk_seconds: float = 10.0, batch_size: int = 8,
-        records_per_shard: int = 256, read_workers: int = 4, allow_missing_metadata: bool = False,
-        process_index: int = 0, process_count: int = 1, devices=None, log_every: float = 10.0) -> dict:
+def run(
+    input: str,
+    output: str,
+    *,
+    codec_source: str,
+    codec_config,
+    codec_params,
+    segment_seconds: float = 10.0,
+    min_segment_ratio: float = 0.8,
+    chunk_seconds: float = 10.0,
+    batch_size: int = 8,
+    records_per_shard: int = 256,
+    read_workers: int = 4,
+    allow_missing_metadata: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+    devices=None,
+    log_every: float = 10.0,
+) -> dict:
     """Encodes this process's share of `input` into `output`; returns the summary (also written as JSON).
 
     Args:
@@ -427,17 +489,26 @@ def run(input: str, output: str, *, codec_source: str, codec_config, codec_param
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(
-        codec=str(codec_source), codec_fingerprint=params_fingerprint(codec_params),
-        sample_rate=int(codec_config.sample_rate), frame_rate=float(codec_config.frame_rate), hop_length=hop,
-        n_q=int(codec_config.n_q), card=int(codec_config.card),
+        codec=str(codec_source),
+        codec_fingerprint=params_fingerprint(codec_params),
+        sample_rate=int(codec_config.sample_rate),
+        frame_rate=float(codec_config.frame_rate),
+        hop_length=hop,
+        n_q=int(codec_config.n_q),
+        card=int(codec_config.card),
         chunk_samples=max(1, round(chunk_seconds * codec_config.frame_rate)) * hop,  # as encodec.encode_long
-        segment_seconds=float(segment_seconds), min_segment_ratio=float(min_segment_ratio),
-        records_per_shard=int(records_per_shard), allow_missing_metadata=bool(allow_missing_metadata),
-        process_count=int(process_count), inputs_fingerprint=inputs_fingerprint(items), num_inputs=len(items))
+        segment_seconds=float(segment_seconds),
+        min_segment_ratio=float(min_segment_ratio),
+        records_per_shard=int(records_per_shard),
+        allow_missing_metadata=bool(allow_missing_metadata),
+        process_count=int(process_count),
+        inputs_fingerprint=inputs_fingerprint(items),
+        num_inputs=len(items),
+    )
     pin_settings(out / JOB_FILE, dataclasses.asdict(settings), error=EncodeJobError)
 
     share = process_share(items, process_index, process_count)
-    shards = [share[s:s + records_per_shard] for s in range(0, len(share), records_per_shard)]
+    shards = [share[s : s + records_per_shard] for s in range(0, len(share), records_per_shard)]
     names = [out / records.shard_name(process_index, process_count, s) for s in range(len(shards))]
     progress = Progress(total_files=len(share))
     todo = []
@@ -453,27 +524,48 @@ def run(input: str, output: str, *, codec_source: str, codec_config, codec_param
         progress.skipped += done["skipped"]
     for stale in out.glob(f"{TMP_PREFIX}*-codes-p{process_index:05d}-of-{process_count:05d}-*"):
         stale.unlink()  # temporary files of an interrupted run of this process
-    logging.info("process %d/%d: %d files in %d shards (%d already done) -> %s", process_index, process_count,
-                 len(share), len(shards), progress.shards_resumed, out)
+    logging.info(
+        "process %d/%d: %d files in %d shards (%d already done) -> %s",
+        process_index,
+        process_count,
+        len(share),
+        len(shards),
+        progress.shards_resumed,
+        out,
+    )
 
     if todo:
         encoder = WindowEncoder(codec_config, codec_params, batch_size=batch_size, devices=devices)
-        assembler = CodesAssembler(encoder, batch_size=encoder.batch_size, chunk_samples=settings.chunk_samples,
-                                   hop_length=hop)
-        load = functools.partial(load_audio, sample_rate=settings.sample_rate, segment_seconds=segment_seconds,
-                                 min_segment_ratio=min_segment_ratio, allow_missing_metadata=allow_missing_metadata)
-        loaded_stream = prefetch_map(load, (it for s in todo for it in shards[s]), read_workers,
-                                     lookahead=2 * read_workers + 2)
+        assembler = CodesAssembler(
+            encoder, batch_size=encoder.batch_size, chunk_samples=settings.chunk_samples, hop_length=hop
+        )
+        load = functools.partial(
+            load_audio,
+            sample_rate=settings.sample_rate,
+            segment_seconds=segment_seconds,
+            min_segment_ratio=min_segment_ratio,
+            allow_missing_metadata=allow_missing_metadata,
+        )
+        loaded_stream = prefetch_map(
+            load, (it for s in todo for it in shards[s]), read_workers, lookahead=2 * read_workers + 2
+        )
         for s in todo:
             encode_shard(names[s], shards[s], loaded_stream, assembler, settings, progress, log_every)
     progress.log()
 
     summary = {
-        "process_index": process_index, "process_count": process_count, "output": str(out),
-        "files": progress.files, "encoded": progress.encoded, "skipped": len(progress.skipped),
-        "audio_hours": progress.audio_seconds / 3600, "elapsed_seconds": time.monotonic() - progress.start,
+        "process_index": process_index,
+        "process_count": process_count,
+        "output": str(out),
+        "files": progress.files,
+        "encoded": progress.encoded,
+        "skipped": len(progress.skipped),
+        "audio_hours": progress.audio_seconds / 3600,
+        "elapsed_seconds": time.monotonic() - progress.start,
         "hours_per_second": progress.hours_per_second,
-        "shards": len(shards), "shards_written": progress.shards_written, "shards_resumed": progress.shards_resumed,
+        "shards": len(shards),
+        "shards_written": progress.shards_written,
+        "shards_resumed": progress.shards_resumed,
         "skipped_files": progress.skipped,
     }
     write_json(out / f"summary-p{process_index:05d}-of-{process_count:05d}.json", summary)
@@ -493,9 +585,11 @@ def params_fingerprint(params) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"encoded {summary['encoded']}/{summary['files']} files ({summary['audio_hours']:.3f} h of audio, "
-             f"{summary['hours_per_second']:.4f} h/s) into {summary['shards']} shards "
-             f"({summary['shards_written']} written, {summary['shards_resumed']} already done) in {summary['output']}"]
+    lines = [
+        f"encoded {summary['encoded']}/{summary['files']} files ({summary['audio_hours']:.3f} h of audio, "
+        f"{summary['hours_per_second']:.4f} h/s) into {summary['shards']} shards "
+        f"({summary['shards_written']} written, {summary['shards_resumed']} already done) in {summary['output']}"
+    ]
     if summary["skipped_files"]:
         lines.append(f"skipped {summary['skipped']} files:")
         lines += [f"  {s['path']}: {s['reason']}" for s in summary["skipped_files"]]
@@ -515,12 +609,22 @@ def main(argv):
     process_count = jax.process_count() if FLAGS.process_count is None else FLAGS.process_count
     try:
         codec_config, codec_params = load_encodec(FLAGS.codec)
-        summary = run(FLAGS.input, FLAGS.output, codec_source=FLAGS.codec, codec_config=codec_config,
-                      codec_params=codec_params, segment_seconds=FLAGS.segment_seconds,
-                      min_segment_ratio=FLAGS.min_segment_ratio, chunk_seconds=FLAGS.chunk_seconds,
-                      batch_size=FLAGS.batch_size, records_per_shard=FLAGS.records_per_shard,
-                      read_workers=FLAGS.read_workers, allow_missing_metadata=FLAGS.allow_missing_metadata,
-                      process_index=process_index, process_count=process_count)
+        summary = run(
+            FLAGS.input,
+            FLAGS.output,
+            codec_source=FLAGS.codec,
+            codec_config=codec_config,
+            codec_params=codec_params,
+            segment_seconds=FLAGS.segment_seconds,
+            min_segment_ratio=FLAGS.min_segment_ratio,
+            chunk_seconds=FLAGS.chunk_seconds,
+            batch_size=FLAGS.batch_size,
+            records_per_shard=FLAGS.records_per_shard,
+            read_workers=FLAGS.read_workers,
+            allow_missing_metadata=FLAGS.allow_missing_metadata,
+            process_index=process_index,
+            process_count=process_count,
+        )
     except (EncodeJobError, WeightsError, OSError) as e:
         sys.exit(f"encode_audio: {e}")
     print(format_summary(summary))
@@ -529,19 +633,24 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("input", None, "directory of audio files with .json sidecars, or a JSONL manifest",
-                        required=True)
+    flags.DEFINE_string(
+        "input", None, "directory of audio files with .json sidecars, or a JSONL manifest", required=True
+    )
     flags.DEFINE_string("output", None, "directory for the ArrayRecord shards", required=True)
-    flags.DEFINE_string("codec", "facebook/encodec_32khz", "EnCodec weights: hub id, or a local directory "
-                        "(transformers format, or audiocraft compression_state_dict.bin)")
+    flags.DEFINE_string(
+        "codec",
+        "facebook/encodec_32khz",
+        "EnCodec weights: hub id, or a local directory (transformers format, or audiocraft compression_state_dict.bin)",
+    )
     flags.DEFINE_float("segment_seconds", 10.0, "training segment; shorter files are zero-padded to it")
     flags.DEFINE_float("min_segment_ratio", 0.8, "files shorter than this fraction of the segment are skipped")
     flags.DEFINE_float("chunk_seconds", 10.0, "encoding window; long files are encoded window by window")
     flags.DEFINE_integer("batch_size", 8, "windows per encoder step over all local devices")
     flags.DEFINE_integer("records_per_shard", 256, "input files per output shard")
     flags.DEFINE_integer("read_workers", 4, "threads reading and resampling audio")
-    flags.DEFINE_bool("allow_missing_metadata", False, "encode files without a sidecar (empty description) "
-                      "instead of skipping them")
+    flags.DEFINE_bool(
+        "allow_missing_metadata", False, "encode files without a sidecar (empty description) instead of skipping them"
+    )
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host job)")
     flags.DEFINE_integer("process_index", None, "override jax.process_index() (independent jobs)")
     flags.DEFINE_integer("process_count", None, "override jax.process_count() (independent jobs)")

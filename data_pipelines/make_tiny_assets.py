@@ -12,13 +12,14 @@ Neither model is trained: they exercise the real pipeline (encode, train, genera
 `make_random_lm` adds an untrained tiny LM in the converted-checkpoint format that names both, a complete model for
 generation tests.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -64,20 +65,37 @@ def calibration_audio(corpus: str | os.PathLike, sample_rate: int, *, max_files:
 def hf_config(config: EncodecConfig) -> dict:
     """A transformers `EncodecConfig` dict describing `config` (the inverse of `EncodecConfig.from_hf_config`)."""
     bits = int(np.ceil(np.log2(config.card)))
-    return {"model_type": "encodec", "sampling_rate": config.sample_rate, "audio_channels": config.channels,
-            "upsampling_ratios": list(config.ratios), "num_filters": config.n_filters,
-            "hidden_size": config.dimension, "codebook_dim": config.dimension, "codebook_size": config.card,
-            "target_bandwidths": [config.n_q * np.ceil(config.frame_rate) * bits / 1000],
-            "num_lstm_layers": config.num_lstm_layers, "pad_mode": config.pad_mode,
-            "num_residual_layers": config.n_residual_layers, "compress": config.compress,
-            "kernel_size": config.kernel_size, "last_kernel_size": config.last_kernel_size,
-            "residual_kernel_size": config.residual_kernel_size, "dilation_growth_rate": config.dilation_base,
-            "use_conv_shortcut": not config.true_skip, "use_causal_conv": False, "normalize": False,
-            "norm_type": "weight_norm", "chunk_length_s": None, "overlap": None, "trim_right_ratio": 1.0}
+    return {
+        "model_type": "encodec",
+        "sampling_rate": config.sample_rate,
+        "audio_channels": config.channels,
+        "upsampling_ratios": list(config.ratios),
+        "num_filters": config.n_filters,
+        "hidden_size": config.dimension,
+        "codebook_dim": config.dimension,
+        "codebook_size": config.card,
+        "target_bandwidths": [config.n_q * np.ceil(config.frame_rate) * bits / 1000],
+        "num_lstm_layers": config.num_lstm_layers,
+        "pad_mode": config.pad_mode,
+        "num_residual_layers": config.n_residual_layers,
+        "compress": config.compress,
+        "kernel_size": config.kernel_size,
+        "last_kernel_size": config.last_kernel_size,
+        "residual_kernel_size": config.residual_kernel_size,
+        "dilation_growth_rate": config.dilation_base,
+        "use_conv_shortcut": not config.true_skip,
+        "use_causal_conv": False,
+        "normalize": False,
+        "norm_type": "weight_norm",
+        "chunk_length_s": None,
+        "overlap": None,
+        "trim_right_ratio": 1.0,
+    }
 
 
-def make_codec(directory: str | os.PathLike, config: EncodecConfig, calibration_wav: np.ndarray, *,
-               seed: int = 0) -> Path:
+def make_codec(
+    directory: str | os.PathLike, config: EncodecConfig, calibration_wav: np.ndarray, *, seed: int = 0
+) -> Path:
     """Writes a random codec with codebooks fitted on `calibration_wav` `[B, 1, N]` (loadable by `load_encodec`)."""
     params = encodec.init_encodec(config, seed, calibration_wav)
     directory = Path(directory)
@@ -93,26 +111,36 @@ def make_assets(corpus: str | os.PathLike, output: str | os.PathLike, *, seed: i
     output = Path(output)
     codec_config = EncodecConfig.from_config(tiny.codec)
     return {
-        "t5": write_random_t5(output / "t5", corpus=corpus_descriptions(corpus), d_model=tiny.conditioner.t5_dim,
-                              seed=seed),
-        "codec": make_codec(output / "codec", codec_config, calibration_audio(corpus, codec_config.sample_rate),
-                            seed=seed),
+        "t5": write_random_t5(
+            output / "t5", corpus=corpus_descriptions(corpus), d_model=tiny.conditioner.t5_dim, seed=seed
+        ),
+        "codec": make_codec(
+            output / "codec", codec_config, calibration_audio(corpus, codec_config.sample_rate), seed=seed
+        ),
     }
 
 
-def make_random_lm(directory: str | os.PathLike, assets: dict[str, Path], *, segment_seconds: float,
-                   seed: int = 0) -> Path:
+def make_random_lm(
+    directory: str | os.PathLike, assets: dict[str, Path], *, segment_seconds: float, seed: int = 0
+) -> Path:
     """An untrained tiny MAGNeT LM in the converted-checkpoint format (`pretrained.save_pretrained`) whose config
     names the `assets` text encoder and codec: a complete model for generation tests without training."""
     tiny = get_config("size=tiny")
     model = LMConfig.from_config(tiny.model)
     params = nn.meta.unbox(init_params(LanguageModel(model), jax.random.key(seed)))
     generate = {k: v for k, v in tiny.generate.to_dict().items() if k != "duration"}
-    save_pretrained(directory, params, {
-        "model": model.to_dict(), "conditioner": {"t5": str(assets["t5"]), "t5_dim": tiny.conditioner.t5_dim},
-        "codec": {"source": str(assets["codec"])}, "segment_seconds": float(segment_seconds),
-        "generate": {**generate, "span_len": tiny.masking.span_len},
-        "provenance": {"source": "data_pipelines.make_tiny_assets", "weights": "random", "seed": seed}})
+    save_pretrained(
+        directory,
+        params,
+        {
+            "model": model.to_dict(),
+            "conditioner": {"t5": str(assets["t5"]), "t5_dim": tiny.conditioner.t5_dim},
+            "codec": {"source": str(assets["codec"])},
+            "segment_seconds": float(segment_seconds),
+            "generate": {**generate, "span_len": tiny.masking.span_len},
+            "provenance": {"source": "data_pipelines.make_tiny_assets", "weights": "random", "seed": seed},
+        },
+    )
     return Path(directory)
 
 
@@ -129,8 +157,9 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("corpus", None, "directory of audio clips with .json sidecars (synthetic_corpus)",
-                        required=True)
+    flags.DEFINE_string(
+        "corpus", None, "directory of audio clips with .json sidecars (synthetic_corpus)", required=True
+    )
     flags.DEFINE_string("output", None, "directory for t5/ and codec/", required=True)
     flags.DEFINE_integer("seed", 0, "seed of the random weights")
     FLAGS = flags.FLAGS

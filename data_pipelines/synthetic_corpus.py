@@ -2,21 +2,22 @@ r"""Synthetic music corpus: short synthesized clips with matching descriptions, 
 
 Each clip is a chord progression in a random key and tempo, played in one of a few patterns (sustained chords,
 arpeggio, melody over a pad, bass line) on one of a few timbres (sine, square, sawtooth, organ, pluck, FM electric
-piano), with or without a drum beat. Its description and audiocraft-format sidecar (`clip_00003.json`: description, genre, key,
-bpm, moods, keywords, instrument, title) say exactly what was synthesized, so audio → codes → training is exercised
-on real files with text that matches the audio.
+piano), with or without a drum beat. Its description and audiocraft-format sidecar (`clip_00003.json`: description,
+genre, key, bpm, moods, keywords, instrument, title) say exactly what was synthesized, so audio → codes → training is
+exercised on real files with text that matches the audio.
 
   python -m data_pipelines.synthetic_corpus --output=/tmp/corpus --num_clips=64 --seconds=10 --seed=0
 
 Clip i depends only on (seed, i), so growing `--num_clips` keeps the earlier clips identical.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import soundfile as sf
@@ -25,23 +26,42 @@ from magnet_jax.fileio import atomic_file, write_json
 
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
-PROGRESSIONS = {"major": ((0, 4, 5, 3), (0, 3, 4, 0), (0, 5, 3, 4)),  # scale degrees (I-V-vi-IV, ...)
-                "minor": ((0, 5, 2, 6), (0, 3, 4, 0), (0, 6, 5, 4))}
-TIMBRES = {  # name -> words used in the description
-    "sine": "soft sine-wave synth", "square": "retro square-wave synth", "sawtooth": "bright sawtooth synth",
-    "organ": "electric organ", "pluck": "plucked string", "epiano": "FM electric piano",
+PROGRESSIONS = {
+    "major": ((0, 4, 5, 3), (0, 3, 4, 0), (0, 5, 3, 4)),  # scale degrees (I-V-vi-IV, ...)
+    "minor": ((0, 5, 2, 6), (0, 3, 4, 0), (0, 6, 5, 4)),
 }
-PATTERNS = {"chords": "sustained chords", "arpeggio": "arpeggios", "melody": "a simple melody over soft chords",
-            "bass": "a bass line under sustained chords"}
-GENRES = {"chords": ("ambient", "new age"), "arpeggio": ("electronic", "synthwave"),
-          "melody": ("pop", "folk"), "bass": ("funk", "electronic")}
-FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
-           "mp3": ("MP3", "MPEG_LAYER_III")}
+TIMBRES = {  # name -> words used in the description
+    "sine": "soft sine-wave synth",
+    "square": "retro square-wave synth",
+    "sawtooth": "bright sawtooth synth",
+    "organ": "electric organ",
+    "pluck": "plucked string",
+    "epiano": "FM electric piano",
+}
+PATTERNS = {
+    "chords": "sustained chords",
+    "arpeggio": "arpeggios",
+    "melody": "a simple melody over soft chords",
+    "bass": "a bass line under sustained chords",
+}
+GENRES = {
+    "chords": ("ambient", "new age"),
+    "arpeggio": ("electronic", "synthwave"),
+    "melody": ("pop", "folk"),
+    "bass": ("funk", "electronic"),
+}
+FORMATS = {
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "ogg": ("OGG", "VORBIS"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
     """What one clip contains (drawn from the clip's RNG)."""
+
     tonic: int  # pitch class 0..11
     mode: str  # major | minor
     bpm: int
@@ -69,24 +89,41 @@ class ClipSpec:
     def description(self) -> str:
         tempo = "slow" if self.bpm < 90 else "mid-tempo" if self.bpm < 125 else "fast"
         drums = " with a steady drum beat" if self.drums else ", no drums"
-        return (f"A {tempo} {self.mood} {self.genre} piece: {PATTERNS[self.pattern]} on a {TIMBRES[self.timbre]} "
-                f"in {self.key} at {self.bpm} BPM{drums}.")
+        return (
+            f"A {tempo} {self.mood} {self.genre} piece: {PATTERNS[self.pattern]} on a {TIMBRES[self.timbre]} "
+            f"in {self.key} at {self.bpm} BPM{drums}."
+        )
 
     def sidecar(self, title: str) -> dict:
         keywords = [self.timbre, self.pattern] + (["drums"] if self.drums else [])
-        return {"title": title, "description": self.description(), "genre": self.genre, "key": self.key,
-                "bpm": self.bpm, "moods": [self.mood], "keywords": keywords, "instrument": self.timbre}
+        return {
+            "title": title,
+            "description": self.description(),
+            "genre": self.genre,
+            "key": self.key,
+            "bpm": self.bpm,
+            "moods": [self.mood],
+            "keywords": keywords,
+            "instrument": self.timbre,
+        }
 
 
 def draw_spec(rng: np.random.Generator) -> ClipSpec:
     mode = str(rng.choice(["major", "minor"]))
     progs = PROGRESSIONS[mode]
-    return ClipSpec(tonic=int(rng.integers(12)), mode=mode, bpm=int(rng.integers(14, 33)) * 5,
-                    progression=progs[int(rng.integers(len(progs)))], pattern=str(rng.choice(list(PATTERNS))),
-                    timbre=str(rng.choice(list(TIMBRES))), drums=bool(rng.random() < 0.5))
+    return ClipSpec(
+        tonic=int(rng.integers(12)),
+        mode=mode,
+        bpm=int(rng.integers(14, 33)) * 5,
+        progression=progs[int(rng.integers(len(progs)))],
+        pattern=str(rng.choice(list(PATTERNS))),
+        timbre=str(rng.choice(list(TIMBRES))),
+        drums=bool(rng.random() < 0.5),
+    )
 
 
 # ---- synthesis ----------------------------------------------------------------------------------------
+
 
 def _midi_hz(note: float) -> float:
     return 440.0 * 2.0 ** ((note - 69) / 12)
@@ -127,7 +164,7 @@ def _tone(timbre: str, freq: float, n: int, sr: int) -> np.ndarray:
     env = np.ones(n)
     env[:attack] = np.linspace(0.0, 1.0, attack)
     if release:
-        env[n - release:] *= np.linspace(1.0, 0.0, release)
+        env[n - release :] *= np.linspace(1.0, 0.0, release)
     return wave * env
 
 
@@ -154,7 +191,7 @@ def render(spec: ClipSpec, seconds: float, sr: int, rng: np.random.Generator) ->
         i = int(start_s * sr)
         if i < n:
             m = min(len(sig), n - i)
-            out[i:i + m] += gain * sig[:m]
+            out[i : i + m] += gain * sig[:m]
 
     def chord_notes(degree):
         return [root + scale[(degree + k) % 7] + 12 * ((degree + k) // 7) for k in (0, 2, 4)]
@@ -195,12 +232,13 @@ def render(spec: ClipSpec, seconds: float, sr: int, rng: np.random.Generator) ->
     fade = min(n // 2, int(0.01 * sr))
     if fade:
         out[:fade] *= np.linspace(0.0, 1.0, fade)
-        out[n - fade:] *= np.linspace(1.0, 0.0, fade)
+        out[n - fade :] *= np.linspace(1.0, 0.0, fade)
     peak = np.max(np.abs(out))
     return (out * (0.8 / peak if peak > 0 else 1.0)).astype(np.float32)
 
 
 # ---- corpus -------------------------------------------------------------------------------------------
+
 
 def write_clip(path: Path, wav: np.ndarray, sr: int, fmt: str) -> None:
     """Writes `wav` (`[N]` or `[N, C]`) atomically: a temporary name, then a rename."""
@@ -209,9 +247,16 @@ def write_clip(path: Path, wav: np.ndarray, sr: int, fmt: str) -> None:
         sf.write(str(tmp), wav, sr, format=major, subtype=subtype)
 
 
-def generate_corpus(output: str | os.PathLike, num_clips: int, seconds: float, seed: int = 0, *,
-                    sample_rate: int = 32000, channels: int = 1,
-                    formats: Sequence[str] = ("wav",)) -> list[Path]:
+def generate_corpus(
+    output: str | os.PathLike,
+    num_clips: int,
+    seconds: float,
+    seed: int = 0,
+    *,
+    sample_rate: int = 32000,
+    channels: int = 1,
+    formats: Sequence[str] = ("wav",),
+) -> list[Path]:
     """Writes `num_clips` clips `clip_{i:05d}.<fmt>` + `clip_{i:05d}.json` into `output`; returns the audio paths.
 
     Args:
@@ -244,12 +289,20 @@ def generate_corpus(output: str | os.PathLike, num_clips: int, seconds: float, s
 def main(argv):
     del argv
     try:
-        paths = generate_corpus(FLAGS.output, FLAGS.num_clips, FLAGS.seconds, FLAGS.seed,
-                                sample_rate=FLAGS.sample_rate, channels=FLAGS.channels, formats=FLAGS.formats)
+        paths = generate_corpus(
+            FLAGS.output,
+            FLAGS.num_clips,
+            FLAGS.seconds,
+            FLAGS.seed,
+            sample_rate=FLAGS.sample_rate,
+            channels=FLAGS.channels,
+            formats=FLAGS.formats,
+        )
     except (ValueError, OSError) as e:
         sys.exit(f"synthetic_corpus: {e}")
-    print(f"wrote {len(paths)} clips of {FLAGS.seconds:g} s ({len(paths) * FLAGS.seconds / 3600:.3f} h) to "
-          f"{FLAGS.output}")
+    print(
+        f"wrote {len(paths)} clips of {FLAGS.seconds:g} s ({len(paths) * FLAGS.seconds / 3600:.3f} h) to {FLAGS.output}"
+    )
 
 
 if __name__ == "__main__":

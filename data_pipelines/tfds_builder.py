@@ -12,12 +12,13 @@ Features: `codes` int16 `[K, T]`, `description` (text, "" when none), `metadata`
 fields), `source`, `offset`, `duration`, `segment_seconds`, `sample_rate`, `frame_rate`, `card`. Text arrives as
 bytes; `magnet_jax.data.records.CodeRecord.from_example` turns an example back into a record.
 """
+
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -46,18 +47,20 @@ class MagnetCodes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="EnCodec codes of music/audio with text descriptions, for MAGNeT training (magnet_jax).",
-            features=tfds.features.FeaturesDict({
-                "codes": tfds.features.Tensor(shape=(None, None), dtype=np.int16, encoding="zlib"),
-                "description": tfds.features.Text(),
-                "metadata": tfds.features.Text(),
-                "source": tfds.features.Text(),
-                "offset": scalar(dtype=np.float64),
-                "duration": scalar(dtype=np.float64),
-                "segment_seconds": scalar(dtype=np.float64),
-                "sample_rate": scalar(dtype=np.int32),
-                "frame_rate": scalar(dtype=np.float64),
-                "card": scalar(dtype=np.int32),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "codes": tfds.features.Tensor(shape=(None, None), dtype=np.int16, encoding="zlib"),
+                    "description": tfds.features.Text(),
+                    "metadata": tfds.features.Text(),
+                    "source": tfds.features.Text(),
+                    "offset": scalar(dtype=np.float64),
+                    "duration": scalar(dtype=np.float64),
+                    "segment_seconds": scalar(dtype=np.float64),
+                    "sample_rate": scalar(dtype=np.int32),
+                    "frame_rate": scalar(dtype=np.float64),
+                    "card": scalar(dtype=np.int32),
+                }
+            ),
         )
 
     def _split_generators(self, dl_manager):

@@ -9,12 +9,14 @@ Row i of a call uses the key `fold_in(key(seed), i)` and is conditioned on its o
 sample never depends on its batch mates. Rows are sharded over the mesh's batch axes, the LM follows the
 logical-axis rules, T5 and EnCodec are replicated.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -64,6 +66,7 @@ def make_settings(**overrides) -> ml_collections.ConfigDict:
 
 class Generation(NamedTuple):
     """What `generate` / `generate_continuation` return (host NumPy)."""
+
     audio: np.ndarray  # [B, 1, N] float32 at `MAGNeT.sample_rate`, N = T * hop
     codes: np.ndarray  # [B, K, T] int32, prompt codes included
 
@@ -71,13 +74,18 @@ class Generation(NamedTuple):
 # ------------------------------------------------------------------------------------------------------------
 # Rows and keys
 
+
 def row_keys(seeds_and_indices: Sequence[tuple[int, int]]) -> np.ndarray:
     """Raw `[B, 2]` uint32 PRNG keys `fold_in(key(seed), index)`, one per row (seeds in [0, 2**32))."""
-    bad = [seed for seed, _ in seeds_and_indices if not 0 <= seed < 2 ** 32]
+    bad = [seed for seed, _ in seeds_and_indices if not 0 <= seed < 2**32]
     if bad:
         raise ValueError(f"seed {bad[0]}: expected an integer in [0, 2**32)")
-    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index)))
-                     for seed, index in seeds_and_indices]).astype(np.uint32)
+    return np.stack(
+        [
+            np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index)))
+            for seed, index in seeds_and_indices
+        ]
+    ).astype(np.uint32)
 
 
 def _global(x: np.ndarray, sharding_: jax.sharding.Sharding) -> jax.Array:
@@ -99,6 +107,7 @@ def local_rows(x: jax.Array) -> dict[int, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------------------
 
+
 class MAGNeT:
     """A MAGNeT text-to-music / text-to-sound model ready to generate: LM + T5 + EnCodec on a device mesh."""
 
@@ -113,8 +122,10 @@ class MAGNeT:
             raise WeightsError(f"{source}: a causal (MusicGen) model; MAGNeT generation needs a non-causal one")
         self.objective = pretrained.model_objective(config, source)
         if self.objective.generates_prefix and (settings.rescorer or settings.ar_model):
-            raise WeightsError(f"{source}: a {self.objective.title} model (objective {self.objective.name!r}) "
-                               "generates its own prefix; rescorer and ar_model are not supported with it")
+            raise WeightsError(
+                f"{source}: a {self.objective.title} model (objective {self.objective.name!r}) "
+                "generates its own prefix; rescorer and ar_model are not supported with it"
+            )
         self.model = LanguageModel(lm_config)
         self.mesh = sharding.make_mesh(settings.mesh)
         self.rules = sharding.logical_rules(settings)
@@ -128,14 +139,18 @@ class MAGNeT:
         self.tokenizer = TextTokenizer(self.t5_source, max_length=self.text_length)
         self.t5_config, t5_params = load_t5(self.t5_source)
         if self.t5_config.d_model != lm_config.cond_dim:
-            raise WeightsError(f"text encoder {self.t5_source}: d_model {self.t5_config.d_model} but the LM expects "
-                               f"cond_dim {lm_config.cond_dim}")
+            raise WeightsError(
+                f"text encoder {self.t5_source}: d_model {self.t5_config.d_model} but the LM expects "
+                f"cond_dim {lm_config.cond_dim}"
+            )
         self.t5_params = jax.device_put(t5_params, t5.param_shardings(self.t5_config, self.mesh, self.rules))
         self.codec_source = settings.codec or config["codec"]["source"]
         self.codec_config, codec_params = load_encodec(self.codec_source)
         if (self.codec_config.n_q, self.codec_config.card) != (lm_config.n_q, lm_config.card):
-            raise WeightsError(f"codec {self.codec_source}: {self.codec_config.n_q} codebooks of "
-                               f"{self.codec_config.card} but the LM models {lm_config.n_q} of {lm_config.card}")
+            raise WeightsError(
+                f"codec {self.codec_source}: {self.codec_config.n_q} codebooks of "
+                f"{self.codec_config.card} but the LM models {lm_config.n_q} of {lm_config.card}"
+            )
         self.codec_params = jax.device_put(codec_params, sharding.replicated(self.mesh))
         self.segment_seconds = float(config["segment_seconds"])
         companions = {}  # source -> (LanguageModel, params): one model may serve as both, loaded once
@@ -145,8 +160,12 @@ class MAGNeT:
         self.rescorer = companions.get(settings.rescorer)  # (causal LanguageModel, params) or None
         self.ar_model = companions.get(settings.ar_model)
         stored = {k: v for k, v in config.get("generate", {}).items() if k in DECODE_PARAMS}
-        self._params = {**dataclasses.asdict(decoding.DecodeParams()), **dataclasses.asdict(decoding.PrefixParams()),
-                        **stored, "duration": self.segment_seconds}
+        self._params = {
+            **dataclasses.asdict(decoding.DecodeParams()),
+            **dataclasses.asdict(decoding.PrefixParams()),
+            **stored,
+            "duration": self.segment_seconds,
+        }
         self._condition = jax.jit(functools.partial(_condition, self.t5_config, self.tokenizer.pad_id))
 
     def _load_companion(self, source: str, dtype: str, what: str) -> tuple[LanguageModel, Any]:
@@ -162,7 +181,7 @@ class MAGNeT:
         return model, jax.device_put(params, sharding.logical_shardings(abstract, self.mesh, self.rules))
 
     @classmethod
-    def from_pretrained(cls, source: str, **settings) -> "MAGNeT":
+    def from_pretrained(cls, source: str, **settings) -> MAGNeT:
         """Loads a model.
 
         Args:
@@ -223,43 +242,53 @@ class MAGNeT:
         Names: decoding_steps, temperature, anneal_temp, top_p, top_k, use_sampling, max_cfg, min_cfg,
         span_arrangement, span_scoring, span_len, rescore_weight (see `magnet_jax.generation.decoding.DecodeParams`;
         rescore_weight is used only with a `rescorer`), prefix_seconds, ar_cfg_coef, ar_temperature, ar_top_k,
-        ar_top_p, ar_use_sampling (`magnet_jax.generation.decoding.PrefixParams`; prefix_seconds > 0 needs an `ar_model` or a
-        hybrid model, which may generate all frames autoregressively), and duration (seconds, at most the model's
+        ar_top_p, ar_use_sampling (`magnet_jax.generation.decoding.PrefixParams`; prefix_seconds > 0 needs an `ar_model`
+        or a hybrid model, which may generate all frames autoregressively), and duration (seconds, at most the model's
         training segment).
         """
         unknown = sorted(set(params) - set(GENERATION_PARAMS))
         if unknown:
-            raise ValueError(f"unknown generation parameter(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(GENERATION_PARAMS)}")
+            raise ValueError(
+                f"unknown generation parameter(s) {', '.join(unknown)}; known: {', '.join(GENERATION_PARAMS)}"
+            )
         updated = {**self._params, **params}
         if "decoding_steps" in params:
             updated["decoding_steps"] = [int(s) for s in params["decoding_steps"]]
         decode_params = decoding.DecodeParams(**{k: updated[k] for k in DECODE_PARAMS})  # validates
         prefix_params = decoding.PrefixParams(**{k: updated[k] for k in PREFIX_PARAMS})
         if len(decode_params.decoding_steps) != self.model.config.n_q:
-            raise ValueError(f"decoding_steps={list(decode_params.decoding_steps)}: expected "
-                             f"{self.model.config.n_q} entries (one per codebook)")
+            raise ValueError(
+                f"decoding_steps={list(decode_params.decoding_steps)}: expected "
+                f"{self.model.config.n_q} entries (one per codebook)"
+            )
         if not 0 < float(updated["duration"]) <= self.segment_seconds:
-            raise ValueError(f"duration={updated['duration']}: expected 0 < duration <= the model's training "
-                             f"segment {self.segment_seconds:g} s")
+            raise ValueError(
+                f"duration={updated['duration']}: expected 0 < duration <= the model's training "
+                f"segment {self.segment_seconds:g} s"
+            )
         num_frames = decode_params.output_length(int(float(updated["duration"]) * self.frame_rate))
         if num_frames < 1:
             raise ValueError(f"duration={updated['duration']}: shorter than one span")
         if prefix_params.prefix_seconds > 0:
             if self.ar_model is None and not self.objective.generates_prefix:
-                raise ValueError(f"prefix_seconds={prefix_params.prefix_seconds}: needs an AR model "
-                                 "(from_pretrained(..., ar_model=<MusicGen source>) / config.ar_model)")
+                raise ValueError(
+                    f"prefix_seconds={prefix_params.prefix_seconds}: needs an AR model "
+                    "(from_pretrained(..., ar_model=<MusicGen source>) / config.ar_model)"
+                )
             most = num_frames if self.objective.generates_prefix else num_frames - 1  # a hybrid may do all frames
             if not 0 < int(prefix_params.prefix_seconds * self.frame_rate) <= most:
-                raise ValueError(f"prefix_seconds={prefix_params.prefix_seconds}: expected between 1 and {most} of "
-                                 f"the {num_frames} generated frames")
+                raise ValueError(
+                    f"prefix_seconds={prefix_params.prefix_seconds}: expected between 1 and {most} of "
+                    f"the {num_frames} generated frames"
+                )
         updated["duration"] = float(updated["duration"])
         self._params = updated
 
     # --- generation -----------------------------------------------------------------------------------------
 
-    def generate(self, descriptions: Sequence[str | None], *, seed: int = 0,
-                 prefix_seconds: float | None = None) -> Generation:
+    def generate(
+        self, descriptions: Sequence[str | None], *, seed: int = 0, prefix_seconds: float | None = None
+    ) -> Generation:
         """Text-to-music: one sample per description (None or "" = unconditional).
 
         `prefix_seconds` (default: the generation parameter, 0 = off) > 0: the composition-mode hybrid; the
@@ -275,8 +304,9 @@ class MAGNeT:
         finally:
             self._params = saved
 
-    def generate_continuation(self, prompt, prompt_sample_rate: int,
-                              descriptions: Sequence[str | None] | None = None, *, seed: int = 0) -> Generation:
+    def generate_continuation(
+        self, prompt, prompt_sample_rate: int, descriptions: Sequence[str | None] | None = None, *, seed: int = 0
+    ) -> Generation:
         """Continues audio prompts: `prompt` `[B, C, N]` or `[C, N]` at `prompt_sample_rate`.
 
         The prompt is downmixed, resampled to the codec rate and encoded (Tp = ceil(N' / hop) frames, fewer than
@@ -313,8 +343,9 @@ class MAGNeT:
         codes = encodec.encode(self.codec_config, self.codec_params, _global(audio, sharding.replicated(self.mesh)))
         return np.asarray(codes.addressable_data(0))
 
-    def generate_codes(self, descriptions: Sequence[str | None], keys: np.ndarray,
-                       prompt: np.ndarray | None = None) -> jax.Array:
+    def generate_codes(
+        self, descriptions: Sequence[str | None], keys: np.ndarray, prompt: np.ndarray | None = None
+    ) -> jax.Array:
         """The sharded core: B rows -> codes `[B, K, num_frames]` (a global array sharded over the batch axes).
 
         Args:
@@ -346,23 +377,41 @@ class MAGNeT:
         with nn.logical_axis_rules(self.rules):
             if self.objective.generates_prefix:
                 return hybrid.generate_hybrid_codes(
-                    self.model, self.lm_params, cond, keys, self.decode_params, length=length,
-                    prefix_frames=self.prefix_frames, ar_sample=self.prefix_params.sample_fn(self.model.config.card),
-                    ar_cfg=self.prefix_params.ar_cfg_coef)
+                    self.model,
+                    self.lm_params,
+                    cond,
+                    keys,
+                    self.decode_params,
+                    length=length,
+                    prefix_frames=self.prefix_frames,
+                    ar_sample=self.prefix_params.sample_fn(self.model.config.card),
+                    ar_cfg=self.prefix_params.ar_cfg_coef,
+                )
             if prompt is not None:
                 prompt = _global(np.asarray(prompt, np.int32), self.batch_sharding)
             if self.prefix_frames and (prompt is None or prompt.shape[-1] < self.prefix_frames):
                 if self.ar_model is None:
                     raise ValueError("prefix_seconds > 0 needs an AR model (ar_model=<MusicGen source>)")
-                prompt = decoding.generate_prefix(*self.ar_model, cond, keys, self.prefix_params,
-                                                  length=self.prefix_frames, prompt=prompt)
-            return decoding.generate_codes(self.model, self.lm_params, cond, keys, self.decode_params,
-                                           length=length, prompt=prompt, rescorer=self.rescorer)
+                prompt = decoding.generate_prefix(
+                    *self.ar_model, cond, keys, self.prefix_params, length=self.prefix_frames, prompt=prompt
+                )
+            return decoding.generate_codes(
+                self.model,
+                self.lm_params,
+                cond,
+                keys,
+                self.decode_params,
+                length=length,
+                prompt=prompt,
+                rescorer=self.rescorer,
+            )
 
     def _check_no_prompt_for_hybrid(self) -> None:
         if self.objective.generates_prefix:
-            raise ValueError(f"audio prompts (continuation) are not supported with a {self.objective.title} model "
-                             f"(objective {self.objective.name!r})")
+            raise ValueError(
+                f"audio prompts (continuation) are not supported with a {self.objective.title} model "
+                f"(objective {self.objective.name!r})"
+            )
 
     def decode_audio(self, codes: jax.Array) -> jax.Array:
         """Codes `[B, K, T]` -> audio `[B, 1, T * hop]` float32 (sharded as `codes`)."""

@@ -9,6 +9,7 @@ The model config always comes from the source (`xp.cfg` / `config.json`). Output
 the command prints one line naming the file/key and exits with status 2, leaving nothing under `--dst`. `--src` may
 also be a training workdir (its export, else the EMA params of its newest checkpoint).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,14 +26,20 @@ DTYPES = ("float32", "bfloat16", "float16")
 _SRC = flags.DEFINE_string("src", None, "hub id, directory or file to convert")
 _DST = flags.DEFINE_string("dst", None, "output directory")
 _TO = flags.DEFINE_enum("to", "jax", ["jax", "audiocraft"], "output format")
-_DTYPE = flags.DEFINE_enum("dtype", None, DTYPES, "cast the weights (default: released weights -> float32, a "
-                           "converted checkpoint keeps its dtype, audiocraft output float32)")
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    None,
+    DTYPES,
+    "cast the weights (default: released weights -> float32, a "
+    "converted checkpoint keeps its dtype, audiocraft output float32)",
+)
 _SCAN = flags.DEFINE_bool("scan_layers", True, "jax output: stack the transformer layers (nn.scan layout)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing --dst")
 
 
-def convert(src: str, dst: str, *, to: str = "jax", dtype: str | None = None, scan_layers: bool = True,
-            overwrite: bool = False) -> Path:
+def convert(
+    src: str, dst: str, *, to: str = "jax", dtype: str | None = None, scan_layers: bool = True, overwrite: bool = False
+) -> Path:
     """Converts `src` into `dst`; returns `dst`. Raises WeightsError on bad input (nothing written)."""
     if Path(dst).expanduser().exists() and not overwrite:
         raise WeightsError(f"{dst} already exists (pass --overwrite to replace it)")
@@ -53,8 +60,14 @@ def main(argv):
     if not _SRC.value or not _DST.value:
         fail("convert", "--src and --dst are required")
     try:
-        out = convert(_SRC.value, _DST.value, to=_TO.value, dtype=_DTYPE.value, scan_layers=_SCAN.value,
-                      overwrite=_OVERWRITE.value)
+        out = convert(
+            _SRC.value,
+            _DST.value,
+            to=_TO.value,
+            dtype=_DTYPE.value,
+            scan_layers=_SCAN.value,
+            overwrite=_OVERWRITE.value,
+        )
     except WeightsError as e:
         fail("convert", str(e))
     print(f"wrote {out} ({_TO.value})")

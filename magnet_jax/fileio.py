@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import jax
 from etils import epath
@@ -152,13 +153,19 @@ def pin_settings(path: str | os.PathLike, settings: Mapping[str, Any], *, error:
     try:
         stored = flatten_dict(json.loads(path.read_text(encoding="utf-8")), sep=".")
     except (OSError, ValueError) as e:
-        raise error(f"{path}: cannot read the pinned job settings ({reason(e)}); remove it or use another "
-                    "output directory") from None
-    diffs = [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(stored) | set(current))
-             if stored.get(k) != current.get(k)]
+        raise error(
+            f"{path}: cannot read the pinned job settings ({reason(e)}); remove it or use another output directory"
+        ) from None
+    diffs = [
+        f"{k}: {stored.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(set(stored) | set(current))
+        if stored.get(k) != current.get(k)
+    ]
     if diffs:
-        raise error(f"{path.parent} holds the output of a job with other settings ({'; '.join(diffs)}); rerun with "
-                    "the same settings to resume, or use another output directory")
+        raise error(
+            f"{path.parent} holds the output of a job with other settings ({'; '.join(diffs)}); rerun with "
+            "the same settings to resume, or use another output directory"
+        )
 
 
 class WeightsError(ValueError):
@@ -197,10 +204,12 @@ def _download(repo_id: str, filename: str, *, what: str) -> Path:
     except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE) or unreachable, and not in the local cache
         raise WeightsError(
             f"{what}: could not fetch {filename} from hub id {repo_id!r} (offline or unreachable, not cached); "
-            f"pass a local directory holding {filename} instead") from e
+            f"pass a local directory holding {filename} instead"
+        ) from e
     except (RepositoryNotFoundError, EntryNotFoundError) as e:
         raise WeightsError(f"{what}: hub repository {repo_id} has no {filename} ({type(e).__name__})") from e
     except Exception as e:  # offline mode, no network, proxy errors: all one message
         raise WeightsError(
             f"{what}: could not fetch {filename} from hub id {repo_id!r} (offline or unreachable: {reason(e)}); "
-            f"pass a local directory holding {filename} instead") from e
+            f"pass a local directory holding {filename} instead"
+        ) from e

@@ -9,6 +9,7 @@ prompt uses the key `fold_in(key(seed), j)`, so outputs do not depend on batchin
 a restart skips finished samples and refuses changed settings, and with several hosts each writes the rows it holds
 while process 0 writes the manifest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import ml_collections
@@ -47,6 +48,7 @@ class JobError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """One valid line of the prompts file."""
+
     line: int  # 1-based line number in the prompts file
     id: str  # output name stem
     text: str | None  # None = unconditional
@@ -58,6 +60,7 @@ class Prompt:
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """Sample `index` of `prompt` (key `fold_in(key(prompt.seed), index)`)."""
+
     prompt: Prompt
     index: int
 
@@ -68,6 +71,7 @@ class Sample:
 
 # ------------------------------------------------------------------------------------------------------------
 # Prompts file
+
 
 def read_prompts(path: str | os.PathLike, *, seed: int, num_samples: int) -> tuple[list[Prompt], list[str]]:
     """Parses a `.txt` or `.jsonl` prompts file.
@@ -101,8 +105,10 @@ def read_prompts(path: str | os.PathLike, *, seed: int, num_samples: int) -> tup
         ids.add(prompt.id)
         prompts.append(prompt)
     if not prompts:
-        raise JobError(f"prompts file {path}: no valid prompt" + (f" ({len(errors)} malformed lines)" if errors
-                                                                    else " (the file is empty)"))
+        raise JobError(
+            f"prompts file {path}: no valid prompt"
+            + (f" ({len(errors)} malformed lines)" if errors else " (the file is empty)")
+        )
     return prompts, errors
 
 
@@ -120,15 +126,16 @@ def _parse_json_prompt(line: str, number: int, base: Path, *, seed: int, num_sam
     if text is not None and not isinstance(text, str):
         raise ValueError(f"'text' must be a string or null, got {type(text).__name__}")
     seed = obj.get("seed", seed)
-    if not _is_int(seed) or not 0 <= seed < 2 ** 32:
+    if not _is_int(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"'seed' must be an integer in [0, 2**32), got {seed!r}")
     num_samples = obj.get("num_samples", num_samples)
     if not _is_int(num_samples) or num_samples < 1:
         raise ValueError(f"'num_samples' must be a positive integer, got {num_samples!r}")
     prompt_id = obj.get("id", f"line{number:05d}")
     if not isinstance(prompt_id, str) or not _ID_PATTERN.fullmatch(prompt_id):
-        raise ValueError(f"'id' must be a file-name-safe string ([A-Za-z0-9._-], not starting with a dot), "
-                         f"got {prompt_id!r}")
+        raise ValueError(
+            f"'id' must be a file-name-safe string ([A-Za-z0-9._-], not starting with a dot), got {prompt_id!r}"
+        )
     audio = obj.get("audio")
     if audio is not None:
         if not isinstance(audio, str) or not audio:
@@ -146,6 +153,7 @@ def _is_int(value) -> bool:
 
 # ------------------------------------------------------------------------------------------------------------
 # Outputs
+
 
 def audio_bytes(wav: np.ndarray, sample_rate: int, fmt: str, subtype: str) -> bytes:
     """`wav` `[C, N]` (clipped to [-1, 1]) encoded as a `fmt` file."""
@@ -211,12 +219,18 @@ def job_settings(config: ml_collections.ConfigDict, model: MAGNeT) -> dict:
     """What determines the output bytes (pinned in `job.json`): the config fields (batch size and mesh do not) and
     the model's objective ("magnet" or "hybrid": how it generates)."""
     c = json.loads(config.to_json())
-    return {**{k: c[k] for k in ("source", "t5", "codec", "dtype", "text_length", "rescorer", "ar_model", "generate",
-                                 "output")}, "objective": model.objective.name}
+    return {
+        **{
+            k: c[k]
+            for k in ("source", "t5", "codec", "dtype", "text_length", "rescorer", "ar_model", "generate", "output")
+        },
+        "objective": model.objective.name,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The job
+
 
 def make_batches(samples: Sequence[Sample], batch_size: int, prompt_frames: dict[int, int]) -> list[list[Sample]]:
     """Consecutive samples in batches of at most `batch_size`, samples of one audio-prompt length per batch.
@@ -226,11 +240,16 @@ def make_batches(samples: Sequence[Sample], batch_size: int, prompt_frames: dict
     groups: dict[int, list[Sample]] = {}
     for s in samples:
         groups.setdefault(prompt_frames.get(s.prompt.line, 0), []).append(s)
-    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
-def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_dir: str | os.PathLike, *,
-        model: MAGNeT | None = None) -> dict:
+def run(
+    config: ml_collections.ConfigDict,
+    prompts: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    model: MAGNeT | None = None,
+) -> dict:
     """Generates every sample of `prompts` not yet in `output_dir`'s manifest; returns the job summary.
 
     Args:
@@ -247,8 +266,10 @@ def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_di
     out, primary = Path(output_dir), jax.process_index() == 0
     fmt, subtype = config.output.format, config.output.subtype
     if fmt not in AUDIO_FORMATS or not sf.check_format(AUDIO_FORMATS[fmt], subtype):
-        raise JobError(f"config.output.format={fmt!r} / subtype={subtype!r}: expected format one of "
-                       f"{', '.join(AUDIO_FORMATS)} with a subtype soundfile writes for it (PCM_16, PCM_24, FLOAT)")
+        raise JobError(
+            f"config.output.format={fmt!r} / subtype={subtype!r}: expected format one of "
+            f"{', '.join(AUDIO_FORMATS)} with a subtype soundfile writes for it (PCM_16, PCM_24, FLOAT)"
+        )
     prompt_list, errors = read_prompts(prompts, seed=config.seed, num_samples=config.num_samples)
     if model is None:
         model = MAGNeT(*load_lm(config.source), config)
@@ -257,8 +278,10 @@ def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_di
     except ValueError as e:
         raise JobError(f"config.generate: {e}") from e
     if config.batch_size < 1 or config.batch_size % model.batch_multiple:
-        raise JobError(f"config.batch_size={config.batch_size}: expected a positive multiple of "
-                       f"{model.batch_multiple} (the devices the batch is sharded over)")
+        raise JobError(
+            f"config.batch_size={config.batch_size}: expected a positive multiple of "
+            f"{model.batch_multiple} (the devices the batch is sharded over)"
+        )
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         pin_settings(out / JOB_FILE, job_settings(config, model), error=JobError)
@@ -269,8 +292,13 @@ def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_di
         manifest = Manifest(out / MANIFEST, repair=False)
     samples = [Sample(p, j) for p in prompt_list for j in range(p.num_samples)]
     todo = [s for s in samples if not is_finished(s, manifest, out)]
-    logging.info("generate: %d prompts, %d samples, %d already done, %d malformed lines", len(prompt_list),
-                 len(samples), len(samples) - len(todo), len(errors))
+    logging.info(
+        "generate: %d prompts, %d samples, %d already done, %d malformed lines",
+        len(prompt_list),
+        len(samples),
+        len(samples) - len(todo),
+        len(errors),
+    )
 
     timings = {"first_batch_seconds": None, "steady_seconds": 0.0, "steady_samples": 0}
     if todo:
@@ -280,11 +308,17 @@ def run(config: ml_collections.ConfigDict, prompts: str | os.PathLike, output_di
 
     finished = sum(is_finished(s, manifest, out) for s in samples)
     summary = {
-        "output_dir": str(out), "prompts": len(prompt_list), "samples": len(samples), "finished": finished,
-        "generated": len(todo), "malformed_lines": errors, "elapsed_seconds": time.perf_counter() - start,
+        "output_dir": str(out),
+        "prompts": len(prompt_list),
+        "samples": len(samples),
+        "finished": finished,
+        "generated": len(todo),
+        "malformed_lines": errors,
+        "elapsed_seconds": time.perf_counter() - start,
         **timings,
-        "samples_per_second": (timings["steady_samples"] / timings["steady_seconds"]
-                               if timings["steady_seconds"] else None),
+        "samples_per_second": (
+            timings["steady_samples"] / timings["steady_seconds"] if timings["steady_seconds"] else None
+        ),
     }
     for error in errors:
         logging.warning("generate: skipped %s", error)
@@ -301,8 +335,10 @@ def _encode_prompts(model: MAGNeT, todo: Sequence[Sample], prompts_file, errors:
             wav, sample_rate = read_audio(prompt.audio)
             c = model.encode_audio(wav[None], sample_rate)[0]
             if c.shape[-1] >= model.num_frames:
-                raise ValueError(f"audio prompt {prompt.audio} is {c.shape[-1] / model.frame_rate:.2f} s, not "
-                                 f"shorter than the {model.num_frames / model.frame_rate:.2f} s generated")
+                raise ValueError(
+                    f"audio prompt {prompt.audio} is {c.shape[-1] / model.frame_rate:.2f} s, not "
+                    f"shorter than the {model.num_frames / model.frame_rate:.2f} s generated"
+                )
         except ValueError as e:
             errors.append(f"{prompts_file}:{prompt.line}: {e}")
             continue
@@ -310,14 +346,22 @@ def _encode_prompts(model: MAGNeT, todo: Sequence[Sample], prompts_file, errors:
     return codes
 
 
-def _generate_all(model: MAGNeT, config, todo: Sequence[Sample], prompt_codes: dict[int, np.ndarray], out: Path,
-                  manifest: Manifest, timings: dict) -> None:
+def _generate_all(
+    model: MAGNeT,
+    config,
+    todo: Sequence[Sample],
+    prompt_codes: dict[int, np.ndarray],
+    out: Path,
+    manifest: Manifest,
+    timings: dict,
+) -> None:
     primary = jax.process_index() == 0
     params = {**model.generation_params, "decoding_steps": list(model.decode_params.decoding_steps)}
     fmt = config.output.format
     progress = tqdm.tqdm(total=len(todo), unit="sample", disable=not primary, dynamic_ncols=True)
-    for number, batch in enumerate(make_batches(todo, config.batch_size,
-                                                {line: c.shape[-1] for line, c in prompt_codes.items()})):
+    for number, batch in enumerate(
+        make_batches(todo, config.batch_size, {line: c.shape[-1] for line, c in prompt_codes.items()})
+    ):
         t0 = time.perf_counter()
         rows = batch + batch[:1] * (config.batch_size - len(batch))  # the last batch is padded with copies
         keys = row_keys([(s.prompt.seed, s.index) for s in rows])
@@ -327,8 +371,9 @@ def _generate_all(model: MAGNeT, config, todo: Sequence[Sample], prompt_codes: d
         seconds = time.perf_counter() - t0
         for i, s in enumerate(batch):
             if i in local_audio:
-                write_atomic(out / f"{s.name}.{fmt}",
-                             audio_bytes(local_audio[i], model.sample_rate, fmt, config.output.subtype))
+                write_atomic(
+                    out / f"{s.name}.{fmt}", audio_bytes(local_audio[i], model.sample_rate, fmt, config.output.subtype)
+                )
                 if config.output.write_codes:
                     write_atomic(out / f"{s.name}.npy", npy_bytes(local_codes[i].astype(np.int16)))
         barrier(f"generate:batch{number}")
@@ -338,34 +383,53 @@ def _generate_all(model: MAGNeT, config, todo: Sequence[Sample], prompt_codes: d
             timings["steady_seconds"] += seconds
             timings["steady_samples"] += len(batch)
         if primary:
-            manifest.append([_record(s, model, params, config, prompt_codes, seconds, len(batch), number)
-                             for s in batch])
+            manifest.append(
+                [_record(s, model, params, config, prompt_codes, seconds, len(batch), number) for s in batch]
+            )
         progress.update(len(batch))
     progress.close()
 
 
-def _record(s: Sample, model: MAGNeT, params: dict, config, prompt_codes, seconds: float, batch_rows: int,
-            batch_number: int) -> dict:
+def _record(
+    s: Sample, model: MAGNeT, params: dict, config, prompt_codes, seconds: float, batch_rows: int, batch_number: int
+) -> dict:
     p = s.prompt
     return {
-        "id": s.name, "file": f"{s.name}.{config.output.format}",
+        "id": s.name,
+        "file": f"{s.name}.{config.output.format}",
         "codes_file": f"{s.name}.npy" if config.output.write_codes else None,
-        "line": p.line, "prompt_id": p.id, "sample": s.index, "text": p.text, "audio_prompt": p.audio,
-        "prompt_frames": int(prompt_codes[p.line].shape[-1]) if p.audio else 0, "seed": p.seed,
-        "frames": model.num_frames, "duration": model.num_frames / model.frame_rate,
-        "sample_rate": model.sample_rate, "model": config.source, "objective": model.objective.name,
-        "rescorer": config.rescorer or None, "ar_model": config.ar_model or None, "params": params,
+        "line": p.line,
+        "prompt_id": p.id,
+        "sample": s.index,
+        "text": p.text,
+        "audio_prompt": p.audio,
+        "prompt_frames": int(prompt_codes[p.line].shape[-1]) if p.audio else 0,
+        "seed": p.seed,
+        "frames": model.num_frames,
+        "duration": model.num_frames / model.frame_rate,
+        "sample_rate": model.sample_rate,
+        "model": config.source,
+        "objective": model.objective.name,
+        "rescorer": config.rescorer or None,
+        "ar_model": config.ar_model or None,
+        "params": params,
         "timing": {"batch": batch_number, "batch_rows": batch_rows, "batch_seconds": round(seconds, 4)},
     }
 
 
 def format_summary(summary: dict) -> str:
     rate = summary["samples_per_second"]
-    lines = [f"generate: {summary['finished']}/{summary['samples']} samples of {summary['prompts']} prompts in "
-             f"{summary['output_dir']} ({summary['generated']} generated now in {summary['elapsed_seconds']:.1f} s"
-             + (f"; first batch {summary['first_batch_seconds']:.1f} s incl. compilation" if
-                summary["first_batch_seconds"] is not None else "")
-             + (f"; {rate:.3f} samples/s after it" if rate else "") + ")"]
+    lines = [
+        f"generate: {summary['finished']}/{summary['samples']} samples of {summary['prompts']} prompts in "
+        f"{summary['output_dir']} ({summary['generated']} generated now in {summary['elapsed_seconds']:.1f} s"
+        + (
+            f"; first batch {summary['first_batch_seconds']:.1f} s incl. compilation"
+            if summary["first_batch_seconds"] is not None
+            else ""
+        )
+        + (f"; {rate:.3f} samples/s after it" if rate else "")
+        + ")"
+    ]
     if summary["malformed_lines"]:
         lines.append(f"skipped {len(summary['malformed_lines'])} malformed prompt lines:")
         lines += [f"  {e}" for e in summary["malformed_lines"]]
@@ -391,8 +455,12 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "config file and preset, e.g. "
-                                    "configs/generate.py:source=facebook/magnet-small-10secs", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "config file and preset, e.g. configs/generate.py:source=facebook/magnet-small-10secs",
+        lock_config=True,
+    )
     flags.DEFINE_string("prompts", None, "prompts file: .txt (one description per line) or .jsonl")
     flags.DEFINE_string("output_dir", None, "directory for the audio files, manifest.jsonl and job.json")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")

@@ -9,10 +9,12 @@ across slices (data-centre network; TPU multi-slice, or processes on GPU cluster
 -1, meaning "the rest": devices per slice for ICI, the number of slices for DCN. Each mesh axis has size
 ICI degree × DCN degree.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -79,8 +81,9 @@ def device_grid(mesh_cfg: Mapping[str, Any], devices: Sequence[Any] | None = Non
     if len(devices) % slices:
         raise ValueError(f"{len(devices)} devices do not split evenly over {slices} slices")
     ici = _fill_degrees([mesh_cfg[a] for a in MESH_AXES], len(devices) // slices, MESH_AXES, "devices per slice")
-    return _arranged(lambda: mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice),
-                     ici, dcn)
+    return _arranged(
+        lambda: mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice), ici, dcn
+    )
 
 
 def _arranged(create, ici: Sequence[int], dcn: Sequence[int] | None) -> np.ndarray:
@@ -92,8 +95,10 @@ def _arranged(create, ici: Sequence[int], dcn: Sequence[int] | None) -> np.ndarr
         fields = ", ".join(f"mesh.{a}={d}" for a, d in zip(MESH_AXES, ici))
         if dcn is not None:
             fields += ", " + ", ".join(f"mesh.dcn_{a}={d}" for a, d in zip(MESH_AXES, dcn))
-        raise ValueError(f"{fields}: these degrees do not map onto the device topology (each mesh axis must be a "
-                         f"product of torus axes): {' '.join(str(e).split())}") from e
+        raise ValueError(
+            f"{fields}: these degrees do not map onto the device topology (each mesh axis must be a "
+            f"product of torus axes): {' '.join(str(e).split())}"
+        ) from e
 
 
 def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -108,8 +113,9 @@ def single_device_mesh() -> Mesh:
 
 def logical_rules(config) -> tuple[tuple[str, Any], ...]:
     """`config.sharding_rules` as the hashable tuple flax expects (lists of mesh axes become tuples)."""
-    return tuple((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-                 for name, axes in config.sharding_rules)
+    return tuple(
+        (str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in config.sharding_rules
+    )
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
@@ -129,6 +135,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
             names = (axes,) if isinstance(axes, str) else tuple(axes or ())
             entries.append(axes if size % math.prod(mesh.shape[n] for n in names) == 0 else None)
         return NamedSharding(mesh, PartitionSpec(*entries))
+
     return jax.tree.map(fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

@@ -15,8 +15,10 @@ Workdir layout:
   metrics.jsonl         one JSON object per logged (split, step); `tensorboard/` event files of the same scalars
   profile/              `jax.profiler` traces of steps [train.profile_start, + train.profile_steps)
   export/               params-only export (EMA weights; bfloat16 with checkpoint.export_bf16) in the
-                        `magnet_jax.checkpoints.pretrained` format that generation loads, written when training completes
+                        `magnet_jax.checkpoints.pretrained` format that generation loads, written when training
+                        completes
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +53,10 @@ class SetupError(ValueError):
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Process 0 writes the resolved config to `<workdir>/config.json` (temp name, then rename)."""
     if jax.process_index() == 0:
-        write_atomic(os.path.join(workdir, WORKDIR_CONFIG),
-                     json.dumps(checkpointing.config_to_json(config), indent=2, sort_keys=True))
+        write_atomic(
+            os.path.join(workdir, WORKDIR_CONFIG),
+            json.dumps(checkpointing.config_to_json(config), indent=2, sort_keys=True),
+        )
 
 
 class Run:
@@ -62,18 +66,24 @@ class Run:
         self.config, self.workdir = config, workdir
         tc = config.train
         if min(tc.num_steps, tc.log_every, tc.eval_steps) < 1:
-            raise ValueError(f"train.num_steps={tc.num_steps}, train.log_every={tc.log_every} and "
-                             f"train.eval_steps={tc.eval_steps} must be >= 1")
+            raise ValueError(
+                f"train.num_steps={tc.num_steps}, train.log_every={tc.log_every} and "
+                f"train.eval_steps={tc.eval_steps} must be >= 1"
+            )
         self.mesh = sharding.make_mesh(config.mesh)
         rules = sharding.logical_rules(config)
         # Frozen text encoder (weights placed by their logical axes) and its tokenizer for the input pipeline.
         self.t5_config, t5_params = load_t5(config.conditioner.t5, dtype=config.conditioner.dtype)
         self.t5_params = jax.device_put(t5_params, t5.param_shardings(self.t5_config, self.mesh, rules))
-        self.tokenizer = TextTokenizer(config.conditioner.t5, max_length=config.conditioner.max_length,
-                                       word_dropout=config.conditioner.word_dropout)
+        self.tokenizer = TextTokenizer(
+            config.conditioner.t5,
+            max_length=config.conditioner.max_length,
+            word_dropout=config.conditioner.word_dropout,
+        )
         self.train_data = input_pipeline.PipelineConfig.from_config(config, train=True)
-        self.eval_data = (input_pipeline.PipelineConfig.from_config(config, train=False)
-                          if config.data.eval_files else None)
+        self.eval_data = (
+            input_pipeline.PipelineConfig.from_config(config, train=False) if config.data.eval_files else None
+        )
         self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
         self.train_iter = input_pipeline.make_iterator(self.train_data, self.tokenizer, sharding=self.batch_sharding)
         if self.eval_data is not None:  # read once here so a bad or too small eval split fails before training
@@ -96,19 +106,26 @@ class Run:
         data = input_pipeline.make_iterator(self.eval_data, self.tokenizer, sharding=self.batch_sharding)
         batches = [batch for _, batch in zip(range(self.config.train.eval_steps), data)]
         if not batches:
-            raise SetupError(f"data.eval_files={self.config.data.eval_files!r}: fewer records than one batch of "
-                             f"{self.eval_data.global_batch_size}")
+            raise SetupError(
+                f"data.eval_files={self.config.data.eval_files!r}: fewer records than one batch of "
+                f"{self.eval_data.global_batch_size}"
+            )
         return batches
 
     def evaluate(self, params) -> dict[str, float]:
         """Mean eval metrics of `params` over `train.eval_steps` batches of the held-out split, read from its start
         with the same masks every time."""
-        return metrics.summarize([self.eval_step(params, self.t5_params, batch, jax.random.fold_in(self.eval_key, i))
-                                  for i, batch in enumerate(self._eval_batches())])
+        return metrics.summarize(
+            [
+                self.eval_step(params, self.t5_params, batch, jax.random.fold_in(self.eval_key, i))
+                for i, batch in enumerate(self._eval_batches())
+            ]
+        )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_steps: int | None = None
-                       ) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, run_steps: int | None = None
+) -> dict[str, float]:
     """Trains (resuming from `workdir` when it holds a checkpoint) until `config.train.num_steps`.
 
     Args:
@@ -130,19 +147,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_s
 
     start = run.resumed_from or 0
     end = tc.num_steps if run_steps is None else min(tc.num_steps, start + run_steps)
-    logging.info("train: %s from step %d to %d on %d devices, mesh %s", "resuming" if start else "starting", start,
-                 end, jax.device_count(), dict(run.mesh.shape))
+    logging.info(
+        "train: %s from step %d to %d on %d devices, mesh %s",
+        "resuming" if start else "starting",
+        start,
+        end,
+        jax.device_count(),
+        dict(run.mesh.shape),
+    )
     writer = metrics.MetricWriter(workdir, resume_step=start)
     writer.write_text("config", "```\n" + config.to_json(indent=2) + "\n```")
     peak, peak_source = metrics.device_peak_flops(jax.devices())
     lm_config = LMConfig.from_config(config.model)
     throughput = metrics.Throughput(
-        batch_size=config.data.batch_size, n_q=lm_config.n_q, seq_len=config.data.seq_len,
-        segment_seconds=config.data.segment_seconds, peak_flops=peak, num_devices=jax.device_count(),
-        flops_per_step=flops.train_flops(lm_config, batch=config.data.batch_size, seq_len=config.data.seq_len,
-                                         cond_len=config.conditioner.max_length))
-    logging.info("train: %.3g model FLOPs per step; peak %.3g FLOP/s per device (%s)", throughput.flops_per_step,
-                 peak, peak_source)
+        batch_size=config.data.batch_size,
+        n_q=lm_config.n_q,
+        seq_len=config.data.seq_len,
+        segment_seconds=config.data.segment_seconds,
+        peak_flops=peak,
+        num_devices=jax.device_count(),
+        flops_per_step=flops.train_flops(
+            lm_config, batch=config.data.batch_size, seq_len=config.data.seq_len, cond_len=config.conditioner.max_length
+        ),
+    )
+    logging.info(
+        "train: %.3g model FLOPs per step; peak %.3g FLOP/s per device (%s)",
+        throughput.flops_per_step,
+        peak,
+        peak_source,
+    )
     profiler = metrics.ProfileWindow(os.path.join(workdir, "profile"), tc.profile_start, tc.profile_steps)
     preemption = checkpointing.PreemptionWatcher()
 
@@ -197,6 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, run_s
 
 # ---- CLI ------------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str]) -> None:
     del argv
     quiet_logs()
@@ -212,10 +246,15 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "config file and preset, e.g. "
-                                    "configs/magnet.py:size=small,duration=10", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "config file and preset, e.g. configs/magnet.py:size=small,duration=10", lock_config=True
+    )
     flags.DEFINE_string("workdir", None, "run directory (local path or gs://...)")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")
-    flags.DEFINE_integer("run_steps", None, "stop after this many steps in this invocation (checkpoint first); the "
-                         "schedule still spans config.train.num_steps")
+    flags.DEFINE_integer(
+        "run_steps",
+        None,
+        "stop after this many steps in this invocation (checkpoint first); the "
+        "schedule still spans config.train.num_steps",
+    )
     app.run(main, flags_parser=lambda argv: parse_flags(argv, prog="train"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -12,9 +12,20 @@ from references import audiocraft_stubs
 
 TINY = dict(dim=32, num_heads=4, num_layers=2, n_q=4, card=32, cond_dim=24)  # a tiny architecture for parity tests
 _FUSER = {"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []}
-_RELEASED_FLAGS = dict(hidden_scale=4, norm="layer_norm", norm_first=True, bias_proj=False, bias_ff=False,
-                       bias_attn=False, activation="gelu", cross_attention=True, positional_embedding="sin",
-                       memory_efficient=True, device="cpu", dtype=torch.float32)
+_RELEASED_FLAGS = dict(
+    hidden_scale=4,
+    norm="layer_norm",
+    norm_first=True,
+    bias_proj=False,
+    bias_ff=False,
+    bias_attn=False,
+    activation="gelu",
+    cross_attention=True,
+    positional_embedding="sin",
+    memory_efficient=True,
+    device="cpu",
+    dtype=torch.float32,
+)
 
 
 def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -35,13 +46,29 @@ def audiocraft_lm(*, dim, num_heads, num_layers, n_q, card, cond_dim, causal=Fal
     torch.manual_seed(seed)
     common = dict(
         condition_provider=ConditioningProvider({"description": BaseConditioner(cond_dim, dim)}),
-        fuser=ConditionFuser(_FUSER), n_q=n_q, card=card, dim=dim, num_heads=num_heads, num_layers=num_layers,
-        causal=causal, weight_init="gaussian", depthwise_init="current", zero_bias_init=True, **_RELEASED_FLAGS)
+        fuser=ConditionFuser(_FUSER),
+        n_q=n_q,
+        card=card,
+        dim=dim,
+        num_heads=num_heads,
+        num_layers=num_layers,
+        causal=causal,
+        weight_init="gaussian",
+        depthwise_init="current",
+        zero_bias_init=True,
+        **_RELEASED_FLAGS,
+    )
     if causal:
         lm = LMModel(pattern_provider=DelayedPatternProvider(n_q=n_q, delays=list(range(n_q))), **common)
     else:
-        lm = MagnetLMModel(pattern_provider=ParallelPatternProvider(n_q=n_q, empty_initial=-1), subcodes_context=5,
-                           compression_model_framerate=50, segment_duration=1, span_len=3, **common)
+        lm = MagnetLMModel(
+            pattern_provider=ParallelPatternProvider(n_q=n_q, empty_initial=-1),
+            subcodes_context=5,
+            compression_model_framerate=50,
+            segment_duration=1,
+            span_len=3,
+            **common,
+        )
     with torch.no_grad():
         for name, p in lm.named_parameters():
             if "norm" in name:
@@ -49,8 +76,15 @@ def audiocraft_lm(*, dim, num_heads, num_layers, n_q, card, cond_dim, causal=Fal
     return lm.eval()
 
 
-def token_conditioned_magnet(config: LMConfig, tokenize: Callable[[list], tuple[np.ndarray, np.ndarray]], *,
-                             n_bins: int, frame_rate: int = 50, segment_duration: int = 1, seed: int = 0):
+def token_conditioned_magnet(
+    config: LMConfig,
+    tokenize: Callable[[list], tuple[np.ndarray, np.ndarray]],
+    *,
+    n_bins: int,
+    frame_rate: int = 50,
+    segment_duration: int = 1,
+    seed: int = 0,
+):
     """audiocraft's `MagnetLMModel` (default init) whose description conditioner is a lookup table over token ids:
     a T5-shaped condition without T5, for whole-generation comparisons.
 
@@ -72,13 +106,25 @@ def token_conditioned_magnet(config: LMConfig, tokenize: Callable[[list], tuple[
     torch.manual_seed(seed)
     c = config
     provider = ConditioningProvider(
-        {"description": TokensConditioner(n_bins=n_bins, dim=c.cond_dim, output_dim=c.dim, tokenizer="noop")})
+        {"description": TokensConditioner(n_bins=n_bins, dim=c.cond_dim, output_dim=c.dim, tokenizer="noop")}
+    )
     lm = MagnetLMModel(
-        pattern_provider=ParallelPatternProvider(n_q=c.n_q, empty_initial=-1), condition_provider=provider,
-        fuser=ConditionFuser(_FUSER), n_q=c.n_q, card=c.card, dim=c.dim, num_heads=c.num_heads,
-        num_layers=c.num_layers, causal=False, dropout=0.0, subcodes_context=c.subcodes_context,
-        compression_model_framerate=frame_rate, segment_duration=segment_duration, span_len=3,
-        **{**_RELEASED_FLAGS, "hidden_scale": c.hidden_scale}).eval()
+        pattern_provider=ParallelPatternProvider(n_q=c.n_q, empty_initial=-1),
+        condition_provider=provider,
+        fuser=ConditionFuser(_FUSER),
+        n_q=c.n_q,
+        card=c.card,
+        dim=c.dim,
+        num_heads=c.num_heads,
+        num_layers=c.num_layers,
+        causal=False,
+        dropout=0.0,
+        subcodes_context=c.subcodes_context,
+        compression_model_framerate=frame_rate,
+        segment_duration=segment_duration,
+        span_len=3,
+        **{**_RELEASED_FLAGS, "hidden_scale": c.hidden_scale},
+    ).eval()
     return lm, provider.conditioners["description"].embed.weight.detach().numpy()
 
 

@@ -10,6 +10,7 @@ Usage (in a test module or fixture, before the first `import audiocraft...`):
     from references import audiocraft_stubs
     audiocraft_stubs.install()
 """
+
 from __future__ import annotations
 
 import importlib.machinery
@@ -81,13 +82,13 @@ def install() -> None:
         torchaudio = _stub("torchaudio", __version__="0.0.0+stub")
         torchaudio.functional = _stub(
             "torchaudio.functional",
-            resample=lambda wav, orig, new, *a, **k: julius.resample_frac(wav, int(orig), int(new)))
+            resample=lambda wav, orig, new, *a, **k: julius.resample_frac(wav, int(orig), int(new)),
+        )
         torchaudio.transforms = _stub("torchaudio.transforms")
     if not _importable("xformers"):
         xformers = _stub("xformers")
         xformers.profiler = _stub("xformers.profiler")
-        xformers.ops = _stub("xformers.ops", unbind=torch.unbind,
-                             memory_efficient_attention=memory_efficient_attention)
+        xformers.ops = _stub("xformers.ops", unbind=torch.unbind, memory_efficient_attention=memory_efficient_attention)
     for name in ("spacy", "av", "torchmetrics"):
         if not _importable(name):
             _stub(name)

@@ -1,5 +1,6 @@
 """Test-wide setup (8 simulated CPU devices, no hub access, absl flags parsed for grain workers) and the fixtures
 several test folders share."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

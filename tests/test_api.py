@@ -4,6 +4,7 @@ The model is complete and real on disk: a random T5 + sentencepiece tokenizer di
 layout with codebooks fitted on synthetic music, and an untrained tiny LM saved with `pretrained.save_pretrained`.
 The mesh is the 8 simulated CPU devices of conftest.py, rows sharded data parallel.
 """
+
 import json
 import math
 import re
@@ -64,7 +65,8 @@ def test_generate_returns_codes_and_audio_of_the_segment_length(model):
     assert all(len(np.unique(row)) > 8 for row in out.codes.reshape(-1, frames))  # sampled, not degenerate
     assert np.all(np.isfinite(out.audio)) and np.abs(out.audio).max() > 1e-3
     np.testing.assert_allclose(  # the audio is the codec's decoding of the returned codes
-        out.audio, np.asarray(encodec.decode(model.codec_config, model.codec_params, out.codes)), atol=1e-5)
+        out.audio, np.asarray(encodec.decode(model.codec_config, model.codec_params, out.codes)), atol=1e-5
+    )
 
 
 def test_a_row_depends_only_on_its_description_and_seed(model):
@@ -124,8 +126,9 @@ def test_defaults_come_from_the_checkpoint_config(tiny, model):
     stored = json.loads((tiny["lm"] / "config.json").read_text())["generate"]
     params = model.generation_params
     assert params["duration"] == 1.0  # the model's training segment
-    assert {k: params[k] for k in ("temperature", "top_p", "max_cfg", "min_cfg", "span_arrangement")} == \
-        {k: stored[k] for k in ("temperature", "top_p", "max_cfg", "min_cfg", "span_arrangement")}
+    assert {k: params[k] for k in ("temperature", "top_p", "max_cfg", "min_cfg", "span_arrangement")} == {
+        k: stored[k] for k in ("temperature", "top_p", "max_cfg", "min_cfg", "span_arrangement")
+    }
 
 
 def test_audiocraft_format_directory_generates_like_the_converted_checkpoint(tiny, model, tmp_path):
@@ -135,8 +138,9 @@ def test_audiocraft_format_directory_generates_like_the_converted_checkpoint(tin
     other = MAGNeT.from_pretrained(str(tmp_path / "ac"), t5=str(tiny["t5"]))
     assert other.codec_source == str(tiny["codec"])
     other.set_generation_params(decoding_steps=STEPS)
-    np.testing.assert_array_equal(other.generate(["a calm piano piece"], seed=4).codes,
-                                  model.generate(["a calm piano piece"], seed=4).codes)
+    np.testing.assert_array_equal(
+        other.generate(["a calm piano piece"], seed=4).codes, model.generate(["a calm piano piece"], seed=4).codes
+    )
 
 
 def _train_config(tiny, objective="magnet"):
@@ -166,16 +170,20 @@ def test_training_workdir_gives_its_newest_checkpoint_ema_params_then_its_export
     train_lib.export_params(state.replace(ema_params=state.params), str(workdir / "export"), config)
     exported_config, exported = sources.load_lm(str(workdir))
     assert exported_config["provenance"]["source"] == "magnet_jax training"
-    assert {k: exported_config[k] for k in ("objective", "generate")} == \
-        {k: loaded_config[k] for k in ("objective", "generate")}
+    assert {k: exported_config[k] for k in ("objective", "generate")} == {
+        k: loaded_config[k] for k in ("objective", "generate")
+    }
     for path, value in flatten_dict(jax.device_get(state.params)).items():
         np.testing.assert_array_equal(flatten_dict(exported)[path], value, err_msg=path)
 
 
-@pytest.mark.parametrize("source,fragment", [
-    ("facebook/magnet-small-10secs", "offline or unreachable"),
-    ("/nonexistent/model_dir", "/nonexistent/model_dir"),
-])
+@pytest.mark.parametrize(
+    "source,fragment",
+    [
+        ("facebook/magnet-small-10secs", "offline or unreachable"),
+        ("/nonexistent/model_dir", "/nonexistent/model_dir"),
+    ],
+)
 def test_unavailable_source_is_a_one_line_error(source, fragment):
     with pytest.raises(WeightsError, match=fragment) as e:
         MAGNeT.from_pretrained(source)
@@ -190,15 +198,24 @@ def test_unknown_setting_is_rejected(tiny):
 # ------------------------------------------------------------------------------------------------------------
 # Rescoring and the composition-mode hybrid with a MusicGen model in the audiocraft release format
 
+
 def write_tiny_musicgen(directory, tiny, *, card=64, seed=2):
     """A tiny random causal MusicGen (same codebooks and T5 width as the tiny MAGNeT) exported as an audiocraft
     `state_dict.bin` directory, heads sharpened so its choices are not float noise."""
     config = LMConfig(dim=32, num_heads=4, num_layers=2, card=card, n_q=4, cond_dim=32, causal=True)
     params = nn.meta.unbox(init_params(LanguageModel(config), jax.random.key(seed)))
     params = {**params, **{f"head_{k}": {"kernel": params[f"head_{k}"]["kernel"] * 8} for k in range(4)}}
-    export_audiocraft(directory, params, {
-        "model": config.to_dict(), "conditioner": {"t5": str(tiny["t5"]), "t5_dim": 32},
-        "codec": {"source": str(tiny["codec"])}, "segment_seconds": 1.0, "generate": {}})
+    export_audiocraft(
+        directory,
+        params,
+        {
+            "model": config.to_dict(),
+            "conditioner": {"t5": str(tiny["t5"]), "t5_dim": 32},
+            "codec": {"source": str(tiny["codec"])},
+            "segment_seconds": 1.0,
+            "generate": {},
+        },
+    )
     return str(directory)
 
 
@@ -250,10 +267,21 @@ def test_hybrid_prefix_is_the_musicgen_greedy_generation_then_frozen(with_musicg
     ar_model, ar_params = m.ar_model
     mask = np.asarray(cond.mask)
     null = np.zeros_like(mask)
-    condition = ar_model.apply({"params": ar_params}, jnp.concatenate([cond.states, jnp.zeros_like(cond.states)]),
-                               np.concatenate([mask, null]), method=ar_model.project_condition)
-    expected = generate_ar(ar_model, ar_params, condition, jnp.concatenate([cond.attend, cond.attend]),
-                           jax.random.key(0), length=10, cfg_coef=3.0)
+    condition = ar_model.apply(
+        {"params": ar_params},
+        jnp.concatenate([cond.states, jnp.zeros_like(cond.states)]),
+        np.concatenate([mask, null]),
+        method=ar_model.project_condition,
+    )
+    expected = generate_ar(
+        ar_model,
+        ar_params,
+        condition,
+        jnp.concatenate([cond.attend, cond.attend]),
+        jax.random.key(0),
+        length=10,
+        cfg_coef=3.0,
+    )
     assert len(np.unique(np.asarray(expected))) > 5
     np.testing.assert_array_equal(out.codes[..., :10], np.asarray(expected))
     assert out.codes.shape == (1, 4, 48) and len(np.unique(out.codes[..., 10:])) > 10
@@ -266,8 +294,16 @@ def test_hybrid_prefix_is_the_musicgen_greedy_generation_then_frozen(with_musicg
     finally:
         m.set_generation_params(prefix_seconds=0.0, ar_use_sampling=True)
     prompt_codes = m.encode_audio(wav, 32000)
-    forced = generate_ar(ar_model, ar_params, condition, jnp.concatenate([cond.attend, cond.attend]),
-                         jax.random.key(0), length=10, cfg_coef=3.0, prompt=jnp.asarray(prompt_codes))
+    forced = generate_ar(
+        ar_model,
+        ar_params,
+        condition,
+        jnp.concatenate([cond.attend, cond.attend]),
+        jax.random.key(0),
+        length=10,
+        cfg_coef=3.0,
+        prompt=jnp.asarray(prompt_codes),
+    )
     np.testing.assert_array_equal(cont.codes[..., :5], prompt_codes)
     np.testing.assert_array_equal(cont.codes[..., :10], np.asarray(forced))
 
@@ -295,13 +331,15 @@ def test_companion_models_are_checked(tiny, model, tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # Single-model Hybrid-MAGNeT (train.objective="hybrid"): exported by training, generated through the API
 
+
 @pytest.fixture(scope="module")
 def hybrid_source(tiny):
     """An untrained tiny Hybrid-MAGNeT exported as training exports it, trained span length 2 (not the default 3)."""
     config = _train_config(tiny, objective="hybrid")
     config.masking.span_len = 2
-    train_lib.export_params(train_lib.create_train_state(config, jax.random.key(3)), str(tiny["root"] / "hybrid"),
-                            config)
+    train_lib.export_params(
+        train_lib.create_train_state(config, jax.random.key(3)), str(tiny["root"] / "hybrid"), config
+    )
     return tiny["root"] / "hybrid"
 
 
@@ -325,9 +363,19 @@ def test_hybrid_model_generates_its_own_prefix_as_generate_hybrid_codes_with_the
     before = m.generation_params
     out = m.generate(texts, seed=2, prefix_seconds=0.2)  # 10 frames autoregressively, then MAGNeT decoding
     assert m.generation_params == before
-    expected = np.asarray(hybrid.generate_hybrid_codes(
-        m.model, m.lm_params, _text_conditioning(m, texts), jnp.asarray(api.row_keys([(2, 0), (2, 1)])),
-        m.decode_params, length=50, prefix_frames=10, ar_sample=m.prefix_params.sample_fn(64), ar_cfg=3.0))
+    expected = np.asarray(
+        hybrid.generate_hybrid_codes(
+            m.model,
+            m.lm_params,
+            _text_conditioning(m, texts),
+            jnp.asarray(api.row_keys([(2, 0), (2, 1)])),
+            m.decode_params,
+            length=50,
+            prefix_frames=10,
+            ar_sample=m.prefix_params.sample_fn(64),
+            ar_cfg=3.0,
+        )
+    )
     np.testing.assert_array_equal(out.codes, expected)
     assert out.codes.shape == (2, 4, 50) and out.codes.max() < 64
     assert all(len(np.unique(row)) > 8 for row in out.codes.reshape(-1, 50))  # sampled, not degenerate
@@ -350,7 +398,8 @@ def test_unknown_objective_in_config_json_is_a_one_line_error(hybrid_source, tmp
     shutil.copytree(hybrid_source, tmp_path / "model")
     file = tmp_path / "model" / "config.json"
     file.write_text(json.dumps({**json.loads(file.read_text()), "objective": "maskgit"}))
-    with pytest.raises(WeightsError, match=re.escape(f"{file}: objective='maskgit': expected one of magnet, "
-                                                     "hybrid")) as e:
+    with pytest.raises(
+        WeightsError, match=re.escape(f"{file}: objective='maskgit': expected one of magnet, hybrid")
+    ) as e:
         MAGNeT.from_pretrained(str(tmp_path / "model"))
     assert "\n" not in str(e.value)

@@ -1,4 +1,5 @@
 """Ahead-of-time compile check: topology table, the real train step compiled for a target mesh, memory report."""
+
 import dataclasses
 import json
 import os
@@ -30,8 +31,9 @@ def test_accelerator_names_map_to_libtpu_topologies():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     config = get_config("size=tiny")
-    config.conditioner.t5 = str(write_random_t5(tmp_path_factory.mktemp("t5"), corpus=["a calm piano"] * 20,
-                                                vocab_size=24))
+    config.conditioner.t5 = str(
+        write_random_t5(tmp_path_factory.mktemp("t5"), corpus=["a calm piano"] * 20, vocab_size=24)
+    )
     config.conditioner.max_length = 16
     config.data.segment_seconds = 1.0
     return config
@@ -44,8 +46,9 @@ def test_train_step_compiles_for_a_simulated_v5p_8(tiny):
     compiled, mesh = compile_check.compile_train_step(tiny, devices)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
     report = compile_check.memory_report(compiled, target)
-    assert report["total_bytes"] == (report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
-                                     + report["temp_bytes"])
+    assert report["total_bytes"] == (
+        report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"] + report["temp_bytes"]
+    )
     assert report["argument_bytes"] > 0 and report["temp_bytes"] > 0 and report["fits"]
     # A chip with too little memory is reported as not fitting.
     small_chip = dataclasses.replace(target, hbm_bytes=report["total_bytes"] - 1)
@@ -69,17 +72,37 @@ def test_cli_reports_memory_against_hbm(tiny, tmp_path):
     out = tmp_path / "report.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("XLA_FLAGS", None)  # the CLI sizes the simulated CPU mesh itself
-    r = subprocess.run([sys.executable, "-m", "magnet_jax.compile_check", "--config=configs/magnet.py:size=tiny",
-                        f"--config.conditioner.t5={tiny.conditioner.t5}", "--config.conditioner.max_length=16",
-                        "--config.data.segment_seconds=1.0", "--topology=8xh100", f"--json={out}"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "magnet_jax.compile_check",
+            "--config=configs/magnet.py:size=tiny",
+            f"--config.conditioner.t5={tiny.conditioner.t5}",
+            "--config.conditioner.max_length=16",
+            "--config.data.segment_seconds=1.0",
+            "--topology=8xh100",
+            f"--json={out}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "8xh100 x1 slice(s), 8 devices" in r.stdout and "of 80.00 GiB HBM" in r.stdout and "fits" in r.stdout
     report = json.loads(out.read_text())
     assert report["devices"] == 8 and report["mesh"]["fsdp"] == 8 and report["fits"]
     assert report["model_flops_per_device"] > 0 and report["xla_flops_per_device"] > 0
 
-    bad = subprocess.run([sys.executable, "-m", "magnet_jax.compile_check", "--config=configs/magnet.py:size=tiny",
-                          "--topology=v9-1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "magnet_jax.compile_check", "--config=configs/magnet.py:size=tiny", "--topology=v9-1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("compile_check: error: --topology='v9-1': unknown")

@@ -1,12 +1,14 @@
 """configs/magnet.py presets, derived fields and error handling."""
+
 import pytest
 
 from configs.magnet import get_config
 from magnet_jax.models.lm import LMConfig, count_params
 
 
-@pytest.mark.parametrize("size,dims", [("small", (1024, 16, 24)), ("medium", (1536, 24, 48)),
-                                       ("large", (2048, 32, 48))])
+@pytest.mark.parametrize(
+    "size,dims", [("small", (1024, 16, 24)), ("medium", (1536, 24, 48)), ("large", (2048, 32, 48))]
+)
 def test_size_presets_set_reference_dimensions(size, dims):
     c = get_config(f"size={size}")
     assert (c.model.dim, c.model.num_heads, c.model.num_layers) == dims
@@ -41,8 +43,15 @@ def test_model_section_builds_lm_config_with_reference_parameter_count():
     assert abs(count_params(LMConfig.from_config(c.model)) / 1e6 - 420.4) < 0.05
 
 
-@pytest.mark.parametrize("arg,match", [("size=huge", "size='huge'"), ("sise=small", "unknown preset option 'sise'"),
-                                       ("duration=ten", "expected int"), ("task=speech", "task='speech'")])
+@pytest.mark.parametrize(
+    "arg,match",
+    [
+        ("size=huge", "size='huge'"),
+        ("sise=small", "unknown preset option 'sise'"),
+        ("duration=ten", "expected int"),
+        ("task=speech", "task='speech'"),
+    ],
+)
 def test_bad_preset_string_is_a_clear_error(arg, match):
     with pytest.raises(ValueError, match=match):
         get_config(arg)

@@ -3,6 +3,7 @@
 The prompts, audio prompt, WAVs, codes, manifest and job.json are real files in tmp dirs; generation runs sharded
 over the 8 simulated CPU devices of conftest.py.
 """
+
 import json
 import os
 import subprocess
@@ -83,8 +84,10 @@ def test_txt_prompts_and_empty_files(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("# comment\nrock anthem\n\n  lo-fi beat  \n")
     valid, errors = read_prompts(txt, seed=9, num_samples=2)
-    assert [(p.line, p.text, p.seed, p.num_samples) for p in valid] == [(2, "rock anthem", 9, 2),
-                                                                        (4, "lo-fi beat", 9, 2)]
+    assert [(p.line, p.text, p.seed, p.num_samples) for p in valid] == [
+        (2, "rock anthem", 9, 2),
+        (4, "lo-fi beat", 9, 2),
+    ]
     assert errors == []
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(JobError, match="no valid prompt"):
@@ -100,8 +103,18 @@ def test_job_writes_every_sample_and_a_complete_manifest(config, model, prompts,
     assert len(summary["malformed_lines"]) == 4
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in records) == sorted(
-        ["line00001-0", "line00001-1", "line00001-2", "line00002-0", "jazz-0", "line00006-0", "line00008-0",
-         "line00008-1", "line00010-0"])
+        [
+            "line00001-0",
+            "line00001-1",
+            "line00001-2",
+            "line00002-0",
+            "jazz-0",
+            "line00006-0",
+            "line00008-0",
+            "line00008-1",
+            "line00010-0",
+        ]
+    )
     jazz = next(r for r in records if r["id"] == "jazz-0")
     assert (jazz["line"], jazz["text"], jazz["seed"], jazz["prompt_frames"]) == (4, "jazz trio", 3, 15)
     assert jazz["audio_prompt"] == str(prompts.parent / "intro.wav")
@@ -122,8 +135,10 @@ def test_job_writes_every_sample_and_a_complete_manifest(config, model, prompts,
     codes = codes_by_id(out)
     np.testing.assert_array_equal(codes["line00010-0"], codes["line00001-0"])  # same text and seed, other line
     assert not np.array_equal(codes["line00001-1"], codes["line00001-0"])
-    np.testing.assert_array_equal(codes["jazz-0"][:, :15], model.encode_audio(
-        sf.read(prompts.parent / "intro.wav", dtype="float32")[0].T[None], 44100)[0])
+    np.testing.assert_array_equal(
+        codes["jazz-0"][:, :15],
+        model.encode_audio(sf.read(prompts.parent / "intro.wav", dtype="float32")[0].T[None], 44100)[0],
+    )
 
     again = run(config, prompts, tmp_path / "again", model=model)
     assert again["generated"] == 9
@@ -136,8 +151,9 @@ class Interrupt(RuntimeError):
     pass
 
 
-def test_restart_after_a_crash_skips_finished_samples_and_leaves_no_partial_file(config, model, prompts, tmp_path,
-                                                                                 monkeypatch):
+def test_restart_after_a_crash_skips_finished_samples_and_leaves_no_partial_file(
+    config, model, prompts, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
     replace, calls = os.replace, []
 
@@ -146,6 +162,7 @@ def test_restart_after_a_crash_skips_finished_samples_and_leaves_no_partial_file
         if len(calls) == 19:
             raise Interrupt("killed")
         replace(src, dst)
+
     monkeypatch.setattr(fileio.os, "replace", crash_in_second_batch)
     with pytest.raises(Interrupt):
         run(config, prompts, out, model=model)
@@ -204,22 +221,46 @@ def test_manifest_keeps_complete_lines_and_rejects_damage(tmp_path):
 def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tiny, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     missing = subprocess.run(
-        [sys.executable, "-m", "magnet_jax.generate", f"--config=configs/generate.py:source={tiny['lm']}",
-         f"--prompts={tmp_path / 'nothing.jsonl'}", f"--output_dir={tmp_path / 'out'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "magnet_jax.generate",
+            f"--config=configs/generate.py:source={tiny['lm']}",
+            f"--prompts={tmp_path / 'nothing.jsonl'}",
+            f"--output_dir={tmp_path / 'out'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("generate: error: prompts file")
     typo = subprocess.run(
-        [sys.executable, "-m", "magnet_jax.generate", "--config=configs/generate.py", "--config.generate.top_q=1",
-         "--prompts=x.txt", f"--output_dir={tmp_path / 'out'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "magnet_jax.generate",
+            "--config=configs/generate.py",
+            "--config.generate.top_q=1",
+            "--prompts=x.txt",
+            f"--output_dir={tmp_path / 'out'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert typo.returncode == 2 and "unknown config key" in typo.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("arg,steps,temperature", [("", [20, 10, 10, 10], 3.0),
-                                                   ("duration=30", [60, 10, 10, 10], 3.0),
-                                                   ("task=sound", [20, 10, 10, 10], 3.5)])
+@pytest.mark.parametrize(
+    "arg,steps,temperature",
+    [("", [20, 10, 10, 10], 3.0), ("duration=30", [60, 10, 10, 10], 3.0), ("task=sound", [20, 10, 10, 10], 3.5)],
+)
 def test_generation_defaults_are_the_released_models(arg, steps, temperature):
     c = get_config(arg)
     assert c.source == "facebook/magnet-small-10secs"
@@ -234,10 +275,21 @@ def test_generation_defaults_are_the_released_models(arg, steps, temperature):
 def test_job_with_a_transformers_musicgen_rescorer_and_ar_prefix_matches_the_api(config, tiny, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
     torch.manual_seed(0)  # a tiny MusicGen in the transformers format: 4 codebooks of 64, T5 width 32
-    MusicgenForCausalLM(MusicgenDecoderConfig(
-        vocab_size=64, num_codebooks=4, hidden_size=32, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-        pad_token_id=64, bos_token_id=64, decoder_start_token_id=64)).save_pretrained(tmp_path / "musicgen")
+    MusicgenForCausalLM(
+        MusicgenDecoderConfig(
+            vocab_size=64,
+            num_codebooks=4,
+            hidden_size=32,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            pad_token_id=64,
+            bos_token_id=64,
+            decoder_start_token_id=64,
+        )
+    ).save_pretrained(tmp_path / "musicgen")
     c = config.copy_and_resolve_references()
     c.rescorer = c.ar_model = str(tmp_path / "musicgen")
     c.generate.rescore_weight, c.generate.prefix_seconds = 0.5, 0.2
@@ -267,19 +319,25 @@ def test_job_with_a_hybrid_training_workdir_generates_its_prefix_and_records_the
     train_config = magnet.get_config("size=tiny,duration=1,objective=hybrid")  # an untrained Hybrid-MAGNeT run
     train_config.conditioner.t5, train_config.codec.source = str(tiny["t5"]), str(tiny["codec"])
     workdir = tmp_path / "run"
-    train_lib.export_params(train_lib.create_train_state(train_config, jax.random.key(3)), str(workdir / "export"),
-                            train_config)
+    train_lib.export_params(
+        train_lib.create_train_state(train_config, jax.random.key(3)), str(workdir / "export"), train_config
+    )
     c = get_config(f"source={workdir},duration=1")
     c.generate.decoding_steps, c.generate.prefix_seconds = (2, 2, 2, 2), 0.2
     c.output.write_codes = True
     model = MAGNeT(*load_lm(c.source), c)
     lines = tmp_path / "p.jsonl"
-    lines.write_text(json.dumps({"text": "rock anthem", "num_samples": 2}) + "\n" + json.dumps(
-        {"text": "jazz trio", "audio": str(prompts.parent / "intro.wav")}) + "\n")
+    lines.write_text(
+        json.dumps({"text": "rock anthem", "num_samples": 2})
+        + "\n"
+        + json.dumps({"text": "jazz trio", "audio": str(prompts.parent / "intro.wav")})
+        + "\n"
+    )
     summary = run(c, lines, tmp_path / "out", model=model)
     assert (summary["samples"], summary["finished"]) == (3, 2)
-    assert summary["malformed_lines"] == [f"{lines}:2: audio prompt {prompts.parent / 'intro.wav'}: not supported "
-                                          "with a Hybrid-MAGNeT model"]
+    assert summary["malformed_lines"] == [
+        f"{lines}:2: audio prompt {prompts.parent / 'intro.wav'}: not supported with a Hybrid-MAGNeT model"
+    ]
     assert json.loads((tmp_path / "out" / "job.json").read_text())["objective"] == "hybrid"
     records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert [(r["objective"], r["params"]["prefix_seconds"]) for r in records] == [("hybrid", 0.2)] * 2

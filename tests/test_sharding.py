@@ -1,4 +1,5 @@
 """Mesh construction from config degrees and the logical-axis shardings of the train state (8 CPU devices)."""
+
 import dataclasses
 
 import jax
@@ -18,8 +19,15 @@ def _mesh_cfg(**degrees):
     return ml_collections.ConfigDict({**base, **degrees})
 
 
-@pytest.mark.parametrize("degrees,shape", [(dict(fsdp=-1), (1, 8, 1)), (dict(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
-                                           (dict(data=-1, tensor=4), (2, 1, 4)), (dict(data=8), (8, 1, 1))])
+@pytest.mark.parametrize(
+    "degrees,shape",
+    [
+        (dict(fsdp=-1), (1, 8, 1)),
+        (dict(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
+        (dict(data=-1, tensor=4), (2, 1, 4)),
+        (dict(data=8), (8, 1, 1)),
+    ],
+)
 def test_mesh_degrees_fill_the_rest(degrees, shape):
     mesh = sharding.make_mesh(_mesh_cfg(**degrees))
     assert mesh.axis_names == ("data", "fsdp", "tensor")
@@ -33,11 +41,16 @@ def test_mesh_on_one_device():
     assert tuple(mesh.shape.values()) == (1, 1, 1)
 
 
-@pytest.mark.parametrize("degrees,match", [(dict(data=3), r"mesh.data=3.*product 3 != 8 devices"),
-                                           (dict(data=-1, fsdp=-1), "at most one of them -1"),
-                                           (dict(data=3, fsdp=-1), "8 devices are not divisible by 3"),
-                                           (dict(tensor=0), "positive degrees"),
-                                           (dict(fsdp=-1, dcn_data=2), r"mesh.dcn_data=2.*product 2 != 1 processes")])
+@pytest.mark.parametrize(
+    "degrees,match",
+    [
+        (dict(data=3), r"mesh.data=3.*product 3 != 8 devices"),
+        (dict(data=-1, fsdp=-1), "at most one of them -1"),
+        (dict(data=3, fsdp=-1), "8 devices are not divisible by 3"),
+        (dict(tensor=0), "positive degrees"),
+        (dict(fsdp=-1, dcn_data=2), r"mesh.dcn_data=2.*product 2 != 1 processes"),
+    ],
+)
 def test_bad_mesh_degrees_are_clear_errors(degrees, match):
     with pytest.raises(ValueError, match=match):
         sharding.make_mesh(_mesh_cfg(**degrees))
@@ -46,12 +59,18 @@ def test_bad_mesh_degrees_are_clear_errors(degrees, match):
 def test_degrees_that_do_not_fit_the_torus_name_the_mesh_fields(monkeypatch):
     """On TPU, `mesh_utils` raises NotImplementedError for degrees that are not products of torus axes (the CPU
     path has no torus, so its message is reproduced here); the mesh config gets the blame in one ValueError line."""
+
     def refuse(*args, **kwargs):
-        raise NotImplementedError("Failed to find assignment for logical_axis_index 1 of size 3 with remaining\n"
-                                  "assignable mesh [4, 4, 8].")
+        raise NotImplementedError(
+            "Failed to find assignment for logical_axis_index 1 of size 3 with remaining\nassignable mesh [4, 4, 8]."
+        )
+
     monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", refuse)
-    with pytest.raises(ValueError, match=r"^mesh.data=1, mesh.fsdp=8, mesh.tensor=1: these degrees do not map onto "
-                                         r"the device topology .* size 3 with remaining assignable") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"^mesh.data=1, mesh.fsdp=8, mesh.tensor=1: these degrees do not map onto "
+        r"the device topology .* size 3 with remaining assignable",
+    ) as error:
         sharding.make_mesh(_mesh_cfg(fsdp=-1))
     assert "\n" not in str(error.value)
 
@@ -59,6 +78,7 @@ def test_degrees_that_do_not_fit_the_torus_name_the_mesh_fields(monkeypatch):
 @dataclasses.dataclass(frozen=True)
 class _SliceDevice:
     """Stands in for a TPU device of a multi-slice job (mesh_utils only reads these attributes)."""
+
     id: int
     slice_index: int
     process_index: int = 0

@@ -1,5 +1,6 @@
 """`python -m magnet_jax.train`: config errors, bad inputs, and an end-to-end run on encoded audio that is preempted
 (SIGTERM), resumes, learns, logs and exports."""
+
 import json
 import os
 import signal
@@ -23,8 +24,13 @@ SECONDS = 1.5  # clip length; training segments are 1 s = 50 frames
 
 
 def env(cache_dir):
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "HF_HUB_OFFLINE": "1",
-            "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "HF_HUB_OFFLINE": "1",
+        "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
 
 
 def train_command(*args):
@@ -36,16 +42,31 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not (line[:1] in "IWE" and line[1:5].isdigit())]
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("--config.model.dimx=3", "train: error: --config.model.dimx: unknown config key 'dimx' (did you mean 'dim'?)"),
-    ("--config.optim.lr=fast", "train: error: flag --config.optim.lr=fast: could not convert string to float: 'fast'"),
-    ("--config=configs/magnet.py:size=huge", "train: error: flag --config=configs/magnet.py:size=huge: Error whilst "
-     "parsing config file ValueError: size='huge': expected one of tiny, small, medium, large"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.model.dimx=3", "train: error: --config.model.dimx: unknown config key 'dimx' (did you mean 'dim'?)"),
+        (
+            "--config.optim.lr=fast",
+            "train: error: flag --config.optim.lr=fast: could not convert string to float: 'fast'",
+        ),
+        (
+            "--config=configs/magnet.py:size=huge",
+            "train: error: flag --config=configs/magnet.py:size=huge: Error whilst "
+            "parsing config file ValueError: size='huge': expected one of tiny, small, medium, large",
+        ),
+    ],
+)
 def test_bad_config_is_a_one_line_error(override, expected, tmp_path):
     workdir = tmp_path / "run"
-    r = subprocess.run(train_command("--config=configs/magnet.py:size=tiny", f"--workdir={workdir}", override),
-                       cwd=REPO, env=env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        train_command("--config=configs/magnet.py:size=tiny", f"--workdir={workdir}", override),
+        cwd=REPO,
+        env=env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert error_lines(r.stderr) == [expected]
     assert not workdir.exists()
@@ -58,17 +79,26 @@ def encoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     codec_config = encodec.EncodecConfig.from_config(get_config("size=tiny").codec)
     rng = np.random.default_rng(0)
-    calibration = np.stack([synthetic_corpus.render(synthetic_corpus.draw_spec(rng), SECONDS, 32000, rng)
-                            for _ in range(4)])[:, None]
+    calibration = np.stack(
+        [synthetic_corpus.render(synthetic_corpus.draw_spec(rng), SECONDS, 32000, rng) for _ in range(4)]
+    )[:, None]
     codec_params = encodec.init_encodec(codec_config, 0, calibration)
     texts = []
     for split, clips, seed in (("train", 4, 0), ("eval", 8, 1)):
-        paths = synthetic_corpus.generate_corpus(root / f"audio_{split}", num_clips=clips, seconds=SECONDS,
-                                                 seed=seed)
+        paths = synthetic_corpus.generate_corpus(root / f"audio_{split}", num_clips=clips, seconds=SECONDS, seed=seed)
         texts += [json.loads(p.with_suffix(".json").read_text())["description"] for p in paths]
-        summary = encode_audio.run(str(root / f"audio_{split}"), str(root / f"codes_{split}"), codec_source="tiny",
-                                   codec_config=codec_config, codec_params=codec_params, segment_seconds=1.0,
-                                   chunk_seconds=1.0, batch_size=8, records_per_shard=4, log_every=0.0)
+        summary = encode_audio.run(
+            str(root / f"audio_{split}"),
+            str(root / f"codes_{split}"),
+            codec_source="tiny",
+            codec_config=codec_config,
+            codec_params=codec_params,
+            segment_seconds=1.0,
+            chunk_seconds=1.0,
+            batch_size=8,
+            records_per_shard=4,
+            log_every=0.0,
+        )
         assert summary["encoded"] == clips
     t5_dir = write_random_t5(root / "t5", corpus=texts * 16, vocab_size=64)
     return root, t5_dir
@@ -76,14 +106,26 @@ def encoded(tmp_path_factory):
 
 def run_flags(encoded, workdir, **overrides):
     root, t5_dir = encoded
-    values = {"data.train_files": f"{root}/codes_train/*.array_record",
-              "data.eval_files": f"{root}/codes_eval/*.array_record", "conditioner.t5": t5_dir,
-              "data.segment_seconds": 1.0, "conditioner.max_length": 32, "optim.lr": 5e-3, "optim.warmup_steps": 10,
-              "train.num_steps": 100, "train.log_every": 10, "train.eval_every": 50, "train.eval_steps": 1,
-              "checkpoint.every_steps": 40,
-              **overrides}
-    return ["--config=configs/magnet.py:size=tiny", f"--workdir={workdir}",
-            *(f"--config.{k}={v}" for k, v in values.items())]
+    values = {
+        "data.train_files": f"{root}/codes_train/*.array_record",
+        "data.eval_files": f"{root}/codes_eval/*.array_record",
+        "conditioner.t5": t5_dir,
+        "data.segment_seconds": 1.0,
+        "conditioner.max_length": 32,
+        "optim.lr": 5e-3,
+        "optim.warmup_steps": 10,
+        "train.num_steps": 100,
+        "train.log_every": 10,
+        "train.eval_every": 50,
+        "train.eval_steps": 1,
+        "checkpoint.every_steps": 40,
+        **overrides,
+    }
+    return [
+        "--config=configs/magnet.py:size=tiny",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in values.items()),
+    ]
 
 
 def read_metrics(workdir: Path) -> list[dict]:
@@ -94,8 +136,14 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 def test_missing_training_data_is_a_one_line_error(encoded, tmp_path):
     workdir = tmp_path / "run"
-    r = subprocess.run(train_command(*run_flags(encoded, workdir, **{"data.train_files": f"{tmp_path}/none-*"})),
-                       cwd=REPO, env=env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        train_command(*run_flags(encoded, workdir, **{"data.train_files": f"{tmp_path}/none-*"})),
+        cwd=REPO,
+        env=env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert error_lines(r.stderr) == [f"train: error: data files '{tmp_path}/none-*': no file matches"]
     assert not list(workdir.glob("*")), "a run that cannot start writes nothing"
@@ -106,8 +154,9 @@ def test_preempted_run_resumes_learns_and_exports(encoded, tmp_path):
     command = train_command(*run_flags(encoded, workdir))
 
     # 1) Preemption: SIGTERM once training is under way -> a checkpoint at the current step, clean exit.
-    proc = subprocess.Popen(command, cwd=REPO, env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 600
         while not any(m["split"] == "train" and m["step"] >= 20 for m in read_metrics(workdir)):
@@ -180,8 +229,8 @@ def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     for path in sorted(logdir.glob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0
         while pos < len(data):
-            length = int.from_bytes(data[pos:pos + 8], "little")
-            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            length = int.from_bytes(data[pos : pos + 8], "little")
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             for value in event.summary.value:
                 found.setdefault(value.tag, []).append((event.step, round(value.simple_value, 6)))
@@ -190,9 +239,11 @@ def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def test_interval_summary_skips_nan_and_keeps_last_counters():
     nan = float("nan")
-    history = [{"loss": 2.0, "loss_stage0": 2.0, "loss_stage1": nan, "lr": 0.1, "skipped_steps": 0.0},
-               {"loss": 4.0, "loss_stage0": nan, "loss_stage1": 4.0, "lr": 0.2, "skipped_steps": 1.0},
-               {"loss": 3.0, "loss_stage0": 1.0, "loss_stage1": nan, "lr": 0.3, "skipped_steps": 1.0}]
+    history = [
+        {"loss": 2.0, "loss_stage0": 2.0, "loss_stage1": nan, "lr": 0.1, "skipped_steps": 0.0},
+        {"loss": 4.0, "loss_stage0": nan, "loss_stage1": 4.0, "lr": 0.2, "skipped_steps": 1.0},
+        {"loss": 3.0, "loss_stage0": 1.0, "loss_stage1": nan, "lr": 0.3, "skipped_steps": 1.0},
+    ]
     history = [{k: np.float32(v) for k, v in h.items()} for h in history]
     history[0]["loss_stage3"] = np.float32(nan)  # a stage never trained in the interval is left out
     out = metrics.summarize(history, last=("lr", "skipped_steps"))

@@ -97,7 +97,9 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [f"{base}.{alias.name}" for alias in node.names] + [base]
         else:
             continue
@@ -176,11 +178,11 @@ def loaded_modules(root: Path, module: str) -> list[str]:
 def report(root: Path, *, loads: bool = True) -> dict:
     modules = module_files(root)
     graph = {m: imports_of(m, p, modules) for m, p in modules.items()}
-    upward = sorted(
-        f"{m} ({layer(m)}) -> {w} ({layer(w)})" for m, ws in graph.items() for w in ws if not allowed(m, w)
-    )
+    upward = sorted(f"{m} ({layer(m)}) -> {w} ({layer(w)})" for m, ws in graph.items() for w in ws if not allowed(m, w))
     circles = [c for c in strongly_connected(graph) if len(c) > 1]
-    sizes = sorted(((len(p.read_text().splitlines()), str(p.relative_to(root))) for p in modules.values()), reverse=True)
+    sizes = sorted(
+        ((len(p.read_text().splitlines()), str(p.relative_to(root))) for p in modules.values()), reverse=True
+    )
     return {
         "modules": len(modules),
         "imports": sum(len(v) for v in graph.values()),

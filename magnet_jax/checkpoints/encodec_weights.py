@@ -8,16 +8,18 @@ Two on-disk formats, told apart automatically by `load_encodec(source)`:
     `{'best_state': state dict, 'xp.cfg': YAML}` or a pointer `{'pretrained': 'facebook/encodec_32khz'}` that is
     loaded through the transformers path (MAGNeT repos ship the pointer).
 `source` is a hub id, a local directory holding either layout, or the `.bin` file itself. Every tensor must match
-the architecture of the loaded config (`magnet_jax.checkpoints.weights.check_state_dict`); only the quantizer's training state
-(`embed_avg`, `cluster_size`, `inited`) is skipped. The padding mode is the one in the loaded config.
+the architecture of the loaded config (`magnet_jax.checkpoints.weights.check_state_dict`); only the quantizer's training
+state (`embed_avg`, `cluster_size`, `inited`) is skipped. The padding mode is the one in the loaded config.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,8 +43,10 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 _PRETRAINED_PREFIX = "//pretrained/"
 # Weight-norm parameter names: (g, v) as written by torch.nn.utils.weight_norm and by parametrizations.weight_norm.
-_WEIGHT_NORM_NAMES = (("weight_g", "weight_v"),
-                      ("parametrizations.weight.original0", "parametrizations.weight.original1"))
+_WEIGHT_NORM_NAMES = (
+    ("weight_g", "weight_v"),
+    ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+)
 _QUANTIZER_TRAINING_STATE = ("embed_avg", "cluster_size", "inited")
 
 
@@ -62,22 +66,27 @@ def _load(source, *, via_pointer: bool) -> tuple[EncodecConfig, dict]:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".safetensors" or path.name == HF_CONFIG:
-            raise WeightsError(f"{WHAT}: {path} is part of a transformers checkpoint; pass its directory "
-                               f"(holding {HF_CONFIG} and {HF_WEIGHTS})")
+            raise WeightsError(
+                f"{WHAT}: {path} is part of a transformers checkpoint; pass its directory "
+                f"(holding {HF_CONFIG} and {HF_WEIGHTS})"
+            )
         return _load_audiocraft(path, via_pointer=via_pointer)
     if path.is_dir():
         if (path / AUDIOCRAFT_FILE).is_file():
             return _load_audiocraft(path / AUDIOCRAFT_FILE, via_pointer=via_pointer)
         if (path / HF_CONFIG).is_file():
             return _load_transformers(path)
-        raise WeightsError(f"{WHAT}: directory {path} has neither {AUDIOCRAFT_FILE} (audiocraft) nor "
-                           f"{HF_CONFIG} + {HF_WEIGHTS} (transformers)")
+        raise WeightsError(
+            f"{WHAT}: directory {path} has neither {AUDIOCRAFT_FILE} (audiocraft) nor "
+            f"{HF_CONFIG} + {HF_WEIGHTS} (transformers)"
+        )
     return _load_hub(str(source), via_pointer=via_pointer)
 
 
 def _load_hub(repo_id: str, *, via_pointer: bool) -> tuple[EncodecConfig, dict]:
     """A hub id: an audiocraft repo (MAGNeT/MusicGen: compression_state_dict.bin) or a transformers one."""
     from huggingface_hub.errors import EntryNotFoundError
+
     try:
         file = resolve_file(repo_id, AUDIOCRAFT_FILE, what=WHAT)
     except WeightsError as e:
@@ -91,7 +100,8 @@ def _load_hub(repo_id: str, *, via_pointer: bool) -> tuple[EncodecConfig, dict]:
             raise WeightsError(
                 f"{WHAT}: hub id {repo_id!r} gave neither {AUDIOCRAFT_FILE} (audiocraft) nor {HF_CONFIG} + "
                 f"{HF_WEIGHTS} (transformers) (offline, not cached or not an EnCodec repository: "
-                f"{type(e2.__cause__).__name__}); pass a local directory instead") from e2
+                f"{type(e2.__cause__).__name__}); pass a local directory instead"
+            ) from e2
     return _load_audiocraft(file, via_pointer=via_pointer)
 
 
@@ -112,13 +122,15 @@ def _load_transformers(source: str | os.PathLike) -> tuple[EncodecConfig, dict]:
 def _load_audiocraft(file: Path, *, via_pointer: bool) -> tuple[EncodecConfig, dict]:
     package = load_torch_pickle(file, what=WHAT)
     if not isinstance(package, Mapping):
-        raise WeightsError(f"{WHAT}: {file}: expected a dict with 'best_state' and 'xp.cfg' or 'pretrained', "
-                           f"got {type(package).__name__}")
+        raise WeightsError(
+            f"{WHAT}: {file}: expected a dict with 'best_state' and 'xp.cfg' or 'pretrained', "
+            f"got {type(package).__name__}"
+        )
     if "pretrained" in package:
         if via_pointer:
             raise WeightsError(f"{WHAT}: {file}: a 'pretrained' pointer leads to another pointer")
         target = str(package["pretrained"])
-        target = target[len(_PRETRAINED_PREFIX):] if target.startswith(_PRETRAINED_PREFIX) else target
+        target = target[len(_PRETRAINED_PREFIX) :] if target.startswith(_PRETRAINED_PREFIX) else target
         try:
             return _load(target, via_pointer=True)
         except WeightsError as e:
@@ -127,8 +139,9 @@ def _load_audiocraft(file: Path, *, via_pointer: bool) -> tuple[EncodecConfig, d
     if missing:
         raise WeightsError(f"{WHAT}: {file}: missing {', '.join(missing)} (keys: {', '.join(map(str, package))})")
     if not isinstance(package["best_state"], Mapping):
-        raise WeightsError(f"{WHAT}: {file}: best_state is a {type(package['best_state']).__name__}, expected a "
-                           "state dict")
+        raise WeightsError(
+            f"{WHAT}: {file}: best_state is a {type(package['best_state']).__name__}, expected a state dict"
+        )
     try:
         xp = package["xp.cfg"]
         xp = yaml.safe_load(xp) if isinstance(xp, str) else xp
@@ -144,17 +157,50 @@ def _load_audiocraft(file: Path, *, via_pointer: bool) -> tuple[EncodecConfig, d
 # Foreign configs -> EncodecConfig
 
 _HF_DEFAULTS = dict(
-    target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0], sampling_rate=24_000, audio_channels=1, normalize=False,
-    chunk_length_s=None, hidden_size=128, num_filters=32, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 2],
-    norm_type="weight_norm", kernel_size=7, last_kernel_size=7, residual_kernel_size=3, dilation_growth_rate=2,
-    use_causal_conv=True, pad_mode="reflect", compress=2, num_lstm_layers=2, codebook_size=1024, codebook_dim=None,
-    use_conv_shortcut=True)
+    target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0],
+    sampling_rate=24_000,
+    audio_channels=1,
+    normalize=False,
+    chunk_length_s=None,
+    hidden_size=128,
+    num_filters=32,
+    num_residual_layers=1,
+    upsampling_ratios=[8, 5, 4, 2],
+    norm_type="weight_norm",
+    kernel_size=7,
+    last_kernel_size=7,
+    residual_kernel_size=3,
+    dilation_growth_rate=2,
+    use_causal_conv=True,
+    pad_mode="reflect",
+    compress=2,
+    num_lstm_layers=2,
+    codebook_size=1024,
+    codebook_dim=None,
+    use_conv_shortcut=True,
+)
 
 # Defaults of audiocraft's SEANetEncoder/Decoder and ResidualVectorQuantizer (used for keys absent from xp.cfg).
 _SEANET_DEFAULTS = dict(
-    channels=1, dimension=128, n_filters=32, n_residual_layers=3, ratios=[8, 5, 4, 2], activation="ELU",
-    activation_params={"alpha": 1.0}, norm="none", kernel_size=7, last_kernel_size=7, residual_kernel_size=3,
-    dilation_base=2, causal=False, pad_mode="reflect", true_skip=True, compress=2, lstm=0, final_activation=None)
+    channels=1,
+    dimension=128,
+    n_filters=32,
+    n_residual_layers=3,
+    ratios=[8, 5, 4, 2],
+    activation="ELU",
+    activation_params={"alpha": 1.0},
+    norm="none",
+    kernel_size=7,
+    last_kernel_size=7,
+    residual_kernel_size=3,
+    dilation_base=2,
+    causal=False,
+    pad_mode="reflect",
+    true_skip=True,
+    compress=2,
+    lstm=0,
+    final_activation=None,
+)
 _RVQ_DEFAULTS = dict(n_q=8, bins=1024)
 
 
@@ -166,25 +212,38 @@ def config_from_hf(hf: Mapping[str, Any]) -> EncodecConfig:
     if hf.get("model_type", "encodec") != "encodec":
         raise ValueError(f"model_type={hf['model_type']!r}: expected an 'encodec' config")
     c = {**_HF_DEFAULTS, **hf}
-    unsupported = {"use_causal_conv": False, "normalize": False, "norm_type": "weight_norm",
-                   "chunk_length_s": None}
+    unsupported = {"use_causal_conv": False, "normalize": False, "norm_type": "weight_norm", "chunk_length_s": None}
     for key, supported in unsupported.items():
         if c[key] != supported:
-            raise ValueError(f"{key}={c[key]!r} is not supported (expected {supported!r}: the MAGNeT codecs "
-                             "are non-causal, weight-normed and unchunked)")
+            raise ValueError(
+                f"{key}={c[key]!r} is not supported (expected {supported!r}: the MAGNeT codecs "
+                "are non-causal, weight-normed and unchunked)"
+            )
     if c["codebook_dim"] not in (None, c["hidden_size"]):
         raise ValueError(f"codebook_dim={c['codebook_dim']} differs from hidden_size={c['hidden_size']}")
     hop = math.prod(c["upsampling_ratios"])
     frame_rate = math.ceil(c["sampling_rate"] / hop)
     bits = math.ceil(math.log2(c["codebook_size"]))
     n_q = int(1000 * c["target_bandwidths"][-1] // (frame_rate * bits))
-    return EncodecConfig(sample_rate=c["sampling_rate"], ratios=c["upsampling_ratios"], n_filters=c["num_filters"],
-               dimension=c["hidden_size"], card=c["codebook_size"], n_q=n_q, channels=c["audio_channels"],
-               num_lstm_layers=c["num_lstm_layers"], pad_mode=c["pad_mode"],
-               n_residual_layers=c["num_residual_layers"], compress=c["compress"],
-               kernel_size=c["kernel_size"], last_kernel_size=c["last_kernel_size"],
-               residual_kernel_size=c["residual_kernel_size"], dilation_base=c["dilation_growth_rate"],
-               true_skip=not c["use_conv_shortcut"])
+    return EncodecConfig(
+        sample_rate=c["sampling_rate"],
+        ratios=c["upsampling_ratios"],
+        n_filters=c["num_filters"],
+        dimension=c["hidden_size"],
+        card=c["codebook_size"],
+        n_q=n_q,
+        channels=c["audio_channels"],
+        num_lstm_layers=c["num_lstm_layers"],
+        pad_mode=c["pad_mode"],
+        n_residual_layers=c["num_residual_layers"],
+        compress=c["compress"],
+        kernel_size=c["kernel_size"],
+        last_kernel_size=c["last_kernel_size"],
+        residual_kernel_size=c["residual_kernel_size"],
+        dilation_base=c["dilation_growth_rate"],
+        true_skip=not c["use_conv_shortcut"],
+    )
+
 
 def config_from_audiocraft(xp: Mapping[str, Any]) -> EncodecConfig:
     """From audiocraft's training config (`xp.cfg` of `compression_state_dict.bin`, YAML parsed to a dict).
@@ -192,28 +251,35 @@ def config_from_audiocraft(xp: Mapping[str, Any]) -> EncodecConfig:
     Reads `sample_rate`, `channels`, `encodec`, `seanet` (with its `encoder`/`decoder` overrides) and `rvq`;
     `${a.b}` interpolations are resolved.
     """
+
     def get(section: Mapping, key: str, default):
         return xp_cfg_value(section, key, default, root=xp)
 
     if get(xp, "compression_model", "encodec") != "encodec":
         raise ValueError(f"compression_model={xp['compression_model']!r}: expected 'encodec'")
     encodec = get(xp, "encodec", {})
-    for key, supported in (("autoencoder", "seanet"), ("quantizer", "rvq"), ("causal", False),
-                           ("renormalize", False)):
+    for key, supported in (("autoencoder", "seanet"), ("quantizer", "rvq"), ("causal", False), ("renormalize", False)):
         if get(encodec, key, supported) != supported:
             raise ValueError(f"encodec.{key}={encodec[key]!r} is not supported (expected {supported!r})")
     seanet = get(xp, "seanet", {})
     common = {k: get(seanet, k, v) for k, v in _SEANET_DEFAULTS.items()}
-    sides = {side: {**common, **{k: resolve_interpolation(v, xp) for k, v in (get(seanet, side, None) or {}).items()}}
-             for side in ("encoder", "decoder")}
+    sides = {
+        side: {**common, **{k: resolve_interpolation(v, xp) for k, v in (get(seanet, side, None) or {}).items()}}
+        for side in ("encoder", "decoder")
+    }
     for key in _SEANET_DEFAULTS:
         if key != "final_activation" and sides["encoder"][key] != sides["decoder"][key]:
-            raise ValueError(f"seanet.encoder.{key}={sides['encoder'][key]!r} differs from "
-                             f"seanet.decoder.{key}={sides['decoder'][key]!r}; asymmetric codecs are not supported")
+            raise ValueError(
+                f"seanet.encoder.{key}={sides['encoder'][key]!r} differs from "
+                f"seanet.decoder.{key}={sides['decoder'][key]!r}; asymmetric codecs are not supported"
+            )
     s = sides["decoder"]
-    checks = {"causal": (s["causal"], False), "activation": (s["activation"], "ELU"),
-              "activation_params.alpha": (dict(s["activation_params"] or {}).get("alpha", 1.0), 1.0),
-              "final_activation": (s["final_activation"], None)}
+    checks = {
+        "causal": (s["causal"], False),
+        "activation": (s["activation"], "ELU"),
+        "activation_params.alpha": (dict(s["activation_params"] or {}).get("alpha", 1.0), 1.0),
+        "final_activation": (s["final_activation"], None),
+    }
     for key, (value, supported) in checks.items():
         if value != supported:
             raise ValueError(f"seanet.{key}={value!r} is not supported (expected {supported!r})")
@@ -223,16 +289,29 @@ def config_from_audiocraft(xp: Mapping[str, Any]) -> EncodecConfig:
     sample_rate = get(xp, "sample_rate", get(encodec, "sample_rate", None))
     if sample_rate is None:
         raise ValueError("sample_rate is missing (expected at the top level or in encodec.sample_rate)")
-    return EncodecConfig(sample_rate=sample_rate, ratios=s["ratios"],
-               n_filters=s["n_filters"], dimension=s["dimension"], card=rvq["bins"], n_q=rvq["n_q"],
-               channels=s["channels"], num_lstm_layers=s["lstm"], pad_mode=s["pad_mode"],
-               n_residual_layers=s["n_residual_layers"], compress=s["compress"], kernel_size=s["kernel_size"],
-               last_kernel_size=s["last_kernel_size"], residual_kernel_size=s["residual_kernel_size"],
-               dilation_base=s["dilation_base"], true_skip=s["true_skip"])
+    return EncodecConfig(
+        sample_rate=sample_rate,
+        ratios=s["ratios"],
+        n_filters=s["n_filters"],
+        dimension=s["dimension"],
+        card=rvq["bins"],
+        n_q=rvq["n_q"],
+        channels=s["channels"],
+        num_lstm_layers=s["lstm"],
+        pad_mode=s["pad_mode"],
+        n_residual_layers=s["n_residual_layers"],
+        compress=s["compress"],
+        kernel_size=s["kernel_size"],
+        last_kernel_size=s["last_kernel_size"],
+        residual_kernel_size=s["residual_kernel_size"],
+        dilation_base=s["dilation_base"],
+        true_skip=s["true_skip"],
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # State dict -> params
+
 
 def _module_names(config: EncodecConfig) -> dict[tuple[str, ...], tuple[str, str]]:
     """Flax module path -> (transformers module name, kind in conv|convtr|residual|lstm).
@@ -280,8 +359,7 @@ def _conv_prefix(module: str, sub: str, layout: str, transposed: bool) -> str:
     return ".".join(filter(None, (module, sub, "convtr.convtr" if transposed else "conv.conv")))
 
 
-def params_from_state_dict(config: EncodecConfig, state: Mapping[str, np.ndarray], *, layout: str,
-                           source: str) -> dict:
+def params_from_state_dict(config: EncodecConfig, state: Mapping[str, np.ndarray], *, layout: str, source: str) -> dict:
     """Converts a PyTorch EnCodec state dict (`layout` "transformers" or "audiocraft") into params.
 
     Checks every name and shape against `config` first (WeightsError listing all differences), then folds weight
@@ -310,8 +388,9 @@ def params_from_state_dict(config: EncodecConfig, state: Mapping[str, np.ndarray
     for prefix, (path, transposed) in convs.items():
         k, c_in, c_out = shapes[f"{path}/kernel"]
         weight = (c_in, c_out, k) if transposed else (c_out, c_in, k)
-        norm_names = next(((g, v) for g, v in _WEIGHT_NORM_NAMES
-                           if f"{prefix}.{g}" in state or f"{prefix}.{v}" in state), None)
+        norm_names = next(
+            ((g, v) for g, v in _WEIGHT_NORM_NAMES if f"{prefix}.{g}" in state or f"{prefix}.{v}" in state), None
+        )
         if norm_names:
             expected[f"{prefix}.{norm_names[0]}"] = (weight[0], 1, 1)
             expected[f"{prefix}.{norm_names[1]}"] = weight
@@ -381,7 +460,6 @@ def _folded_weight(state: Mapping[str, np.ndarray], prefix: str) -> np.ndarray:
         if f"{prefix}.{v_name}" in state:
             g = np.asarray(state[f"{prefix}.{g_name}"], np.float64)
             v = np.asarray(state[f"{prefix}.{v_name}"], np.float64)
-            norm = np.sqrt((v ** 2).sum(axis=tuple(range(1, v.ndim)), keepdims=True))
+            norm = np.sqrt((v**2).sum(axis=tuple(range(1, v.ndim)), keepdims=True))
             return (v * (g / norm)).astype(np.float32)
     return np.asarray(state[f"{prefix}.weight"], np.float32)
-

@@ -10,18 +10,21 @@ Formats read:
 Format written: audiocraft `state_dict.bin` with a synthesized (or updated original) `xp.cfg`, loadable by
 audiocraft's own `loaders.load_lm_model_magnet` / `load_lm_model` with strict `load_state_dict`.
 
-Mapping (docs/design.md §10.3): torch Linear `[out, in]` -> kernel `[in, out]`; packed `in_proj_weight` rows q/k/v -> three
-`[D, H, Dh]` kernels; `out_proj` -> `[H, Dh, D]`; embeddings as is; T5 `output_proj` -> `cond_proj`. Every importer
-checks keys and shapes strictly (`weights.check_state_dict`) and casts to the config's `param_dtype` (fp16 releases).
+Mapping (docs/design.md §10.3): torch Linear `[out, in]` -> kernel `[in, out]`; packed `in_proj_weight` rows q/k/v ->
+three `[D, H, Dh]` kernels; `out_proj` -> `[H, Dh, D]`; embeddings as is; T5 `output_proj` -> `cond_proj`. Every
+importer checks keys and shapes strictly (`weights.check_state_dict`) and casts to the config's `param_dtype` (fp16
+releases).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,19 +45,25 @@ MAGNET, MUSICGEN = "transformer_lm_magnet", "transformer_lm"
 
 # Per-layer tensors: audiocraft name suffix -> (our path inside a block, conversion kind).
 _LAYER = (
-    ("norm1.weight", "norm1/scale", "copy"), ("norm1.bias", "norm1/bias", "copy"),
-    ("norm_cross.weight", "norm_cross/scale", "copy"), ("norm_cross.bias", "norm_cross/bias", "copy"),
-    ("norm2.weight", "norm2/scale", "copy"), ("norm2.bias", "norm2/bias", "copy"),
-    ("self_attn.in_proj_weight", "self_attn", "qkv"), ("self_attn.out_proj.weight", "self_attn/out/kernel", "out"),
+    ("norm1.weight", "norm1/scale", "copy"),
+    ("norm1.bias", "norm1/bias", "copy"),
+    ("norm_cross.weight", "norm_cross/scale", "copy"),
+    ("norm_cross.bias", "norm_cross/bias", "copy"),
+    ("norm2.weight", "norm2/scale", "copy"),
+    ("norm2.bias", "norm2/bias", "copy"),
+    ("self_attn.in_proj_weight", "self_attn", "qkv"),
+    ("self_attn.out_proj.weight", "self_attn/out/kernel", "out"),
     ("cross_attention.in_proj_weight", "cross_attn", "qkv"),
     ("cross_attention.out_proj.weight", "cross_attn/out/kernel", "out"),
-    ("linear1.weight", "linear1/kernel", "linear"), ("linear2.weight", "linear2/kernel", "linear"),
+    ("linear1.weight", "linear1/kernel", "linear"),
+    ("linear2.weight", "linear2/kernel", "linear"),
 )
 _QKV = ("query", "key", "value")
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Layer layout (scanned `blocks/...` with a leading [N] axis, or `block_{i}/...`)
+
 
 def set_layer_layout(params: Mapping, scan_layers: bool) -> dict:
     """Returns `params` with the transformer layers stacked (`scan_layers`) or split per layer.
@@ -67,7 +76,7 @@ def set_layer_layout(params: Mapping, scan_layers: bool) -> dict:
     if scan_layers:
         names = sorted((k for k in params if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
         layers = [flatten_dict(params.pop(k)) for k in names]
-        params["blocks"] = unflatten_dict({p: np.stack([np.asarray(l[p]) for l in layers]) for p in layers[0]})
+        params["blocks"] = unflatten_dict({p: np.stack([np.asarray(layer[p]) for layer in layers]) for p in layers[0]})
     else:
         stacked = {p: np.asarray(v) for p, v in flatten_dict(params.pop("blocks")).items()}
         num_layers = len(next(iter(stacked.values())))
@@ -79,15 +88,26 @@ def set_layer_layout(params: Mapping, scan_layers: bool) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # audiocraft state dict <-> params
 
+
 def audiocraft_shapes(config: LMConfig) -> dict[str, tuple[int, ...]]:
     """Every `best_state` key of the LM (incl. the T5 output projection) and its shape (docs/design.md §10.3)."""
     d, f = config.dim, config.ffn_dim
     shapes = {f"emb.{k}.weight": (config.card + 1, d) for k in range(config.n_q)}
     shapes.update({f"linears.{k}.weight": (config.card, d) for k in range(config.n_q)})
-    shapes.update({"out_norm.weight": (d,), "out_norm.bias": (d,),
-                   f"{COND_PROJ}.weight": (d, config.cond_dim), f"{COND_PROJ}.bias": (d,)})
-    per_layer = {"in_proj_weight": (3 * d, d), "out_proj.weight": (d, d), "linear1.weight": (f, d),
-                 "linear2.weight": (d, f)}
+    shapes.update(
+        {
+            "out_norm.weight": (d,),
+            "out_norm.bias": (d,),
+            f"{COND_PROJ}.weight": (d, config.cond_dim),
+            f"{COND_PROJ}.bias": (d,),
+        }
+    )
+    per_layer = {
+        "in_proj_weight": (3 * d, d),
+        "out_proj.weight": (d, d),
+        "linear1.weight": (f, d),
+        "linear2.weight": (d, f),
+    }
     for i in range(config.num_layers):
         for suffix, _, _ in _LAYER:
             shape = next((s for end, s in per_layer.items() if suffix.endswith(end)), (d,))
@@ -108,14 +128,20 @@ def params_from_audiocraft(state: Mapping[str, np.ndarray], config: LMConfig, *,
     for k in range(config.n_q):
         flat[f"emb_{k}/embedding"] = state[f"emb.{k}.weight"]
         flat[f"head_{k}/kernel"] = state[f"linears.{k}.weight"].T
-    flat.update({"out_norm/scale": state["out_norm.weight"], "out_norm/bias": state["out_norm.bias"],
-                 "cond_proj/kernel": state[f"{COND_PROJ}.weight"].T, "cond_proj/bias": state[f"{COND_PROJ}.bias"]})
+    flat.update(
+        {
+            "out_norm/scale": state["out_norm.weight"],
+            "out_norm/bias": state["out_norm.bias"],
+            "cond_proj/kernel": state[f"{COND_PROJ}.weight"].T,
+            "cond_proj/bias": state[f"{COND_PROJ}.bias"],
+        }
+    )
     for i in range(config.num_layers):
         for suffix, path, kind in _LAYER:
             w = state[f"transformer.layers.{i}.{suffix}"]
             if kind == "qkv":
                 for j, name in enumerate(_QKV):
-                    flat[f"block_{i}/{path}/{name}/kernel"] = w[j * d:(j + 1) * d].T.reshape(d, h, d // h)
+                    flat[f"block_{i}/{path}/{name}/kernel"] = w[j * d : (j + 1) * d].T.reshape(d, h, d // h)
             elif kind == "out":
                 flat[f"block_{i}/{path}"] = w.T.reshape(h, d // h, d)
             else:
@@ -133,8 +159,14 @@ def audiocraft_from_params(params: Mapping, config: LMConfig) -> dict[str, np.nd
     for k in range(config.n_q):
         state[f"emb.{k}.weight"] = flat[f"emb_{k}/embedding"]
         state[f"linears.{k}.weight"] = flat[f"head_{k}/kernel"].T
-    state.update({"out_norm.weight": flat["out_norm/scale"], "out_norm.bias": flat["out_norm/bias"],
-                  f"{COND_PROJ}.weight": flat["cond_proj/kernel"].T, f"{COND_PROJ}.bias": flat["cond_proj/bias"]})
+    state.update(
+        {
+            "out_norm.weight": flat["out_norm/scale"],
+            "out_norm.bias": flat["out_norm/bias"],
+            f"{COND_PROJ}.weight": flat["cond_proj/kernel"].T,
+            f"{COND_PROJ}.bias": flat["cond_proj/bias"],
+        }
+    )
     for i in range(config.num_layers):
         for suffix, path, kind in _LAYER:
             if kind == "qkv":
@@ -153,16 +185,31 @@ def audiocraft_from_params(params: Mapping, config: LMConfig) -> dict[str, np.nd
 
 # transformer_lm flags the port implements, with audiocraft's class default when the key is absent.
 _REQUIRED_FLAGS = (
-    ("norm_first", False, True), ("norm", "layer_norm", "layer_norm"), ("activation", None, "gelu"),
-    ("bias_ff", True, False), ("bias_attn", True, False), ("bias_proj", True, False),
-    ("positional_embedding", "sin", "sin"), ("positional_scale", 1.0, 1.0), ("layer_scale", None, None),
-    ("qk_layer_norm", False, False), ("qk_layer_norm_cross", False, False), ("kv_repeat", 1, 1),
+    ("norm_first", False, True),
+    ("norm", "layer_norm", "layer_norm"),
+    ("activation", None, "gelu"),
+    ("bias_ff", True, False),
+    ("bias_attn", True, False),
+    ("bias_proj", True, False),
+    ("positional_embedding", "sin", "sin"),
+    ("positional_scale", 1.0, 1.0),
+    ("layer_scale", None, None),
+    ("qk_layer_norm", False, False),
+    ("qk_layer_norm_cross", False, False),
+    ("kv_repeat", 1, 1),
     ("past_context", None, None),
 )
 _GENERATE_KEYS = (  # xp.cfg generate.lm key -> config.json generate key
-    ("use_sampling", "use_sampling"), ("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
-    ("max_cfg_coef", "max_cfg"), ("min_cfg_coef", "min_cfg"), ("decoding_steps", "decoding_steps"),
-    ("anneal_temp", "anneal_temp"), ("span_arrangement", "span_arrangement"), ("span_scoring", "span_scoring"),
+    ("use_sampling", "use_sampling"),
+    ("temp", "temperature"),
+    ("top_k", "top_k"),
+    ("top_p", "top_p"),
+    ("max_cfg_coef", "max_cfg"),
+    ("min_cfg_coef", "min_cfg"),
+    ("decoding_steps", "decoding_steps"),
+    ("anneal_temp", "anneal_temp"),
+    ("span_arrangement", "span_arrangement"),
+    ("span_scoring", "span_scoring"),
 )
 
 
@@ -171,6 +218,7 @@ def config_from_xp_cfg(xp: Mapping, *, cond_dim: int, source: str, scan_layers: 
 
     Architecture options the port does not implement are an error naming the field (never silently ignored).
     """
+
     def get(key, default=KeyError):
         try:
             return xp_cfg_value(xp, key, default)
@@ -183,40 +231,60 @@ def config_from_xp_cfg(xp: Mapping, *, cond_dim: int, source: str, scan_layers: 
     for key, default, expected in _REQUIRED_FLAGS:
         value = get(f"transformer_lm.{key}", default)
         if value != expected:
-            raise WeightsError(f"{source}: xp.cfg transformer_lm.{key}={value!r} is not supported "
-                               f"(expected {expected!r})")
+            raise WeightsError(
+                f"{source}: xp.cfg transformer_lm.{key}={value!r} is not supported (expected {expected!r})"
+            )
     conditioners = get("conditioners", None) or {}
     if set(conditioners) != {"description"} or xp_cfg_value(conditioners, "description.model", None, root=xp) != "t5":
-        raise WeightsError(f"{source}: xp.cfg conditioners={sorted(conditioners)} is not supported "
-                           "(expected one T5 conditioner named 'description')")
+        raise WeightsError(
+            f"{source}: xp.cfg conditioners={sorted(conditioners)} is not supported "
+            "(expected one T5 conditioner named 'description')"
+        )
     fuser = {k: list(get(f"fuser.{k}", None) or []) for k in ("cross", "prepend", "sum", "input_interpolate")}
-    if fuser != {"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []} \
-            or get("fuser.cross_attention_pos_emb", False):
-        raise WeightsError(f"{source}: xp.cfg fuser={fuser} is not supported (expected cross: [description] only, "
-                           "no cross_attention_pos_emb)")
+    if fuser != {"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []} or get(
+        "fuser.cross_attention_pos_emb", False
+    ):
+        raise WeightsError(
+            f"{source}: xp.cfg fuser={fuser} is not supported (expected cross: [description] only, "
+            "no cross_attention_pos_emb)"
+        )
     pattern = get("codebooks_pattern.modeling", None)
     n_q = int(get("transformer_lm.n_q"))
     if lm_model == MUSICGEN and (pattern != "delay" or list(get("codebooks_pattern.delay.delays")) != list(range(n_q))):
-        raise WeightsError(f"{source}: xp.cfg codebooks_pattern={pattern!r} is not supported for MusicGen "
-                           f"(expected delay with delays {list(range(n_q))})")
+        raise WeightsError(
+            f"{source}: xp.cfg codebooks_pattern={pattern!r} is not supported for MusicGen "
+            f"(expected delay with delays {list(range(n_q))})"
+        )
     if lm_model == MAGNET and pattern != "parallel":
-        raise WeightsError(f"{source}: xp.cfg codebooks_pattern.modeling={pattern!r} is not supported for MAGNeT "
-                           "(expected parallel)")
+        raise WeightsError(
+            f"{source}: xp.cfg codebooks_pattern.modeling={pattern!r} is not supported for MAGNeT (expected parallel)"
+        )
     causal = bool(get("transformer_lm.causal", False))
     if causal == (lm_model == MAGNET):
-        raise WeightsError(f"{source}: xp.cfg transformer_lm.causal={causal} is not supported for {lm_model} "
-                           f"(expected {not causal})")
+        raise WeightsError(
+            f"{source}: xp.cfg transformer_lm.causal={causal} is not supported for {lm_model} (expected {not causal})"
+        )
     dim, hidden_scale = int(get("transformer_lm.dim")), get("transformer_lm.hidden_scale", 4)
     if float(hidden_scale) != int(hidden_scale):
         raise WeightsError(f"{source}: xp.cfg transformer_lm.hidden_scale={hidden_scale} must be an integer")
     model = LMConfig(
-        dim=dim, num_heads=int(get("transformer_lm.num_heads")), num_layers=int(get("transformer_lm.num_layers")),
-        hidden_scale=int(hidden_scale), n_q=n_q, card=int(get("transformer_lm.card")), cond_dim=cond_dim,
+        dim=dim,
+        num_heads=int(get("transformer_lm.num_heads")),
+        num_layers=int(get("transformer_lm.num_layers")),
+        hidden_scale=int(hidden_scale),
+        n_q=n_q,
+        card=int(get("transformer_lm.card")),
+        cond_dim=cond_dim,
         causal=causal,
         subcodes_context=int(get("transformer_lm.subcodes_context", 5)),
-        max_period=float(get("transformer_lm.max_period", 10000.0)), scan_layers=scan_layers)
-    generate = {ours: get(f"generate.lm.{theirs}") for theirs, ours in _GENERATE_KEYS
-                if get(f"generate.lm.{theirs}", None) is not None}
+        max_period=float(get("transformer_lm.max_period", 10000.0)),
+        scan_layers=scan_layers,
+    )
+    generate = {
+        ours: get(f"generate.lm.{theirs}")
+        for theirs, ours in _GENERATE_KEYS
+        if get(f"generate.lm.{theirs}", None) is not None
+    }
     if "temperature" not in generate and get("generate.lm.temperature", None) is not None:
         generate["temperature"] = get("generate.lm.temperature")
     if "decoding_steps" in generate:
@@ -225,10 +293,12 @@ def config_from_xp_cfg(xp: Mapping, *, cond_dim: int, source: str, scan_layers: 
         generate["span_len"] = int(get("masking.span_len", 3))
     else:
         generate["cfg_coef"] = float(get("classifier_free_guidance.inference_coef", 3.0))
-    return {"model": model.to_dict(),
-            "conditioner": {"t5": str(get("conditioners.description.t5.name")), "t5_dim": cond_dim},
-            "segment_seconds": float(get("dataset.segment_duration")),
-            "generate": generate}
+    return {
+        "model": model.to_dict(),
+        "conditioner": {"t5": str(get("conditioners.description.t5.name")), "t5_dim": cond_dim},
+        "segment_seconds": float(get("dataset.segment_duration")),
+        "generate": generate,
+    }
 
 
 def _xp_cfg_template(config: Mapping) -> dict:
@@ -236,28 +306,66 @@ def _xp_cfg_template(config: Mapping) -> dict:
     model = config["model"]
     magnet = not model["causal"]
     n_q = model["n_q"]
-    pattern = ({"modeling": "parallel", "parallel": {"empty_initial": -1}} if magnet else
-               {"modeling": "delay", "delay": {"delays": list(range(n_q)), "flatten_first": 0, "empty_initial": 0}})
+    pattern = (
+        {"modeling": "parallel", "parallel": {"empty_initial": -1}}
+        if magnet
+        else {"modeling": "delay", "delay": {"delays": list(range(n_q)), "flatten_first": 0, "empty_initial": 0}}
+    )
     return {
-        "lm_model": MAGNET if magnet else MUSICGEN, "solver": "magnet" if magnet else "musicgen",
-        "device": "cpu", "dtype": "float32", "efficient_attention_backend": "xformers",
+        "lm_model": MAGNET if magnet else MUSICGEN,
+        "solver": "magnet" if magnet else "musicgen",
+        "device": "cpu",
+        "dtype": "float32",
+        "efficient_attention_backend": "xformers",
         "codebooks_pattern": pattern,
         "transformer_lm": {
-            "dropout": 0.0, "emb_lr": None, "activation": "gelu", "norm_first": True, "bias_ff": False,
-            "bias_attn": False, "bias_proj": False, "past_context": None, "custom": False, "memory_efficient": True,
-            "attention_as_float32": False, "layer_scale": None, "positional_embedding": "sin", "xpos": False,
-            "checkpointing": "none", "weight_init": "gaussian", "depthwise_init": "current", "zero_bias_init": True,
-            "norm": "layer_norm", "cross_attention": True, "qk_layer_norm": False, "qk_layer_norm_cross": False,
-            "attention_dropout": None, "kv_repeat": 1, "two_step_cfg": False,
+            "dropout": 0.0,
+            "emb_lr": None,
+            "activation": "gelu",
+            "norm_first": True,
+            "bias_ff": False,
+            "bias_attn": False,
+            "bias_proj": False,
+            "past_context": None,
+            "custom": False,
+            "memory_efficient": True,
+            "attention_as_float32": False,
+            "layer_scale": None,
+            "positional_embedding": "sin",
+            "xpos": False,
+            "checkpointing": "none",
+            "weight_init": "gaussian",
+            "depthwise_init": "current",
+            "zero_bias_init": True,
+            "norm": "layer_norm",
+            "cross_attention": True,
+            "qk_layer_norm": False,
+            "qk_layer_norm_cross": False,
+            "attention_dropout": None,
+            "kv_repeat": 1,
+            "two_step_cfg": False,
             # audiocraft's MAGNeT loader overwrites these three from the codec and dataset/masking sections
-            **({"compression_model_framerate": 50, "segment_duration": 0, "span_len": -1} if magnet else {})},
+            **({"compression_model_framerate": 50, "segment_duration": 0, "span_len": -1} if magnet else {}),
+        },
         "classifier_free_guidance": {"training_dropout": 0.3, "inference_coef": 3.0},
         "attribute_dropout": {},
-        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, "sum": [], "prepend": [],
-                  "cross": ["description"], "input_interpolate": []},
-        "conditioners": {"description": {"model": "t5", "t5": {"name": "", "finetune": False, "word_dropout": 0.3,
-                                                                "normalize_text": False}}},
-        "dataset": {}, "masking": {"span_len": 3}, "generate": {"lm": {}},
+        "fuser": {
+            "cross_attention_pos_emb": False,
+            "cross_attention_pos_emb_scale": 1,
+            "sum": [],
+            "prepend": [],
+            "cross": ["description"],
+            "input_interpolate": [],
+        },
+        "conditioners": {
+            "description": {
+                "model": "t5",
+                "t5": {"name": "", "finetune": False, "word_dropout": 0.3, "normalize_text": False},
+            }
+        },
+        "dataset": {},
+        "masking": {"span_len": 3},
+        "generate": {"lm": {}},
     }
 
 
@@ -295,6 +403,7 @@ def xp_cfg_from_config(config: Mapping) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # transformers MusicGen
 
+
 def _hf_names(config: LMConfig, prefix: str, heads: str, cond_proj: bool) -> dict[str, tuple[str, ...]]:
     """transformers key -> audiocraft key(s) it forms (q/k/v projections concatenate into `in_proj_weight`)."""
     names: dict[str, tuple[str, ...]] = {}
@@ -304,16 +413,20 @@ def _hf_names(config: LMConfig, prefix: str, heads: str, cond_proj: bool) -> dic
     for ours, theirs in (("out_norm.weight", "layer_norm.weight"), ("out_norm.bias", "layer_norm.bias")):
         names[prefix + theirs] = (ours,)
     if cond_proj:
-        names.update({"enc_to_dec_proj.weight": (f"{COND_PROJ}.weight",),
-                      "enc_to_dec_proj.bias": (f"{COND_PROJ}.bias",)})
+        names.update(
+            {"enc_to_dec_proj.weight": (f"{COND_PROJ}.weight",), "enc_to_dec_proj.bias": (f"{COND_PROJ}.bias",)}
+        )
     for i in range(config.num_layers):
         ours, theirs = f"transformer.layers.{i}.", f"{prefix}layers.{i}."
         for attn, hf_attn in (("self_attn", "self_attn"), ("cross_attention", "encoder_attn")):
             for j, p in enumerate("qkv"):
                 names[f"{theirs}{hf_attn}.{p}_proj.weight"] = (f"{ours}{attn}.in_proj_weight", str(j))
             names[f"{theirs}{hf_attn}.out_proj.weight"] = (f"{ours}{attn}.out_proj.weight",)
-        for norm, hf_norm in (("norm1", "self_attn_layer_norm"), ("norm_cross", "encoder_attn_layer_norm"),
-                              ("norm2", "final_layer_norm")):
+        for norm, hf_norm in (
+            ("norm1", "self_attn_layer_norm"),
+            ("norm_cross", "encoder_attn_layer_norm"),
+            ("norm2", "final_layer_norm"),
+        ):
             for w in ("weight", "bias"):
                 names[f"{theirs}{hf_norm}.{w}"] = (f"{ours}{norm}.{w}",)
         names[f"{theirs}fc1.weight"] = (f"{ours}linear1.weight",)
@@ -325,8 +438,9 @@ def config_from_hf(hf: Mapping, *, source: str, scan_layers: bool = True) -> tup
     """(config.json sections, key prefix, heads prefix, has enc_to_dec_proj) for a MusicGen transformers config."""
     kind = hf.get("model_type")
     if kind not in ("musicgen", "musicgen_decoder"):
-        raise WeightsError(f"{source}: config.json model_type={kind!r} is not supported (expected musicgen or "
-                           "musicgen_decoder)")
+        raise WeightsError(
+            f"{source}: config.json model_type={kind!r} is not supported (expected musicgen or musicgen_decoder)"
+        )
     dec = hf["decoder"] if kind == "musicgen" else hf
     for key, expected in (("activation_function", "gelu"), ("scale_embedding", False)):
         if dec.get(key, expected) != expected:
@@ -336,22 +450,33 @@ def config_from_hf(hf: Mapping, *, source: str, scan_layers: bool = True) -> tup
         raise WeightsError(f"{source}: config.json ffn_dim={ffn} is not a multiple of hidden_size={dim}")
     text = hf.get("text_encoder", {}) if kind == "musicgen" else {}
     cond_dim = int(text.get("d_model", text.get("hidden_size", dim))) if kind == "musicgen" else dim
-    model = LMConfig(dim=dim, num_heads=int(dec["num_attention_heads"]), num_layers=int(dec["num_hidden_layers"]),
-                     hidden_scale=ffn // dim, n_q=int(dec["num_codebooks"]), card=int(dec["vocab_size"]),
-                     cond_dim=cond_dim, causal=True, scan_layers=scan_layers)
-    config = {"model": model.to_dict(),
-              "conditioner": {"t5": text.get("_name_or_path") or "", "t5_dim": cond_dim},
-              "codec": {"source": hf.get("audio_encoder", {}).get("_name_or_path") or ""},
-              # the file has no training segment or sampling settings: MusicGen's API defaults (docs/design.md §8)
-              "segment_seconds": 30.0,
-              "generate": {"use_sampling": True, "top_k": 250, "top_p": 0.0, "temperature": 1.0, "cfg_coef": 3.0}}
+    model = LMConfig(
+        dim=dim,
+        num_heads=int(dec["num_attention_heads"]),
+        num_layers=int(dec["num_hidden_layers"]),
+        hidden_scale=ffn // dim,
+        n_q=int(dec["num_codebooks"]),
+        card=int(dec["vocab_size"]),
+        cond_dim=cond_dim,
+        causal=True,
+        scan_layers=scan_layers,
+    )
+    config = {
+        "model": model.to_dict(),
+        "conditioner": {"t5": text.get("_name_or_path") or "", "t5_dim": cond_dim},
+        "codec": {"source": hf.get("audio_encoder", {}).get("_name_or_path") or ""},
+        # the file has no training segment or sampling settings: MusicGen's API defaults (docs/design.md §8)
+        "segment_seconds": 30.0,
+        "generate": {"use_sampling": True, "top_k": 250, "top_p": 0.0, "temperature": 1.0, "cfg_coef": 3.0},
+    }
     if kind == "musicgen":
         return config, "decoder.model.decoder.", "decoder.", cond_dim != dim
     return config, "model.decoder.", "", False
 
 
-def audiocraft_from_hf(state: Mapping[str, np.ndarray], config: LMConfig, *, prefix: str, heads: str,
-                       cond_proj: bool, source: str) -> dict[str, np.ndarray]:
+def audiocraft_from_hf(
+    state: Mapping[str, np.ndarray], config: LMConfig, *, prefix: str, heads: str, cond_proj: bool, source: str
+) -> dict[str, np.ndarray]:
     """transformers MusicGen state dict -> audiocraft names (strict check in the file's own key names).
 
     Text/audio encoder keys (`text_encoder.*`, `audio_encoder.*`) belong to T5 / EnCodec and are ignored by name.
@@ -378,6 +503,7 @@ def audiocraft_from_hf(state: Mapping[str, np.ndarray], config: LMConfig, *, pre
 # ------------------------------------------------------------------------------------------------------------------
 # File-level import / export
 
+
 def import_lm(source: str, *, scan_layers: bool = True) -> tuple[dict, dict]:
     """Reads released LM weights (audiocraft or transformers format) -> (config.json dict, params).
 
@@ -389,8 +515,10 @@ def import_lm(source: str, *, scan_layers: bool = True) -> tuple[dict, dict]:
         hf = path.suffix == ".safetensors" or path.name == HF_CONFIG_FILE
     elif path.is_dir():
         if (path / "params").is_dir():
-            raise WeightsError(f"{path} is already a converted magnet_jax checkpoint (read it with "
-                               "magnet_jax.checkpoints.pretrained.load_pretrained)")
+            raise WeightsError(
+                f"{path} is already a converted magnet_jax checkpoint (read it with "
+                "magnet_jax.checkpoints.pretrained.load_pretrained)"
+            )
         hf = not (path / AUDIOCRAFT_LM_FILE).exists() and (path / HF_CONFIG_FILE).exists()
     else:
         return _import_hub(str(source), scan_layers=scan_layers)
@@ -409,13 +537,16 @@ def _import_hub(repo_id: str, *, scan_layers: bool) -> tuple[dict, dict]:
     except WeightsError as e:
         if not _hub_file_missing(e):
             raise
-        raise WeightsError(f"LM weights: hub repository {repo_id} has neither {AUDIOCRAFT_LM_FILE} (audiocraft) nor "
-                           f"{HF_CONFIG_FILE} + {HF_WEIGHTS_FILE} (transformers)") from e
+        raise WeightsError(
+            f"LM weights: hub repository {repo_id} has neither {AUDIOCRAFT_LM_FILE} (audiocraft) nor "
+            f"{HF_CONFIG_FILE} + {HF_WEIGHTS_FILE} (transformers)"
+        ) from e
 
 
 def _hub_file_missing(error: WeightsError) -> bool:
     """The hub answered that the repository lacks the file (not: offline and uncached, which subclasses it)."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
     cause = error.__cause__
     return isinstance(cause, EntryNotFoundError) and not isinstance(cause, LocalEntryNotFoundError)
 
@@ -425,11 +556,16 @@ def import_audiocraft(source: str, *, scan_layers: bool = True) -> tuple[dict, d
     what = "audiocraft LM weights"
     lm_file = resolve_file(source, AUDIOCRAFT_LM_FILE, what=what)
     pkg = load_torch_pickle(lm_file, what=what)
-    if not isinstance(pkg, Mapping) or not isinstance(pkg.get("best_state"), Mapping) \
-            or not isinstance(pkg.get("xp.cfg"), str):
+    if (
+        not isinstance(pkg, Mapping)
+        or not isinstance(pkg.get("best_state"), Mapping)
+        or not isinstance(pkg.get("xp.cfg"), str)
+    ):
         found = sorted(pkg) if isinstance(pkg, Mapping) else type(pkg).__name__
-        raise WeightsError(f"{lm_file}: expected an exported audiocraft checkpoint with 'best_state' (dict) and "
-                           f"'xp.cfg' (YAML string); found {found}")
+        raise WeightsError(
+            f"{lm_file}: expected an exported audiocraft checkpoint with 'best_state' (dict) and "
+            f"'xp.cfg' (YAML string); found {found}"
+        )
     state = pkg["best_state"]
     try:
         xp = yaml.safe_load(pkg["xp.cfg"])
@@ -441,11 +577,19 @@ def import_audiocraft(source: str, *, scan_layers: bool = True) -> tuple[dict, d
     params = params_from_audiocraft(state, LMConfig(**config["model"]), source=str(lm_file))
     codec_source, codec_file = _codec_source(source, lm_file, xp)
     dtypes = sorted({str(np.asarray(v).dtype) for v in state.values()})
-    config.update(codec={"source": codec_source},
-                  provenance={"source": str(source), "format": "audiocraft", "file": str(lm_file),
-                              "codec_file": codec_file, "lm_model": xp["lm_model"], "source_dtypes": dtypes,
-                              "version": str(pkg.get("version", ""))},
-                  audiocraft_cfg=pkg["xp.cfg"])
+    config.update(
+        codec={"source": codec_source},
+        provenance={
+            "source": str(source),
+            "format": "audiocraft",
+            "file": str(lm_file),
+            "codec_file": codec_file,
+            "lm_model": xp["lm_model"],
+            "source_dtypes": dtypes,
+            "version": str(pkg.get("version", "")),
+        },
+        audiocraft_cfg=pkg["xp.cfg"],
+    )
     return config, params
 
 
@@ -480,8 +624,12 @@ def import_transformers(source: str, *, scan_layers: bool = True) -> tuple[dict,
     lm_config = LMConfig(**config["model"])
     state = audiocraft_from_hf(state, lm_config, prefix=prefix, heads=heads, cond_proj=cond_proj, source=files[0])
     params = params_from_audiocraft(state, lm_config, source=files[0])
-    config["provenance"] = {"source": str(source), "format": "transformers", "file": ", ".join(files),
-                            "model_type": hf["model_type"]}
+    config["provenance"] = {
+        "source": str(source),
+        "format": "transformers",
+        "file": ", ".join(files),
+        "model_type": hf["model_type"],
+    }
     return config, params
 
 
@@ -509,8 +657,9 @@ def _read_safetensors(location, *, what: str) -> tuple[dict[str, np.ndarray], li
     return state, files
 
 
-def export_audiocraft(directory: str | Path, params: Mapping, config: Mapping, *, dtype: str = "float32",
-                      overwrite: bool = False) -> Path:
+def export_audiocraft(
+    directory: str | Path, params: Mapping, config: Mapping, *, dtype: str = "float32", overwrite: bool = False
+) -> Path:
     """Writes an audiocraft model directory: `state_dict.bin` (`best_state`, `xp.cfg`, `version`, `exported`) and,
     when the codec source is a hub id or an audiocraft file, `compression_state_dict.bin` (pointer or copy).
 
@@ -518,8 +667,10 @@ def export_audiocraft(directory: str | Path, params: Mapping, config: Mapping, *
     """
     objective = objectives.of_config(config, str(directory))
     if not objective.audiocraft_format:
-        raise WeightsError(f"{directory}: the audiocraft format cannot hold a {objective.title} model (objective "
-                           f"{objective.name!r}); keep the converted (orbax) format")
+        raise WeightsError(
+            f"{directory}: the audiocraft format cannot hold a {objective.title} model (objective "
+            f"{objective.name!r}); keep the converted (orbax) format"
+        )
     try:
         import torch  # the `convert` extra
     except ImportError as e:
@@ -539,6 +690,9 @@ def export_audiocraft(directory: str | Path, params: Mapping, config: Mapping, *
         elif codec and not codec_path.exists():
             torch.save({"pretrained": codec, "exported": True, "version": "1.3.0"}, tmp / AUDIOCRAFT_CODEC_FILE)
         else:
-            logging.warning("codec source %r is not a hub id or an audiocraft compression file; %s not written",
-                            codec, AUDIOCRAFT_CODEC_FILE)
+            logging.warning(
+                "codec source %r is not a hub id or an audiocraft compression file; %s not written",
+                codec,
+                AUDIOCRAFT_CODEC_FILE,
+            )
     return Path(directory)

@@ -7,14 +7,17 @@ A directory holding
   params/       the LM param tree (plain arrays, layout of `model.scan_layers`) as an orbax checkpoint.
 `model.param_dtype` always states the dtype the params are stored in. "objective" is the training objective
 (`config.train.objective`, `magnet_jax.models.objectives`), which decides how the model generates ("magnet" when
-absent, as in converted released weights and older exports). Layout details: docs/design.md §10.1. Writes are atomic: a temporary sibling directory is renamed into place, so a crash never leaves a half-written checkpoint
-under the final name.
+absent, as in converted released weights and older exports). Layout details: docs/design.md §10.1. Writes are atomic: a
+temporary sibling directory is renamed into place, so a crash never leaves a half-written checkpoint under the final
+name.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -135,8 +138,9 @@ def read_config(directory: str | Path) -> dict:
     return config
 
 
-def load_pretrained(directory: str | Path, *, dtype: Any = None, scan_layers: bool | None = None,
-                    shardings: Any = None) -> tuple[dict, dict]:
+def load_pretrained(
+    directory: str | Path, *, dtype: Any = None, scan_layers: bool | None = None, shardings: Any = None
+) -> tuple[dict, dict]:
     """Reads a converted checkpoint -> (config, params).
 
     Args:
@@ -153,8 +157,9 @@ def load_pretrained(directory: str | Path, *, dtype: Any = None, scan_layers: bo
     try:
         metadata = ocp.PyTreeCheckpointer().metadata(path / PARAMS_DIR).item_metadata.tree
     except Exception as e:  # missing dir, truncated or foreign files: one line
-        raise WeightsError(f"{path / PARAMS_DIR}: not a readable orbax checkpoint "
-                           f"({type(e).__name__}: {reason(e)})") from e
+        raise WeightsError(
+            f"{path / PARAMS_DIR}: not a readable orbax checkpoint ({type(e).__name__}: {reason(e)})"
+        ) from e
     _check_params(metadata, model, str(path / PARAMS_DIR))
     scan_layers = model.scan_layers if scan_layers is None else scan_layers
     direct = shardings is not None and scan_layers == model.scan_layers  # orbax reads each device's shard only
@@ -163,14 +168,16 @@ def load_pretrained(directory: str | Path, *, dtype: Any = None, scan_layers: bo
     else:
         restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), metadata)
     try:
-        params = ocp.PyTreeCheckpointer().restore(path / PARAMS_DIR,
-                                                  args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        params = ocp.PyTreeCheckpointer().restore(
+            path / PARAMS_DIR, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+        )
     except Exception as e:
         raise WeightsError(f"{path / PARAMS_DIR}: cannot restore ({type(e).__name__}: {reason(e)})") from e
     if not direct:
         params = set_layer_layout(params, scan_layers)
         if shardings is not None:
-            params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), params,
-                                  shardings)
+            params = jax.tree.map(
+                lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), params, shardings
+            )
     config["model"].update(param_dtype=dtype.name, scan_layers=scan_layers)
     return config, params

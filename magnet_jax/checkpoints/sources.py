@@ -85,11 +85,17 @@ def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
     target = {"ema_params": abstract}
     state_dir = checkpoints / str(steps[-1]) / STATE_ITEM
     try:
-        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
-            partial_restore=True))
+        restored = ocp.PyTreeCheckpointer().restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+                partial_restore=True,
+            ),
+        )
     except Exception as e:  # missing or truncated checkpoint files: one line
         raise WeightsError(f"{state_dir}: cannot restore the EMA params ({type(e).__name__}: {reason(e)})") from e
     config = pretrained.config_from_training(
-        train_config, step=steps[-1], weights="ema", dtype=train_config.model.param_dtype, source=str(workdir))
+        train_config, step=steps[-1], weights="ema", dtype=train_config.model.param_dtype, source=str(workdir)
+    )
     return config, restored["ema_params"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,24 +22,34 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> T5Config:
     proj = hf.get("feed_forward_proj", "relu")
     if proj not in ("relu", "gated-gelu"):
         raise WeightsError(f"T5 config: feed_forward_proj={proj!r} is not supported (relu or gated-gelu)")
-    return T5Config(vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
-                    num_layers=hf["num_layers"], num_heads=hf["num_heads"],
-                    relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-                    relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-                    feed_forward_proj=proj, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dtype=dtype)
+    return T5Config(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["d_model"],
+        d_kv=hf["d_kv"],
+        d_ff=hf["d_ff"],
+        num_layers=hf["num_layers"],
+        num_heads=hf["num_heads"],
+        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        feed_forward_proj=proj,
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+        dtype=dtype,
+    )
 
 
 def _hf_names(c: T5Config) -> dict[str, tuple[str, ...]]:
     """transformers key -> our param path."""
-    names = {"encoder.final_layer_norm.weight": ("final_norm", "scale"),
-             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": ("relpos_bias",)}
+    names = {
+        "encoder.final_layer_norm.weight": ("final_norm", "scale"),
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": ("relpos_bias",),
+    }
     for i in range(c.num_layers):
         pre, blk = f"encoder.block.{i}.layer.", f"block_{i}"
         names[pre + "0.layer_norm.weight"] = (blk, "attn_norm", "scale")
         names[pre + "1.layer_norm.weight"] = (blk, "ffn_norm", "scale")
         for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o")):
             names[pre + f"0.SelfAttention.{theirs}.weight"] = (blk, ours, "kernel")
-        for w in (("wi_0", "wi_1", "wo") if c.gated else ("wi", "wo")):
+        for w in ("wi_0", "wi_1", "wo") if c.gated else ("wi", "wo"):
             names[pre + f"1.DenseReluDense.{w}.weight"] = (blk, w, "kernel")
     return names
 
@@ -75,10 +86,20 @@ def params_from_hf(state: Mapping[str, np.ndarray], c: T5Config, *, source: str)
 def _hf_shape(path, c: T5Config):
     name = path[-2] if len(path) > 1 else path[0]
     d = c.d_model
-    return {"relpos_bias": (c.relative_attention_num_buckets, c.num_heads), "final_norm": (d,), "attn_norm": (d,),
-            "ffn_norm": (d,), "query": (c.num_heads * c.d_kv, d), "key": (c.num_heads * c.d_kv, d),
-            "value": (c.num_heads * c.d_kv, d), "out": (d, c.num_heads * c.d_kv), "wi": (c.d_ff, d),
-            "wi_0": (c.d_ff, d), "wi_1": (c.d_ff, d), "wo": (d, c.d_ff)}[name]
+    return {
+        "relpos_bias": (c.relative_attention_num_buckets, c.num_heads),
+        "final_norm": (d,),
+        "attn_norm": (d,),
+        "ffn_norm": (d,),
+        "query": (c.num_heads * c.d_kv, d),
+        "key": (c.num_heads * c.d_kv, d),
+        "value": (c.num_heads * c.d_kv, d),
+        "out": (d, c.num_heads * c.d_kv),
+        "wi": (c.d_ff, d),
+        "wi_0": (c.d_ff, d),
+        "wi_1": (c.d_ff, d),
+        "wo": (d, c.d_ff),
+    }[name]
 
 
 def load_t5(source: str, *, dtype: str = "float32") -> tuple[T5Config, dict]:
@@ -96,9 +117,19 @@ def load_t5(source: str, *, dtype: str = "float32") -> tuple[T5Config, dict]:
     return config, params_from_hf(load_safetensors(weights, what=what), config, source=str(weights))
 
 
-def write_random_t5(directory: str | Path, *, corpus: list[str], d_model: int = 32, num_layers: int = 2,
-                    num_heads: int = 4, d_kv: int = 8, d_ff: int = 64, feed_forward_proj: str = "relu",
-                    vocab_size: int = 128, seed: int = 0) -> Path:
+def write_random_t5(
+    directory: str | Path,
+    *,
+    corpus: list[str],
+    d_model: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    d_kv: int = 8,
+    d_ff: int = 64,
+    feed_forward_proj: str = "relu",
+    vocab_size: int = 128,
+    seed: int = 0,
+) -> Path:
     """Writes a random T5 encoder + a sentencepiece tokenizer trained on `corpus`, in the transformers layout.
 
     Gives tests and the quickstart a local text encoder with no download (`config.json`, `model.safetensors`,
@@ -110,28 +141,63 @@ def write_random_t5(directory: str | Path, *, corpus: list[str], d_model: int = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     (directory / "spiece.model").write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = sp.get_piece_size()
-    hf_config = {"model_type": "t5", "architectures": ["T5EncoderModel"], "vocab_size": vocab, "d_model": d_model,
-                 "d_kv": d_kv, "d_ff": d_ff, "num_layers": num_layers, "num_heads": num_heads,
-                 "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-                 "feed_forward_proj": feed_forward_proj, "layer_norm_epsilon": 1e-6, "is_encoder_decoder": True,
-                 "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+    hf_config = {
+        "model_type": "t5",
+        "architectures": ["T5EncoderModel"],
+        "vocab_size": vocab,
+        "d_model": d_model,
+        "d_kv": d_kv,
+        "d_ff": d_ff,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "feed_forward_proj": feed_forward_proj,
+        "layer_norm_epsilon": 1e-6,
+        "is_encoder_decoder": True,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+    }
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "eos_token": "</s>", "pad_token": "<pad>",
-         "unk_token": "<unk>", "model_max_length": 512}, indent=2))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "T5Tokenizer",
+                "extra_ids": 0,
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "model_max_length": 512,
+            },
+            indent=2,
+        )
+    )
     config = config_from_hf(hf_config)
     rng = np.random.default_rng(seed)
     state = {"shared.weight": rng.standard_normal((vocab, d_model)).astype(np.float32)}
     for key, path in _hf_names(config).items():
         shape = _hf_shape(path, config)
         fan = shape[-1]
-        state[key] = (np.ones(shape, np.float32) if path[-1] == "scale"
-                      else rng.standard_normal(shape).astype(np.float32) * fan ** -0.5)
+        state[key] = (
+            np.ones(shape, np.float32)
+            if path[-1] == "scale"
+            else rng.standard_normal(shape).astype(np.float32) * fan**-0.5
+        )
     save_file(state, str(directory / "model.safetensors"))
     return directory

@@ -5,11 +5,13 @@ are read with `weights_only=True` only, safetensors with the NumPy loader (no to
 shapes differ from what the model expects is an error that lists every difference. Files are located by
 `magnet_jax.fileio.resolve_file`.
 """
+
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from magnet_jax.fileio import WeightsError
 def load_safetensors(path: str | os.PathLike, *, what: str) -> dict[str, np.ndarray]:
     """Reads a `.safetensors` file into NumPy arrays (no torch)."""
     from safetensors.numpy import load_file
+
     try:
         return dict(load_file(str(path)))
     except Exception as e:
@@ -36,7 +39,8 @@ def load_torch_pickle(path: str | os.PathLike, *, what: str):
     except ImportError as e:
         raise WeightsError(
             f"{what}: reading {path} needs torch: pip install 'magnet_jax[convert]' (or convert once with "
-            "`python -m magnet_jax.convert` on a machine that has it)") from e
+            "`python -m magnet_jax.convert` on a machine that has it)"
+        ) from e
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -57,8 +61,9 @@ def _torch_to_numpy(obj, torch):
     return obj
 
 
-def check_state_dict(found: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], *,
-                     source: str, ignore: Iterable[str] = ()) -> None:
+def check_state_dict(
+    found: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], *, source: str, ignore: Iterable[str] = ()
+) -> None:
     """Raises WeightsError listing missing, unexpected and mis-shaped keys (nothing is silently dropped).
 
     Args:
@@ -70,8 +75,11 @@ def check_state_dict(found: Mapping[str, np.ndarray], expected: Mapping[str, tup
     ignore = set(ignore)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected) - ignore)
-    misshaped = sorted(f"{k} {tuple(np.shape(found[k]))} != {tuple(expected[k])}"
-                       for k in set(expected) & set(found) if tuple(np.shape(found[k])) != tuple(expected[k]))
+    misshaped = sorted(
+        f"{k} {tuple(np.shape(found[k]))} != {tuple(expected[k])}"
+        for k in set(expected) & set(found)
+        if tuple(np.shape(found[k])) != tuple(expected[k])
+    )
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
         if items:

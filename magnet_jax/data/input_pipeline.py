@@ -14,6 +14,7 @@ Batch (per process): `codes` int32 `[B, K, T]`, `text_ids` int32 `[B, L]` (pad i
 `[B, L]`; given the batch sharding (`magnet_jax.sharding.batch_sharding(mesh, rules)`), global arrays
 `[global_batch, ...]` assembled with `jax.make_array_from_process_local_data`.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -22,8 +23,9 @@ import glob
 import json
 import os
 import random
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -42,6 +44,7 @@ TokenizeFn = Callable[..., Mapping[str, np.ndarray]]  # (descriptions, *, word_d
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Plain settings of one pipeline (`from_config` reads `data`, `codec` and `conditioner` of configs/magnet.py)."""
+
     files: str  # comma-separated globs of ArrayRecord shards, or a TFDS dataset directory
     global_batch_size: int
     seq_len: int  # T, code frames per example
@@ -62,18 +65,31 @@ class PipelineConfig:
     prefetch: int = 4
 
     @classmethod
-    def from_config(cls, cfg, *, train: bool = True) -> "PipelineConfig":
+    def from_config(cls, cfg, *, train: bool = True) -> PipelineConfig:
         data = cfg.data
-        return cls(files=data.train_files if train else data.eval_files, global_batch_size=data.batch_size,
-                   seq_len=data.seq_len, max_text_len=cfg.conditioner.max_length,
-                   sample_rate=cfg.codec.sample_rate, frame_rate=float(cfg.codec.frame_rate), card=cfg.codec.card,
-                   n_q=cfg.codec.n_q, train=train, seed=data.shuffle_seed,
-                   merge_text_p=data.merge_text_p if train else 0.0, drop_desc_p=data.drop_desc_p,
-                   drop_other_p=data.drop_other_p, word_dropout=train and cfg.conditioner.word_dropout > 0,
-                   split="train" if train else "eval", worker_count=data.worker_count, prefetch=data.prefetch)
+        return cls(
+            files=data.train_files if train else data.eval_files,
+            global_batch_size=data.batch_size,
+            seq_len=data.seq_len,
+            max_text_len=cfg.conditioner.max_length,
+            sample_rate=cfg.codec.sample_rate,
+            frame_rate=float(cfg.codec.frame_rate),
+            card=cfg.codec.card,
+            n_q=cfg.codec.n_q,
+            train=train,
+            seed=data.shuffle_seed,
+            merge_text_p=data.merge_text_p if train else 0.0,
+            drop_desc_p=data.drop_desc_p,
+            drop_other_p=data.drop_other_p,
+            word_dropout=train and cfg.conditioner.word_dropout > 0,
+            split="train" if train else "eval",
+            worker_count=data.worker_count,
+            prefetch=data.prefetch,
+        )
 
 
 # ---- sources ------------------------------------------------------------------------------------------
+
 
 def find_shards(files: str) -> list[str]:
     """Expands comma-separated globs into a sorted list of shard paths; an empty result is an error."""
@@ -105,8 +121,10 @@ class CodesSource:
             except Exception as e:
                 raise RecordError(f"{path}: not a readable ArrayRecord shard ({_first_line(e)})") from None
             if counts[-1] == 0:
-                raise RecordError(f"{path}: shard has no records (truncated or damaged; re-run encode_audio, "
-                                  "which redoes incomplete shards)")
+                raise RecordError(
+                    f"{path}: shard has no records (truncated or damaged; re-run encode_audio, "
+                    "which redoes incomplete shards)"
+                )
         self.shard_starts = [int(i) for i in np.cumsum([0] + counts[:-1])]  # index of each shard's first record
         self._len = int(sum(counts))
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
@@ -160,8 +178,9 @@ def check_source(source, config: PipelineConfig) -> None:
     if len(source) == 0:
         raise RecordError(f"data files {config.files!r}: no records")
     if isinstance(source, CodesSource):
-        probes = [(source.locate(i), lambda i=i: read_header(source[i], where=source.locate(i)))
-                  for i in source.shard_starts]
+        probes = [
+            (source.locate(i), lambda i=i: read_header(source[i], where=source.locate(i))) for i in source.shard_starts
+        ]
     else:
         probes = [(f"{config.files} [{config.split}] record 0", lambda: _header_of(as_record(source[0])))]
     for where, get in probes:
@@ -170,23 +189,33 @@ def check_source(source, config: PipelineConfig) -> None:
         got = {k: head[k] for k in want}
         n_q = head["codes_shape"][0]
         if got != want or n_q != config.n_q:
-            raise RecordError(f"{where}: records were encoded by a codec with sample_rate {got['sample_rate']}, "
-                              f"frame_rate {got['frame_rate']:g}, card {got['card']}, {n_q} codebooks; the config "
-                              f"expects {config.sample_rate}, {config.frame_rate:g}, {config.card}, {config.n_q} "
-                              "(re-encode with the config's codec)")
+            raise RecordError(
+                f"{where}: records were encoded by a codec with sample_rate {got['sample_rate']}, "
+                f"frame_rate {got['frame_rate']:g}, card {got['card']}, {n_q} codebooks; the config "
+                f"expects {config.sample_rate}, {config.frame_rate:g}, {config.card}, {config.n_q} "
+                "(re-encode with the config's codec)"
+            )
         min_frames = int(round(head["segment_seconds"] * head["frame_rate"]))
         if min_frames < config.seq_len:
-            raise RecordError(f"{where}: encoded with segment_seconds {head['segment_seconds']:g} "
-                              f"({min_frames} frames) but training crops seq_len {config.seq_len} frames; re-encode "
-                              "with --segment_seconds >= data.segment_seconds")
+            raise RecordError(
+                f"{where}: encoded with segment_seconds {head['segment_seconds']:g} "
+                f"({min_frames} frames) but training crops seq_len {config.seq_len} frames; re-encode "
+                "with --segment_seconds >= data.segment_seconds"
+            )
 
 
 def _header_of(record: CodeRecord) -> dict:
-    return {"sample_rate": record.sample_rate, "frame_rate": record.frame_rate, "card": record.card,
-            "codes_shape": list(record.codes.shape), "segment_seconds": record.segment_seconds}
+    return {
+        "sample_rate": record.sample_rate,
+        "frame_rate": record.frame_rate,
+        "card": record.card,
+        "codes_shape": list(record.codes.shape),
+        "segment_seconds": record.segment_seconds,
+    }
 
 
 # ---- per-record transforms ----------------------------------------------------------------------------
+
 
 def random_crop(codes: np.ndarray, seq_len: int, rng: np.random.Generator, where: str = "record") -> np.ndarray:
     """A uniformly placed `[K, seq_len]` window of `[K, T]` codes."""
@@ -194,11 +223,18 @@ def random_crop(codes: np.ndarray, seq_len: int, rng: np.random.Generator, where
     if frames < seq_len:
         raise RecordError(f"{where}: {frames} frames, fewer than seq_len {seq_len}")
     start = int(rng.integers(0, frames - seq_len + 1))
-    return codes[:, start:start + seq_len]
+    return codes[:, start : start + seq_len]
 
 
-def merge_metadata(description: str | None, metadata: Mapping[str, Any], rng: random.Random, *,
-                   merge_text_p: float, drop_desc_p: float, drop_other_p: float) -> str | None:
+def merge_metadata(
+    description: str | None,
+    metadata: Mapping[str, Any],
+    rng: random.Random,
+    *,
+    merge_text_p: float,
+    drop_desc_p: float,
+    drop_other_p: float,
+) -> str | None:
     """The description audiocraft's MusicDataset trains on (docs/design.md §3), its draws taken from `rng`.
 
     `merge_text_p == 0` leaves the description as it is. Otherwise (`augment_music_info_description`): with
@@ -230,6 +266,7 @@ def merge_metadata(description: str | None, metadata: Mapping[str, Any], rng: ra
 @dataclasses.dataclass(frozen=True)
 class MakeExample(grain.transforms.RandomMap):
     """Record → `{codes [K, T] int32, text_ids [L] int32, text_mask [L] int32}` (one RNG per record)."""
+
     seq_len: int
     max_text_len: int
     tokenize: TokenizeFn
@@ -241,9 +278,14 @@ class MakeExample(grain.transforms.RandomMap):
     def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
         record = as_record(element)
         codes = random_crop(record.codes, self.seq_len, rng, where=record.source).astype(np.int32)
-        description = merge_metadata(record.description, record.metadata, random.Random(int(rng.integers(2**63))),
-                                     merge_text_p=self.merge_text_p, drop_desc_p=self.drop_desc_p,
-                                     drop_other_p=self.drop_other_p)
+        description = merge_metadata(
+            record.description,
+            record.metadata,
+            random.Random(int(rng.integers(2**63))),
+            merge_text_p=self.merge_text_p,
+            drop_desc_p=self.drop_desc_p,
+            drop_other_p=self.drop_other_p,
+        )
         key = rng.integers(0, 2**32, size=2, dtype=np.uint32) if self.word_dropout else None
         tokens = self.tokenize([description], word_dropout_key=key)
         return {"codes": codes, **pad_tokens(tokens, self.max_text_len, where=record.source)}
@@ -260,15 +302,24 @@ def pad_tokens(tokens: Mapping[str, np.ndarray], length: int, where: str = "reco
 
 # ---- datasets and iterators ---------------------------------------------------------------------------
 
+
 def make_dataset(source, config: PipelineConfig, tokenize: TokenizeFn) -> grain.MapDataset:
     """The per-example `MapDataset` (before the per-process slice and batching)."""
     ds = grain.MapDataset.source(source)
     if config.train:
         ds = ds.shuffle(seed=config.seed).repeat()
-    return ds.random_map(MakeExample(
-        seq_len=config.seq_len, max_text_len=config.max_text_len, tokenize=tokenize,
-        merge_text_p=config.merge_text_p, drop_desc_p=config.drop_desc_p, drop_other_p=config.drop_other_p,
-        word_dropout=config.word_dropout), seed=config.seed)
+    return ds.random_map(
+        MakeExample(
+            seq_len=config.seq_len,
+            max_text_len=config.max_text_len,
+            tokenize=tokenize,
+            merge_text_p=config.merge_text_p,
+            drop_desc_p=config.drop_desc_p,
+            drop_other_p=config.drop_other_p,
+            word_dropout=config.word_dropout,
+        ),
+        seed=config.seed,
+    )
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -278,18 +329,32 @@ class BatchIterator(grain.DatasetIterator):
     (record count, seed), so a restore onto another dataset is refused instead of silently changing the stream.
     """
 
-    def __init__(self, dataset: grain.MapDataset, config: PipelineConfig, *, num_records: int,
-                 process_index: int, process_count: int, sharding=None):
+    def __init__(
+        self,
+        dataset: grain.MapDataset,
+        config: PipelineConfig,
+        *,
+        num_records: int,
+        process_index: int,
+        process_count: int,
+        sharding=None,
+    ):
         if config.global_batch_size % process_count:
-            raise ValueError(f"global batch size {config.global_batch_size} is not divisible by the process count "
-                             f"{process_count}")
-        mp = grain.MultiprocessingOptions(num_workers=config.worker_count, per_worker_buffer_size=config.prefetch) \
-            if config.worker_count > 0 else None
+            raise ValueError(
+                f"global batch size {config.global_batch_size} is not divisible by the process count {process_count}"
+            )
+        mp = (
+            grain.MultiprocessingOptions(num_workers=config.worker_count, per_worker_buffer_size=config.prefetch)
+            if config.worker_count > 0
+            else None
+        )
         self._elastic = grain.experimental.ElasticIterator(
-            dataset, config.global_batch_size,
+            dataset,
+            config.global_batch_size,
             grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True),
             read_options=grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch),
-            multiprocessing_options=mp)
+            multiprocessing_options=mp,
+        )
         super().__init__(iter(self._elastic))
         self._identity = {"num_records": int(num_records), "seed": int(config.seed), "train": bool(config.train)}
         self._sharding = sharding
@@ -307,14 +372,22 @@ class BatchIterator(grain.DatasetIterator):
         saved = {k: state.get(k) for k in self._identity}
         if saved != self._identity:
             diffs = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._identity.items() if saved[k] != v)
-            raise ValueError(f"input pipeline state was saved for another dataset ({diffs}); restoring it would not "
-                             "give the batch after the checkpoint (restore without the data item to restart the "
-                             "new data from its beginning)")
+            raise ValueError(
+                f"input pipeline state was saved for another dataset ({diffs}); restoring it would not "
+                "give the batch after the checkpoint (restore without the data item to restart the "
+                "new data from its beginning)"
+            )
         self._parent.set_state({k: v for k, v in state.items() if k not in self._identity})
 
 
-def make_iterator(config: PipelineConfig, tokenize: TokenizeFn, *, sharding=None, process_index: int | None = None,
-                  process_count: int | None = None) -> BatchIterator:
+def make_iterator(
+    config: PipelineConfig,
+    tokenize: TokenizeFn,
+    *,
+    sharding=None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchIterator:
     """Opens and checks the source, and returns this process's batch iterator.
 
     Args:
@@ -328,11 +401,18 @@ def make_iterator(config: PipelineConfig, tokenize: TokenizeFn, *, sharding=None
         process_index, process_count = jax.process_index(), jax.process_count()
     source = open_source(config.files, config.split)
     check_source(source, config)
-    return BatchIterator(make_dataset(source, config, tokenize), config, num_records=len(source),
-                         process_index=process_index, process_count=process_count, sharding=sharding)
+    return BatchIterator(
+        make_dataset(source, config, tokenize),
+        config,
+        num_records=len(source),
+        process_index=process_index,
+        process_count=process_count,
+        sharding=sharding,
+    )
 
 
 # ---- checkpointing ------------------------------------------------------------------------------------
+
 
 class InputCheckpointHandler(grain.checkpoint.CheckpointHandler):
     """grain's orbax handler (one `process_{i}-of-{n}.json` per process) that also restores onto another process
@@ -348,9 +428,11 @@ class InputCheckpointHandler(grain.checkpoint.CheckpointHandler):
         if not saved:
             raise ValueError(f"{directory}: no input pipeline state (process_*-of-*.json)")
         if not isinstance(item, BatchIterator):
-            raise ValueError(f"{directory}: saved by {saved[0].name.split('-of-')[1][:-5]} processes, restoring on "
-                             f"{jax.process_count()}; only magnet_jax.data.input_pipeline.BatchIterator states can move "
-                             "to another process count")
+            raise ValueError(
+                f"{directory}: saved by {saved[0].name.split('-of-')[1][:-5]} processes, restoring on "
+                f"{jax.process_count()}; only magnet_jax.data.input_pipeline.BatchIterator states can move "
+                "to another process count"
+            )
         item.set_state(json.loads(saved[0].read_text()))
         item.start_prefetch()
         return item
@@ -360,6 +442,7 @@ class InputCheckpointHandler(grain.checkpoint.CheckpointHandler):
 @dataclasses.dataclass
 class InputCheckpointSave(ocp.args.CheckpointArgs):
     """`ocp.args.Composite(..., data=InputCheckpointSave(iterator))`."""
+
     item: Any
 
 
@@ -367,4 +450,5 @@ class InputCheckpointSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class InputCheckpointRestore(ocp.args.CheckpointArgs):
     """`ocp.args.Composite(..., data=InputCheckpointRestore(iterator))`: restores `iterator` in place."""
+
     item: Any

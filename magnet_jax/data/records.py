@@ -10,6 +10,7 @@ Metadata follows audiocraft's music dataset sidecar format (`<audio>.json`): `de
 `key`, `bpm`, `genre`, `moods`, `keywords`, `instrument`; `normalize_metadata` applies audiocraft's per-field
 cleaning once, at encode time, so training only draws the random merge of docs/design.md §3.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,8 @@ import math
 import re
 import struct
 import zlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +60,7 @@ class CodeRecord:
       offset: seconds into `source` where the encoded audio starts.
       metadata: normalized text fields (see `normalize_metadata`); absent fields are omitted.
     """
+
     codes: np.ndarray
     sample_rate: int
     frame_rate: float
@@ -96,28 +99,47 @@ class CodeRecord:
         return MAGIC + _HEADER_LEN.pack(len(head)) + head + payload
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, where: str = "record") -> "CodeRecord":
+    def from_bytes(cls, data: bytes, *, where: str = "record") -> CodeRecord:
         """Parses `to_bytes` output; `where` names the record in error messages."""
         header, payload = _split(data, where)
         shape = tuple(header["codes_shape"])
         if len(payload) != 2 * math.prod(shape) or zlib.crc32(payload) != header["crc32"]:
-            raise RecordError(f"{where} ({header.get('source')}): codes payload is damaged "
-                              f"(length or CRC-32 mismatch for shape {shape})")
+            raise RecordError(
+                f"{where} ({header.get('source')}): codes payload is damaged "
+                f"(length or CRC-32 mismatch for shape {shape})"
+            )
         codes = np.frombuffer(payload, dtype="<i2").reshape(shape)
-        return cls(codes=codes, sample_rate=header["sample_rate"], frame_rate=header["frame_rate"],
-                   card=header["card"], duration=header["duration"], segment_seconds=header["segment_seconds"],
-                   source=header["source"], offset=header["offset"], metadata=header["metadata"])
+        return cls(
+            codes=codes,
+            sample_rate=header["sample_rate"],
+            frame_rate=header["frame_rate"],
+            card=header["card"],
+            duration=header["duration"],
+            segment_seconds=header["segment_seconds"],
+            source=header["source"],
+            offset=header["offset"],
+            metadata=header["metadata"],
+        )
 
     @classmethod
-    def from_example(cls, example: Mapping[str, Any]) -> "CodeRecord":
+    def from_example(cls, example: Mapping[str, Any]) -> CodeRecord:
         """Builds a record from a TFDS example dict (text features arrive as bytes)."""
+
         def text(v):
             return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
         metadata = json.loads(text(example["metadata"]))
-        return cls(codes=np.asarray(example["codes"]), sample_rate=int(example["sample_rate"]),
-                   frame_rate=float(example["frame_rate"]), card=int(example["card"]),
-                   duration=float(example["duration"]), segment_seconds=float(example["segment_seconds"]),
-                   source=text(example["source"]), offset=float(example["offset"]), metadata=metadata)
+        return cls(
+            codes=np.asarray(example["codes"]),
+            sample_rate=int(example["sample_rate"]),
+            frame_rate=float(example["frame_rate"]),
+            card=int(example["card"]),
+            duration=float(example["duration"]),
+            segment_seconds=float(example["segment_seconds"]),
+            source=text(example["source"]),
+            offset=float(example["offset"]),
+            metadata=metadata,
+        )
 
 
 def read_header(data: bytes, *, where: str = "record") -> dict:
@@ -126,22 +148,26 @@ def read_header(data: bytes, *, where: str = "record") -> dict:
 
 
 def _split(data: bytes, where: str) -> tuple[dict, bytes]:
-    if len(data) < len(MAGIC) + _HEADER_LEN.size or data[:len(MAGIC)] != MAGIC:
-        raise RecordError(f"{where}: not a magnet_jax code record (bad magic bytes; "
-                          "shards must come from data_pipelines.encode_audio)")
+    if len(data) < len(MAGIC) + _HEADER_LEN.size or data[: len(MAGIC)] != MAGIC:
+        raise RecordError(
+            f"{where}: not a magnet_jax code record (bad magic bytes; "
+            "shards must come from data_pipelines.encode_audio)"
+        )
     (n,) = _HEADER_LEN.unpack_from(data, len(MAGIC))
     start = len(MAGIC) + _HEADER_LEN.size
     try:
-        header = json.loads(data[start:start + n].decode("utf-8"))
+        header = json.loads(data[start : start + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecordError(f"{where}: record header is damaged ({e})") from None
     if header.get("version") != FORMAT_VERSION:
-        raise RecordError(f"{where}: record format version {header.get('version')!r}, this reader expects "
-                          f"{FORMAT_VERSION}")
-    return header, data[start + n:]
+        raise RecordError(
+            f"{where}: record format version {header.get('version')!r}, this reader expects {FORMAT_VERSION}"
+        )
+    return header, data[start + n :]
 
 
 # ---- metadata cleaning (audiocraft data/info_audio_dataset.py + music_dataset.py attribute getters) ----
+
 
 def _string(value) -> str | None:
     if value is None or not isinstance(value, str) or not value or value == "None":

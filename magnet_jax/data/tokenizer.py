@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -45,14 +45,14 @@ class TextTokenizer:
     def pad_id(self) -> int:
         return int(self._tokenizer.pad_token_id)
 
-    def __call__(self, descriptions: Sequence[str | None], *, word_dropout_key: jax.Array | None = None
-                 ) -> dict[str, np.ndarray]:
+    def __call__(
+        self, descriptions: Sequence[str | None], *, word_dropout_key: jax.Array | None = None
+    ) -> dict[str, np.ndarray]:
         """-> `{'ids': [B, L] int32, 'mask': [B, L] int32}` NumPy, L = longest tokenized description."""
         entries = ["" if d is None else str(d) for d in descriptions]
         if word_dropout_key is not None and self.word_dropout > 0:
             entries = drop_words(entries, word_dropout_key, self.word_dropout)
-        out = self._tokenizer(entries, padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="np")
+        out = self._tokenizer(entries, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
         ids, mask = out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
         mask[[i for i, e in enumerate(entries) if e == ""]] = 0
         return {"ids": ids, "mask": mask}

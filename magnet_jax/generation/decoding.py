@@ -7,12 +7,14 @@ positions and scores them (optionally mixing in a rescorer's probabilities, pape
 on the host (`stage_schedule`) and enters the program as arrays, so step counts, temperature and CFG do not
 recompile.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -53,6 +55,7 @@ class DecodeParams:
       Used only when a rescorer is given; 1 = plain decoding. The paper states no value; 0.5 (the default) weighs
       the two models equally, preferring neither without evidence.
     """
+
     decoding_steps: tuple[int, ...] = (20, 10, 10, 10)
     temperature: float = 3.0
     anneal_temp: bool = True
@@ -87,7 +90,7 @@ class DecodeParams:
             raise ValueError(f"rescore_weight={self.rescore_weight!r}: expected a value in [0, 1] (1 = no rescoring)")
 
     @classmethod
-    def from_config(cls, generate_cfg: Mapping[str, Any], **overrides) -> "DecodeParams":
+    def from_config(cls, generate_cfg: Mapping[str, Any], **overrides) -> DecodeParams:
         """From the `generate` section of `configs/magnet.py` (or config.json's "generate"), then `overrides`
         (e.g. `span_len=config.masking.span_len`). `duration` (output length, not a decoding setting) is skipped;
         any other unknown key is an error."""
@@ -115,9 +118,10 @@ class DecodeParams:
 
 @dataclasses.dataclass(frozen=True)
 class PrefixParams:
-    """Composition-mode hybrid (docs/design.md §7.2): the first `prefix_seconds` are generated autoregressively by a causal
-    MusicGen model, then MAGNeT decodes the rest with them as a frozen prompt. 0 = off. The `ar_*` sampling
+    """Composition-mode hybrid (docs/design.md §7.2): the first `prefix_seconds` are generated autoregressively by a
+    causal MusicGen model, then MAGNeT decodes the rest with them as a frozen prompt. 0 = off. The `ar_*` sampling
     settings default to MusicGen's (docs/design.md §8): CFG 3.0, top-k 250, temperature 1.0, multinomial."""
+
     prefix_seconds: float = 0.0
     ar_cfg_coef: float = 3.0
     ar_temperature: float = 1.0
@@ -137,8 +141,12 @@ class PrefixParams:
 
     def sample_fn(self, card: int) -> musicgen.SampleFn:
         """The AR sampler for a vocabulary of `card` (a top-k of at least card keeps every token)."""
-        sample = musicgen.sampler(temperature=self.ar_temperature, top_k=min(int(self.ar_top_k), card),
-                                  top_p=self.ar_top_p, use_sampling=self.ar_use_sampling)
+        sample = musicgen.sampler(
+            temperature=self.ar_temperature,
+            top_k=min(int(self.ar_top_k), card),
+            top_p=self.ar_top_p,
+            use_sampling=self.ar_use_sampling,
+        )
         return sample if self.ar_use_sampling else musicgen.greedy
 
 
@@ -148,15 +156,17 @@ def check_companion(magnet: LMConfig, other: LMConfig, what: str) -> None:
         raise ValueError(f"{what}: a non-causal (MAGNeT) model; expected a causal MusicGen model")
     for name in ("n_q", "card", "cond_dim"):
         if getattr(other, name) != getattr(magnet, name):
-            raise ValueError(f"{what}: {name}={getattr(other, name)} but the MAGNeT model has "
-                             f"{name}={getattr(magnet, name)}")
+            raise ValueError(
+                f"{what}: {name}={getattr(other, name)} but the MAGNeT model has {name}={getattr(magnet, name)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class StageSchedule:
     """Per-step values of one stage (host NumPy, length n_steps)."""
-    num_masked: np.ndarray   # int32: units re-masked at each step
-    cfg_coef: np.ndarray     # float32: CFG coefficient
+
+    num_masked: np.ndarray  # int32: units re-masked at each step
+    cfg_coef: np.ndarray  # float32: CFG coefficient
     temperature: np.ndarray  # float32: softmax temperature (clamped at 0.01)
 
 
@@ -188,8 +198,7 @@ def stage_schedule(n_steps: int, n_gen_units: int, params: DecodeParams) -> Stag
     cfg = rate * params.max_cfg + (1.0 - rate) * params.min_cfg
     left = np.arange(n_steps - 1, -1, -1, dtype=np.float64)
     temp = params.temperature * (left / n_steps) if params.anneal_temp else np.full(n_steps, params.temperature)
-    return StageSchedule(num_masked.astype(np.int32), cfg.astype(np.float32),
-                         np.maximum(temp, 1e-2).astype(np.float32))
+    return StageSchedule(num_masked.astype(np.int32), cfg.astype(np.float32), np.maximum(temp, 1e-2).astype(np.float32))
 
 
 @flax.struct.dataclass
@@ -201,6 +210,7 @@ class TextConditioning:
     attend: `[B, L]` bool, condition positions cross-attention attends (the reference attends every position up
       to the batch's longest description, padded zeros included); None = all L positions.
     """
+
     states: jax.Array
     mask: jax.Array
     attend: jax.Array | None = None
@@ -214,13 +224,22 @@ class DecodeState:
     scores: `[B, U]` float32 re-masking scores of the stage's units (chunks or tokens); larger = re-masked first,
       `FROZEN_SCORE` = may not be re-masked.
     """
+
     codes: jax.Array
     scores: jax.Array
 
 
-def generate_codes(model: LanguageModel, params, condition_inputs: TextConditioning, key: jax.Array,
-                   decode_params: DecodeParams, *, length: int, prompt: jax.Array | None = None,
-                   rescorer: tuple[LanguageModel, Any] | None = None) -> jax.Array:
+def generate_codes(
+    model: LanguageModel,
+    params,
+    condition_inputs: TextConditioning,
+    key: jax.Array,
+    decode_params: DecodeParams,
+    *,
+    length: int,
+    prompt: jax.Array | None = None,
+    rescorer: tuple[LanguageModel, Any] | None = None,
+) -> jax.Array:
     """MAGNeT generation of `[B, K, T']` codes.
 
     Args:
@@ -251,8 +270,9 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
             raise ValueError(f"prompt: shape {tuple(prompt.shape)}, expected [{batch}, {config.n_q}, Tp]")
         if prompt_len >= out_len:
             raise ValueError(f"prompt: {prompt_len} frames, expected fewer than the {out_len} generated frames")
-        init_codes = jnp.pad(prompt.astype(jnp.int32), ((0, 0), (0, 0), (0, out_len - prompt_len)),
-                             constant_values=config.mask_id)
+        init_codes = jnp.pad(
+            prompt.astype(jnp.int32), ((0, 0), (0, 0), (0, out_len - prompt_len)), constant_values=config.mask_id
+        )
     else:  # host array: replicated as given on every process
         init_codes = np.full((batch, config.n_q, out_len), config.mask_id, np.int32)
     check_keys(key, batch)
@@ -261,9 +281,19 @@ def generate_codes(model: LanguageModel, params, condition_inputs: TextCondition
         check_companion(config, rescorer[0].config, "rescorer")
     prompt_lens = np.full(config.n_q, prompt_len, np.int32)
     rescorer_model, rescorer_params = (rescorer[0], nn.meta.unbox(rescorer[1])) if rescoring else (None, None)
-    return _generate(model, compiled_params(dp, config.n_q, rescoring=rescoring), nn.meta.unbox(params),
-                     condition_inputs, key, init_codes, prompt_lens, schedule_tables(dp, out_len, prompt_lens),
-                     rescorer_model, rescorer_params, np.float32(dp.rescore_weight))
+    return _generate(
+        model,
+        compiled_params(dp, config.n_q, rescoring=rescoring),
+        nn.meta.unbox(params),
+        condition_inputs,
+        key,
+        init_codes,
+        prompt_lens,
+        schedule_tables(dp, out_len, prompt_lens),
+        rescorer_model,
+        rescorer_params,
+        np.float32(dp.rescore_weight),
+    )
 
 
 def check_decoding(model: LanguageModel, decode_params: DecodeParams, length: int, what: str) -> int:
@@ -299,8 +329,10 @@ def schedule_tables(decode_params: DecodeParams, out_len: int, prompt_lens: np.n
     prompt lengths do not force a recompilation."""
     dp = decode_params
     width = max(dp.decoding_steps)
-    tables = {name: np.zeros((len(dp.decoding_steps), width), dtype) for name, dtype in
-              (("num_masked", np.int32), ("cfg_coef", np.float32), ("temperature", np.float32))}
+    tables = {
+        name: np.zeros((len(dp.decoding_steps), width), dtype)
+        for name, dtype in (("num_masked", np.int32), ("cfg_coef", np.float32), ("temperature", np.float32))
+    }
     for stage, n_steps in enumerate(dp.decoding_steps):
         n_gen_units = dp.num_units(out_len) - dp.num_units(int(prompt_lens[stage]))
         for name, values in dataclasses.asdict(stage_schedule(n_steps, n_gen_units, dp)).items():
@@ -312,8 +344,15 @@ def compiled_params(decode_params: DecodeParams, n_q: int, *, rescoring: bool = 
     """The static part of `decode_params` (the program's cache key): sampling and span modes, the largest step count
     and whether rescoring is on; everything else arrives in `schedule_tables` or as a traced weight."""
     width = max(decode_params.decoding_steps)
-    return dataclasses.replace(decode_params, decoding_steps=(width,) * n_q, temperature=1.0, anneal_temp=False,
-                               max_cfg=1.0, min_cfg=1.0, rescore_weight=0.0 if rescoring else 1.0)
+    return dataclasses.replace(
+        decode_params,
+        decoding_steps=(width,) * n_q,
+        temperature=1.0,
+        anneal_temp=False,
+        max_cfg=1.0,
+        min_cfg=1.0,
+        rescore_weight=0.0 if rescoring else 1.0,
+    )
 
 
 def _is_single_key(key: jax.Array) -> bool:
@@ -331,8 +370,9 @@ def twice(x: jax.Array) -> jax.Array:
     return jnp.repeat(x, 2, axis=0)
 
 
-def guided_logits_fn(model: LanguageModel, params, cond: TextConditioning, *,
-                     forward: Callable | None = None) -> Callable:
+def guided_logits_fn(
+    model: LanguageModel, params, cond: TextConditioning, *, forward: Callable | None = None
+) -> Callable:
     """Projects the conditioning of the CFG batch and computes its cross-attention keys/values (once), and returns
     `fn(codes [B, K, T], stage, cfg_coef) -> [B, T, card]` guided logits of the stage's head (one LM pass over 2B
     rows: row b at 2b with its condition, at 2b + 1 with the null condition).
@@ -340,11 +380,13 @@ def guided_logits_fn(model: LanguageModel, params, cond: TextConditioning, *,
     `forward(variables, codes [2B, K, T], stage, attend, cross_kv) -> [2B, T, card]` (the stage's head) replaces
     the plain LM pass (Hybrid-MAGNeT runs it on the delay layout)."""
     variables = {"params": params}
-    condition = model.apply(variables, with_null_rows(cond.states), with_null_rows(cond.mask),
-                            method=model.project_condition)
+    condition = model.apply(
+        variables, with_null_rows(cond.states), with_null_rows(cond.mask), method=model.project_condition
+    )
     cross_kv = model.apply(variables, condition, method=model.cross_key_values)
     attend = None if cond.attend is None else twice(cond.attend.astype(bool))
     if forward is None:
+
         def forward(variables, codes, stage, attend, cross_kv):
             return model.apply(variables, codes, None, attend, stage, cross_kv=cross_kv, head=stage)
 
@@ -353,6 +395,7 @@ def guided_logits_fn(model: LanguageModel, params, cond: TextConditioning, *,
         logits = forward(variables, twice(codes), stage, attend, cross_kv).reshape(batch, 2, length, -1)
         cond_logits, uncond_logits = logits[:, 0], logits[:, 1]
         return uncond_logits + (cond_logits - uncond_logits) * cfg_coef
+
     return guided_logits
 
 
@@ -374,15 +417,29 @@ def rescore_fn(model: LanguageModel, params, cond: TextConditioning) -> Callable
     def rescore(codes: jax.Array, stage: jax.Array) -> jax.Array:
         probs = musicgen.token_probs(model, params, codes, cross_kv, attend)
         return jax.lax.dynamic_index_in_dim(probs, stage, axis=1, keepdims=False)
+
     return rescore
 
 
-def decode_step(guided_logits: Callable, decode_params: DecodeParams, state: DecodeState, *, stage: jax.Array,
-                step: jax.Array, num_masked: jax.Array, cfg_coef: jax.Array, temperature: jax.Array,
-                prompt_row: jax.Array, prompt_len: jax.Array, row_keys: jax.Array, mask_id: int,
-                rescore: Callable | None = None, rescore_weight: jax.Array | float = 1.0) -> DecodeState:
-    """One decoding step of codebook `stage` (docs/design.md §6.3): re-mask `num_masked` units by the previous scores, restore
-    the prompt, run the guided LM, sample into the masked positions, score the re-masked units, freeze the rest.
+def decode_step(
+    guided_logits: Callable,
+    decode_params: DecodeParams,
+    state: DecodeState,
+    *,
+    stage: jax.Array,
+    step: jax.Array,
+    num_masked: jax.Array,
+    cfg_coef: jax.Array,
+    temperature: jax.Array,
+    prompt_row: jax.Array,
+    prompt_len: jax.Array,
+    row_keys: jax.Array,
+    mask_id: int,
+    rescore: Callable | None = None,
+    rescore_weight: jax.Array | float = 1.0,
+) -> DecodeState:
+    """One decoding step of codebook `stage` (docs/design.md §6.3): re-mask `num_masked` units by the previous scores,
+    restore the prompt, run the guided LM, sample into the masked positions, score the re-masked units, freeze the rest.
 
     Args:
       guided_logits: from `guided_logits_fn`.
@@ -429,13 +486,22 @@ def initial_scores(decode_params: DecodeParams, batch: int, length: int, prompt_
     dp = decode_params
     n_prompt_units = prompt_len // dp.span_len if dp.chunked else prompt_len
     units = jnp.arange(dp.num_units(length))
-    return jnp.broadcast_to(jnp.where(units < n_prompt_units, FROZEN_SCORE, 0.0).astype(jnp.float32),
-                            (batch, units.size))
+    return jnp.broadcast_to(
+        jnp.where(units < n_prompt_units, FROZEN_SCORE, 0.0).astype(jnp.float32), (batch, units.size)
+    )
 
 
-def decode_stages(guided_logits: Callable, decode_params: DecodeParams, codes: jax.Array, tables, prompt_lens,
-                  row_keys: jax.Array, mask_id: int, rescore: Callable | None = None,
-                  rescore_weight: jax.Array | float = 1.0) -> jax.Array:
+def decode_stages(
+    guided_logits: Callable,
+    decode_params: DecodeParams,
+    codes: jax.Array,
+    tables,
+    prompt_lens,
+    row_keys: jax.Array,
+    mask_id: int,
+    rescore: Callable | None = None,
+    rescore_weight: jax.Array | float = 1.0,
+) -> jax.Array:
     """The stage loop (traceable): for k = 0..K-1 a `lax.fori_loop` of `decode_step` over `tables['steps'][k]`
     steps, codebook k's first `prompt_lens[k]` frames frozen. `codes [B, K, T]` hold the prompt (mask id elsewhere);
     `tables` from `schedule_tables`, `decode_params` from `compiled_params`."""
@@ -446,11 +512,23 @@ def decode_stages(guided_logits: Callable, decode_params: DecodeParams, codes: j
         prompt_len = prompt_lens[stage]
 
         def body(i, state):
-            return decode_step(guided_logits, decode_params, state, stage=stage, step=i,
-                               num_masked=tables["num_masked"][stage, i], cfg_coef=tables["cfg_coef"][stage, i],
-                               temperature=tables["temperature"][stage, i], prompt_row=prompt_row,
-                               prompt_len=prompt_len, row_keys=row_keys, mask_id=mask_id, rescore=rescore,
-                               rescore_weight=rescore_weight)
+            return decode_step(
+                guided_logits,
+                decode_params,
+                state,
+                stage=stage,
+                step=i,
+                num_masked=tables["num_masked"][stage, i],
+                cfg_coef=tables["cfg_coef"][stage, i],
+                temperature=tables["temperature"][stage, i],
+                prompt_row=prompt_row,
+                prompt_len=prompt_len,
+                row_keys=row_keys,
+                mask_id=mask_id,
+                rescore=rescore,
+                rescore_weight=rescore_weight,
+            )
+
         state = DecodeState(codes, initial_scores(decode_params, batch, length, prompt_len))
         return jax.lax.fori_loop(0, tables["steps"][stage], body, state).codes
 
@@ -458,17 +536,44 @@ def decode_stages(guided_logits: Callable, decode_params: DecodeParams, codes: j
 
 
 @functools.partial(jax.jit, static_argnames=("model", "decode_params", "rescorer_model"))
-def _generate(model: LanguageModel, decode_params: DecodeParams, params, cond: TextConditioning, key: jax.Array,
-              init_codes: jax.Array, prompt_lens: jax.Array, tables, rescorer_model: LanguageModel | None,
-              rescorer_params, rescore_weight: jax.Array) -> jax.Array:
+def _generate(
+    model: LanguageModel,
+    decode_params: DecodeParams,
+    params,
+    cond: TextConditioning,
+    key: jax.Array,
+    init_codes: jax.Array,
+    prompt_lens: jax.Array,
+    tables,
+    rescorer_model: LanguageModel | None,
+    rescorer_params,
+    rescore_weight: jax.Array,
+) -> jax.Array:
     rescore = None if rescorer_model is None else rescore_fn(rescorer_model, rescorer_params, cond)
-    return decode_stages(guided_logits_fn(model, params, cond), decode_params, init_codes, tables, prompt_lens,
-                         row_keys_of(key, init_codes.shape[0]), model.config.mask_id, rescore, rescore_weight)
+    return decode_stages(
+        guided_logits_fn(model, params, cond),
+        decode_params,
+        init_codes,
+        tables,
+        prompt_lens,
+        row_keys_of(key, init_codes.shape[0]),
+        model.config.mask_id,
+        rescore,
+        rescore_weight,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prefix_params", "length"))
-def generate_prefix(model: LanguageModel, params, cond: TextConditioning, keys: jax.Array, prefix_params: PrefixParams,
-                    *, length: int, prompt: jax.Array | None = None) -> jax.Array:
+def generate_prefix(
+    model: LanguageModel,
+    params,
+    cond: TextConditioning,
+    keys: jax.Array,
+    prefix_params: PrefixParams,
+    *,
+    length: int,
+    prompt: jax.Array | None = None,
+) -> jax.Array:
     """The hybrid's autoregressive prefix: `[B, K, length]` codes from a causal MusicGen model (`generate_ar`, KV
     cache, CFG `ar_cfg_coef` on each row and its null twin), row by row: row b depends only on its conditioning,
     prompt and key `keys[b]`.
@@ -480,6 +585,15 @@ def generate_prefix(model: LanguageModel, params, cond: TextConditioning, keys: 
       prompt: optional `[B, K, Tp]` codes (Tp <= length) the prefix continues (audio-prompt continuation).
     """
     attend = jnp.ones(cond.mask.shape, bool) if cond.attend is None else cond.attend
-    return musicgen.generate_rows(model, params, cond.states, cond.mask, attend, keys, length=length,
-                                  cfg_coef=prefix_params.ar_cfg_coef,
-                                  sample_fn=prefix_params.sample_fn(model.config.card), prompt=prompt)
+    return musicgen.generate_rows(
+        model,
+        params,
+        cond.states,
+        cond.mask,
+        attend,
+        keys,
+        length=length,
+        cfg_coef=prefix_params.ar_cfg_coef,
+        sample_fn=prefix_params.sample_fn(model.config.card),
+        prompt=prompt,
+    )

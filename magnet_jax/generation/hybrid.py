@@ -2,6 +2,7 @@
 autoregressively on MusicGen's delay layout with the key/value cache, then MAGNeT's stage loop decodes the rest with
 that prefix frozen, the model reading the layout under the hybrid attention mask (`objectives.HYBRID.logits`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,15 +20,33 @@ from magnet_jax.models.lm import LanguageModel
 AR_SAMPLE = musicgen.sampler(temperature=1.0, top_k=250)  # the branch's AR prefix sampling (one object: one program)
 
 
-def autoregressive_prefix(model: LanguageModel, params, cond: TextConditioning, keys: jax.Array, *, length: int,
-                          prefix_frames: int, sample_fn: musicgen.SampleFn = AR_SAMPLE,
-                          cfg_coef: float = 3.0) -> jax.Array:
+def autoregressive_prefix(
+    model: LanguageModel,
+    params,
+    cond: TextConditioning,
+    keys: jax.Array,
+    *,
+    length: int,
+    prefix_frames: int,
+    sample_fn: musicgen.SampleFn = AR_SAMPLE,
+    cfg_coef: float = 3.0,
+) -> jax.Array:
     """The AR phase: layout rows < b = `prefix_frames` streamed with the key/value cache, row b from `keys[b]` alone
     (`musicgen.generate_rows`, CFG with each row's null twin). Traceable. Returns `[B, K, length]` codes: frames
     t < b - q of codebook q generated, the mask id elsewhere."""
     attend = jnp.ones(cond.mask.shape, bool) if cond.attend is None else cond.attend
-    return musicgen.generate_rows(model, params, cond.states, cond.mask, attend, keys, length=length,
-                                  last_step=prefix_frames, cfg_coef=cfg_coef, sample_fn=sample_fn)
+    return musicgen.generate_rows(
+        model,
+        params,
+        cond.states,
+        cond.mask,
+        attend,
+        keys,
+        length=length,
+        last_step=prefix_frames,
+        cfg_coef=cfg_coef,
+        sample_fn=sample_fn,
+    )
 
 
 def phase_keys(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
@@ -36,9 +55,18 @@ def phase_keys(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
     return pairs[:, 0], pairs[:, 1]
 
 
-def generate_hybrid_codes(model: LanguageModel, params, condition_inputs: TextConditioning, key: jax.Array,
-                          decode_params: DecodeParams, *, length: int, prefix_frames: int,
-                          ar_sample: musicgen.SampleFn = AR_SAMPLE, ar_cfg: float = 3.0) -> jax.Array:
+def generate_hybrid_codes(
+    model: LanguageModel,
+    params,
+    condition_inputs: TextConditioning,
+    key: jax.Array,
+    decode_params: DecodeParams,
+    *,
+    length: int,
+    prefix_frames: int,
+    ar_sample: musicgen.SampleFn = AR_SAMPLE,
+    ar_cfg: float = 3.0,
+) -> jax.Array:
     """Hybrid-MAGNeT generation of `[B, K, T']` codes with one model.
 
     Args:
@@ -63,24 +91,49 @@ def generate_hybrid_codes(model: LanguageModel, params, condition_inputs: TextCo
         raise ValueError(f"prefix_frames={prefix_frames}: expected 0 <= prefix_frames <= {out_len} (generated frames)")
     decoding.check_keys(key, condition_inputs.states.shape[0])
     prompt_lens = np.maximum(prefix_frames - np.arange(config.n_q), 0).astype(np.int32)  # codebook k's AR frames
-    return _generate_hybrid(model, decoding.compiled_params(dp, config.n_q), ar_sample, out_len, prefix_frames,
-                            nn.meta.unbox(params), condition_inputs, key, np.float32(ar_cfg), prompt_lens,
-                            decoding.schedule_tables(dp, out_len, prompt_lens))
+    return _generate_hybrid(
+        model,
+        decoding.compiled_params(dp, config.n_q),
+        ar_sample,
+        out_len,
+        prefix_frames,
+        nn.meta.unbox(params),
+        condition_inputs,
+        key,
+        np.float32(ar_cfg),
+        prompt_lens,
+        decoding.schedule_tables(dp, out_len, prompt_lens),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _generate_hybrid(model: LanguageModel, decode_params: DecodeParams, ar_sample, length: int, prefix_frames: int,
-                     params, cond: TextConditioning, key: jax.Array, ar_cfg, prompt_lens, tables) -> jax.Array:
+def _generate_hybrid(
+    model: LanguageModel,
+    decode_params: DecodeParams,
+    ar_sample,
+    length: int,
+    prefix_frames: int,
+    params,
+    cond: TextConditioning,
+    key: jax.Array,
+    ar_cfg,
+    prompt_lens,
+    tables,
+) -> jax.Array:
     batch = cond.states.shape[0]
     ar_keys, nar_keys = phase_keys(key, batch)
-    codes = autoregressive_prefix(model, params, cond, ar_keys, length=length, prefix_frames=prefix_frames,
-                                  sample_fn=ar_sample, cfg_coef=ar_cfg)
+    codes = autoregressive_prefix(
+        model, params, cond, ar_keys, length=length, prefix_frames=prefix_frames, sample_fn=ar_sample, cfg_coef=ar_cfg
+    )
     boundary = decoding.twice(jnp.full((batch,), prefix_frames, jnp.int32))
 
     def forward(variables, inputs, stage, attend, cross_kv):
-        logits = objectives.HYBRID.logits(model, variables, inputs, stage, None, attend, boundary=boundary,
-                                          cross_kv=cross_kv)
+        logits = objectives.HYBRID.logits(
+            model, variables, inputs, stage, None, attend, boundary=boundary, cross_kv=cross_kv
+        )
         return jax.lax.dynamic_index_in_dim(logits, stage, axis=1, keepdims=False)
+
     guided_logits = decoding.guided_logits_fn(model, params, cond, forward=forward)
-    return decoding.decode_stages(guided_logits, decode_params, codes, tables, prompt_lens, nar_keys,
-                                  model.config.mask_id)
+    return decoding.decode_stages(
+        guided_logits, decode_params, codes, tables, prompt_lens, nar_keys, model.config.mask_id
+    )

@@ -3,13 +3,14 @@
 Delay layout for K codebooks and T frames: S = T + K steps; step 0 is all special tokens; step s holds frame
 t = s - 1 - q of codebook q when 0 <= t < T and the special id otherwise. Generation streams steps 1 .. S-1 with a
 self-attention key/value cache, one compiled `lax.fori_loop`, classifier-free guidance on the `[cond; null]` batch
-(`stream_layout`; it also streams the autoregressive prefix of Hybrid-MAGNeT, `magnet_jax.generation.hybrid`). `frame_logits`
-aligns layout logits with frames.
+(`stream_layout`; it also streams the autoregressive prefix of Hybrid-MAGNeT, `magnet_jax.generation.hybrid`).
+`frame_logits` aligns layout logits with frames.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,20 +27,33 @@ def greedy(key: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sampler(*, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0, use_sampling: bool = True) -> SampleFn:
     """MusicGen's sampling (defaults: temperature 1, top-k 250, multinomial), built on the shared sampling rules.
 
     The same settings give the same function object, so jitted generation (`sample_fn` is static) compiles once."""
+
     def sample(key, logits):
-        return sample_tokens(key, logits, jnp.float32(max(temperature, 1e-2)), use_sampling=use_sampling,
-                             top_p=top_p, top_k=top_k)[0]
+        return sample_tokens(
+            key, logits, jnp.float32(max(temperature, 1e-2)), use_sampling=use_sampling, top_p=top_p, top_k=top_k
+        )[0]
+
     return sample
 
 
-def stream_layout(model: LanguageModel, params, condition: jax.Array, cond_attend: jax.Array | None, key: jax.Array,
-                  *, length: int, last_step: int | None = None, cfg_coef: float | None = 3.0,
-                  sample_fn: SampleFn = greedy, forced: jax.Array | None = None) -> jax.Array:
+def stream_layout(
+    model: LanguageModel,
+    params,
+    condition: jax.Array,
+    cond_attend: jax.Array | None,
+    key: jax.Array,
+    *,
+    length: int,
+    last_step: int | None = None,
+    cfg_coef: float | None = 3.0,
+    sample_fn: SampleFn = greedy,
+    forced: jax.Array | None = None,
+) -> jax.Array:
     """Streams delay-layout steps 1 .. `last_step` (default S - 1, the whole layout) with the key/value cache.
 
     Traceable (call it inside `jax.jit`); the arguments are those of `generate_ar`, `forced` being the delay layout
@@ -67,8 +81,7 @@ def stream_layout(model: LanguageModel, params, condition: jax.Array, cond_atten
         if cfg_coef is not None:
             cond, uncond = jnp.split(logits, 2, axis=0)
             logits = uncond + cfg_coef * (cond - uncond)
-        new = jnp.where(jax.lax.dynamic_slice_in_dim(valid, s, 1, axis=1)[None, :, 0], sample_fn(sub, logits),
-                        special)
+        new = jnp.where(jax.lax.dynamic_slice_in_dim(valid, s, 1, axis=1)[None, :, 0], sample_fn(sub, logits), special)
         if forced is not None:
             pinned = jax.lax.dynamic_slice_in_dim(forced, s, 1, axis=2)[:, :, 0]
             new = jnp.where(pinned != special, pinned, new)
@@ -81,9 +94,19 @@ def stream_layout(model: LanguageModel, params, condition: jax.Array, cond_atten
 
 
 @functools.partial(jax.jit, static_argnames=("model", "length", "cfg_coef", "sample_fn", "return_layout"))
-def generate_ar(model: LanguageModel, params, condition: jax.Array, cond_attend: jax.Array | None, key: jax.Array,
-                *, length: int, cfg_coef: float | None = 3.0, sample_fn: SampleFn = greedy,
-                prompt: jax.Array | None = None, return_layout: bool = False) -> jax.Array:
+def generate_ar(
+    model: LanguageModel,
+    params,
+    condition: jax.Array,
+    cond_attend: jax.Array | None,
+    key: jax.Array,
+    *,
+    length: int,
+    cfg_coef: float | None = 3.0,
+    sample_fn: SampleFn = greedy,
+    prompt: jax.Array | None = None,
+    return_layout: bool = False,
+) -> jax.Array:
     """Autoregressive generation of `length` frames (one compiled program per model, length and sampler).
 
     Args:
@@ -101,15 +124,27 @@ def generate_ar(model: LanguageModel, params, condition: jax.Array, cond_attend:
       `[B, K, T]` int32 codes (and the layout when asked).
     """
     forced = None if prompt is None else codebook_patterns.forced_layout(prompt, length, model.config.mask_id)
-    sequence = stream_layout(model, params, condition, cond_attend, key, length=length, cfg_coef=cfg_coef,
-                             sample_fn=sample_fn, forced=forced)
+    sequence = stream_layout(
+        model, params, condition, cond_attend, key, length=length, cfg_coef=cfg_coef, sample_fn=sample_fn, forced=forced
+    )
     codes = codebook_patterns.revert_delay_pattern(sequence)
     return (codes, sequence) if return_layout else codes
 
 
-def generate_rows(model: LanguageModel, params, states: jax.Array, mask: jax.Array, attend: jax.Array,
-                  keys: jax.Array, *, length: int, last_step: int | None = None, cfg_coef: float = 3.0,
-                  sample_fn: SampleFn = greedy, prompt: jax.Array | None = None) -> jax.Array:
+def generate_rows(
+    model: LanguageModel,
+    params,
+    states: jax.Array,
+    mask: jax.Array,
+    attend: jax.Array,
+    keys: jax.Array,
+    *,
+    length: int,
+    last_step: int | None = None,
+    cfg_coef: float = 3.0,
+    sample_fn: SampleFn = greedy,
+    prompt: jax.Array | None = None,
+) -> jax.Array:
     """Row-independent autoregressive generation: row b from its own text and `keys[b]` only (each row streamed
     with its null-condition twin for CFG, `vmap`ped over rows), so a sample does not depend on its batch mates.
 
@@ -121,18 +156,31 @@ def generate_rows(model: LanguageModel, params, states: jax.Array, mask: jax.Arr
     special = model.config.mask_id
 
     def one_row(row_states, row_mask, row_attend, key, row_prompt):
-        condition = model.apply({"params": params}, jnp.stack([row_states, jnp.zeros_like(row_states)]),
-                                jnp.stack([row_mask, jnp.zeros_like(row_mask)]), method=model.project_condition)
+        condition = model.apply(
+            {"params": params},
+            jnp.stack([row_states, jnp.zeros_like(row_states)]),
+            jnp.stack([row_mask, jnp.zeros_like(row_mask)]),
+            method=model.project_condition,
+        )
         forced = None if row_prompt is None else codebook_patterns.forced_layout(row_prompt[None], length, special)
-        sequence = stream_layout(model, params, condition, jnp.stack([row_attend, row_attend]), key, length=length,
-                                 last_step=last_step, cfg_coef=cfg_coef, sample_fn=sample_fn, forced=forced)
+        sequence = stream_layout(
+            model,
+            params,
+            condition,
+            jnp.stack([row_attend, row_attend]),
+            key,
+            length=length,
+            last_step=last_step,
+            cfg_coef=cfg_coef,
+            sample_fn=sample_fn,
+            forced=forced,
+        )
         return codebook_patterns.revert_delay_pattern(sequence)[0]
 
     return jax.vmap(one_row)(states, mask, attend.astype(bool), keys, prompt)
 
 
-def token_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend: jax.Array | None = None
-                ) -> jax.Array:
+def token_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend: jax.Array | None = None) -> jax.Array:
     """Teacher-forced probabilities of `codes` under a causal MusicGen model: one pass over their delay layout
     (steps 0 .. T + K - 2; the last step predicts nothing), head q at step t + q giving frame t of codebook q.
 

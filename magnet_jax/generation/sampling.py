@@ -6,6 +6,7 @@ re-mask) as a traced value, so one compiled loop body serves every decoding step
 Tie-breaking: where the reference relies on `torch.topk` / `torch.argsort` (whose order among equal scores is
 unspecified), units with equal scores are taken in index order; the nucleus keeps every token tied at its threshold.
 """
+
 from __future__ import annotations
 
 import jax
@@ -29,6 +30,7 @@ def top_p_threshold(probs: jax.Array, p: float) -> jax.Array:
     exactly those at or above a threshold: the smallest float t with `sum(probs > t) <= p`, found by bisection over
     float32 bit patterns (30 vectorised passes over V instead of a sort; tokens tied at the threshold are all kept).
     """
+
     def mass_above(bits):
         threshold = jax.lax.bitcast_convert_type(bits, jnp.float32)[..., None]
         return jnp.sum(jnp.where(probs > threshold, probs, 0.0), axis=-1)
@@ -46,7 +48,8 @@ def top_p_threshold(probs: jax.Array, p: float) -> jax.Array:
 
 
 def sample_top_p(key: jax.Array, probs: jax.Array, p: float) -> jax.Array:
-    """Nucleus sampling (docs/design.md §6.7): the most probable tokens whose preceding mass is <= p (the most probable one
+    """Nucleus sampling (docs/design.md §6.7): the most probable tokens whose preceding mass is <= p (the most probable
+    one
     always), renormalised. `probs [..., V]` -> tokens `[...]` int32."""
     return sample_categorical(key, jnp.where(probs >= top_p_threshold(probs, p), probs, 0.0))
 
@@ -59,8 +62,9 @@ def sample_categorical(key: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.sum(cdf <= u, axis=-1), weights.shape[-1] - 1).astype(jnp.int32)
 
 
-def sample_tokens(key: jax.Array, logits: jax.Array, temperature: jax.Array, *, use_sampling: bool, top_p: float,
-                  top_k: int) -> tuple[jax.Array, jax.Array]:
+def sample_tokens(
+    key: jax.Array, logits: jax.Array, temperature: jax.Array, *, use_sampling: bool, top_p: float, top_k: int
+) -> tuple[jax.Array, jax.Array]:
     """Draws one token per position and returns the probability the re-masking scores are computed from.
 
     Args:
@@ -135,12 +139,12 @@ def least_probable_span_mask(scores: jax.Array, k: jax.Array, span_len: int) -> 
     """
     length = scores.shape[-1]
     n_spans = length - span_len + 1
-    windows = jnp.stack([scores[j:j + n_spans] for j in range(span_len)], axis=-1)
+    windows = jnp.stack([scores[j : j + n_spans] for j in range(span_len)], axis=-1)
     rank = rank_from_order(jnp.argsort(_sum_left_to_right(windows), descending=True, stable=True))
     # A token is in the union of the top-u spans iff the best-ranked span covering it has rank < u.
     pad = jnp.full((span_len - 1,), n_spans, rank.dtype)
     padded = jnp.concatenate([pad, rank, pad])
-    best_rank = jnp.min(jnp.stack([padded[j:j + length] for j in range(span_len)]), axis=0)
+    best_rank = jnp.min(jnp.stack([padded[j : j + length] for j in range(span_len)]), axis=0)
 
     k = jnp.maximum(k, span_len)
     lo, hi = k // span_len, k - span_len + 1

@@ -5,9 +5,10 @@ dimension, as in the packed `in_proj_weight` of the reference. The key/value pro
 cross-attention keys/values can be computed once per batch during generation, and an autoregressive decoder can
 keep a key/value cache beside it.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -18,17 +19,20 @@ Initializer = Callable[..., jax.Array]
 
 def torch_linear_uniform(fan_in: int) -> Initializer:
     """PyTorch's default `nn.Linear` weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = fan_in ** -0.5
+    bound = fan_in**-0.5
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
+
     return init
 
 
 def truncated_normal(std: float) -> Initializer:
     """torch `trunc_normal_(std=std, a=-3 std, b=3 std)`: a normal of std `std` cut at ±3 std."""
+
     def init(key, shape, dtype=jnp.float32):
         return std * jax.random.truncated_normal(key, -3.0, 3.0, shape, dtype)
+
     return init
 
 
@@ -37,7 +41,8 @@ def stage_attention_mask(length: int, stage: jax.Array | int, *, subcodes_contex
 
     - causal (MusicGen): key j <= query i;
     - MAGNeT stage 0: everything;
-    - MAGNeT stage >= 1: the band |i - j| <= subcodes_context (every layer, docs/design.md §2.2). `stage` may be traced, so one
+    - MAGNeT stage >= 1: the band |i - j| <= subcodes_context (every layer, docs/design.md §2.2). `stage` may be traced,
+    so one
       compiled program serves all stages.
     """
     q = jnp.arange(length)[:, None]
@@ -50,8 +55,9 @@ def stage_attention_mask(length: int, stage: jax.Array | int, *, subcodes_contex
     return mask[None, None]
 
 
-def hybrid_attention_mask(boundary: jax.Array, stage: jax.Array | int, *, length: int, n_q: int,
-                          subcodes_context: int) -> jax.Array:
+def hybrid_attention_mask(
+    boundary: jax.Array, stage: jax.Array | int, *, length: int, n_q: int, subcodes_context: int
+) -> jax.Array:
     """Hybrid-MAGNeT self-attention mask `[B, 1, S, S]` over the delay layout (S = T + K; True = may attend).
 
     Layout row r of head q predicts frame r - q of codebook q; column j holds frame j - 1 - q of codebook q.
@@ -90,6 +96,7 @@ class Projection(nn.Module):
     a mesh is active (DenseGeneral initialises a flattened kernel and reshapes it, and flax then applies the 3-axis
     sharding constraint to the 2-D array - also inside `apply`, which re-traces the initializer for shape checks).
     """
+
     features: tuple[int, ...]
     in_ndim: int
     axes: tuple[str, ...]
@@ -99,9 +106,10 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = x.shape[x.ndim - self.in_ndim:] + tuple(self.features)
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), shape,
-                            self.param_dtype)
+        shape = x.shape[x.ndim - self.in_ndim :] + tuple(self.features)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), shape, self.param_dtype
+        )
         contract = tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim))
         return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
 
@@ -113,6 +121,7 @@ class MultiHeadAttention(nn.Module):
     q/k/v and `out_proj.weight`, transposed). `out` starts as the reference's gaussian init before depth scaling
     (`lm.depthwise_rescale`).
     """
+
     dim: int
     num_heads: int
     dtype: jnp.dtype = jnp.float32
@@ -124,21 +133,30 @@ class MultiHeadAttention(nn.Module):
         def dense(features, axes, init, in_ndim=1):
             features = features if isinstance(features, tuple) else (features,)
             return Projection(features, in_ndim, axes, init, self.dtype, self.param_dtype)
+
         # The packed in_proj_weight is not an nn.Linear in audiocraft, so it keeps PyTorch's default init.
         in_init = torch_linear_uniform(self.dim)
         self.query = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
         self.key = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
         self.value = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
-        self.out = dense(self.dim, ("heads", "kv", "embed"), truncated_normal(self.dim ** -0.5), in_ndim=2)
+        self.out = dense(self.dim, ("heads", "kv", "embed"), truncated_normal(self.dim**-0.5), in_ndim=2)
 
     def key_value(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values `[B, S, H, Dh]` of `context [B, S, D]`."""
         axes = ("batch", "length", "act_heads", "act_kv")
-        return (nn.with_logical_constraint(self.key(context), axes),
-                nn.with_logical_constraint(self.value(context), axes))
+        return (
+            nn.with_logical_constraint(self.key(context), axes),
+            nn.with_logical_constraint(self.value(context), axes),
+        )
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array | None = None,
-                 key_value: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        key_value: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
         """Attends from `x [B, T, D]`.
 
         Args:
@@ -151,8 +169,9 @@ class MultiHeadAttention(nn.Module):
         k, v = key_value if key_value is not None else self.key_value(x if context is None else context)
         return self._attend(x, k, v, mask)
 
-    def cached_self_attention(self, x: jax.Array, cache: dict, index: jax.Array, *, mask: jax.Array
-                              ) -> tuple[jax.Array, dict]:
+    def cached_self_attention(
+        self, x: jax.Array, cache: dict, index: jax.Array, *, mask: jax.Array
+    ) -> tuple[jax.Array, dict]:
         """Self-attention for incremental decoding: `x [B, t, D]` are positions `index .. index + t - 1`.
 
         Their keys/values are written into `cache = {'key', 'value'}: [B, S_max, H, Dh]` and the queries attend the
@@ -160,8 +179,10 @@ class MultiHeadAttention(nn.Module):
         """
         k_new, v_new = self.key_value(x)
         start = (0, index, 0, 0)
-        cache = {"key": jax.lax.dynamic_update_slice(cache["key"], k_new.astype(cache["key"].dtype), start),
-                 "value": jax.lax.dynamic_update_slice(cache["value"], v_new.astype(cache["value"].dtype), start)}
+        cache = {
+            "key": jax.lax.dynamic_update_slice(cache["key"], k_new.astype(cache["key"].dtype), start),
+            "value": jax.lax.dynamic_update_slice(cache["value"], v_new.astype(cache["value"].dtype), start),
+        }
         return self._attend(x, cache["key"], cache["value"], mask), cache
 
     def _attend(self, x, k, v, mask):

@@ -36,12 +36,12 @@ def revert_delay_pattern(sequence: jax.Array) -> jax.Array:
 def frame_logits(logits: jax.Array, length: int) -> jax.Array:
     """Delay-layout logits `[B, K, T + K, V]` -> frame-aligned `[B, K, T, V]`: row t + q of head q predicts frame t
     of codebook q."""
-    return jnp.stack([logits[:, q, q:q + length] for q in range(logits.shape[1])], axis=1)
+    return jnp.stack([logits[:, q, q : q + length] for q in range(logits.shape[1])], axis=1)
 
 
 def forced_layout(prompt: jax.Array, length: int, special: int) -> jax.Array:
     """Prompt codes `[B, K, Tp]` (Tp <= length) -> the delay layout `[B, K, length + K]` of the tokens to force,
     `special` where generation is free."""
     batch, n_q, _ = prompt.shape
-    padded = jnp.full((batch, n_q, length), special, jnp.int32).at[:, :, :prompt.shape[2]].set(prompt)
+    padded = jnp.full((batch, n_q, length), special, jnp.int32).at[:, :, : prompt.shape[2]].set(prompt)
     return apply_delay_pattern(padded, special)

@@ -1,6 +1,7 @@
 """Text conditioning inside the jitted steps (docs/design.md §3): frozen T5 states, the projection into the LM,
 CFG dropout, and the cross-attention positions. Tokenization is host-side (`magnet_jax.data.tokenizer`).
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ class ConditionProjection(nn.Module):
     `__call__(states [B, L, Dt], mask [B, L]) -> [B, L, D]`. Padded and null (empty description) positions become
     exact zero vectors.
     """
+
     dim: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -24,15 +26,16 @@ class ConditionProjection(nn.Module):
     @nn.compact
     def __call__(self, states: jax.Array, mask: jax.Array) -> jax.Array:
         init = torch_linear_uniform(states.shape[-1])  # PyTorch default Linear init, weight and bias
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, ("cond_embed", "embed")),
-                            (states.shape[-1], self.dim), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, ("cond_embed", "embed")),
+            (states.shape[-1], self.dim),
+            self.param_dtype,
+        )
         bias = self.param("bias", nn.with_logical_partitioning(init, ("embed",)), (self.dim,), self.param_dtype)
-        out = (states.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype))
+        out = states.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
         out = out * mask[..., None].astype(self.dtype)
         return nn.with_logical_constraint(out, ("batch", "cond_length", "act_embed"))
-
-
-
 
 
 def encode_text(t5_config: T5Config, t5_params, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -56,6 +59,3 @@ def cross_attend(ids: jax.Array, pad_id: int = 0) -> jax.Array:
     """
     longest = jnp.max(jnp.sum(ids != pad_id, axis=-1))
     return jnp.broadcast_to(jnp.arange(ids.shape[-1])[None, :] < longest, ids.shape)
-
-
-

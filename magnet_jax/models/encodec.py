@@ -2,8 +2,8 @@
 
 MAGNeT tokenizes 32 kHz mono music with the EnCodec of docs/design.md §9 (strides 4·4·5·8, hop 640, 50 Hz,
 4 codebooks × 2048, latent dim 128) and sound with a 16 kHz one (strides 2·4·5·8, hop 320); both are described
-by an `EncodecConfig`. Weights come from `magnet_jax.checkpoints.encodec_weights.load_encodec` (weight norm folded at load),
-or `init_encodec` builds a random codec with fitted codebooks for tests and the quickstart.
+by an `EncodecConfig`. Weights come from `magnet_jax.checkpoints.encodec_weights.load_encodec` (weight norm folded at
+load), or `init_encodec` builds a random codec with fitted codebooks for tests and the quickstart.
 
 Public entry points (pure, jitted, `config` static):
   encode(config, params, wav [B, C, N]) -> codes [B, K, T] int32, T = ceil(N / hop)
@@ -16,12 +16,14 @@ Audio is [B, C, N] at the API (the PyTorch layout) and channels-last [B, N, C] i
 (entry), `latent` (D). Activations are constrained to ("batch", "length", None), so under a mesh the codec runs
 data-parallel.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,6 +35,7 @@ PAD_MODES = ("constant", "reflect")
 # window long audio is encoded in.
 LOCATION_FIELDS = ("source", "frame_rate", "chunk_seconds")
 _ACT = ("batch", "length", None)
+
 
 # Defaults of transformers' `EncodecConfig`: `save_pretrained` omits keys that equal them.
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,7 @@ class EncodecConfig:
       true_skip: identity shortcut in residual units (False: a 1×1 conv shortcut).
       dtype: compute dtype of convs and LSTM ("float32", "bfloat16"); params and the quantizer stay float32.
     """
+
     sample_rate: int
     ratios: tuple[int, ...]
     n_filters: int
@@ -78,8 +82,19 @@ class EncodecConfig:
         object.__setattr__(self, "ratios", tuple(int(r) for r in self.ratios))
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"EncodecConfig.pad_mode={self.pad_mode!r}: expected one of {', '.join(PAD_MODES)}")
-        for name in ("sample_rate", "n_filters", "dimension", "card", "n_q", "channels", "compress", "kernel_size",
-                     "last_kernel_size", "residual_kernel_size", "dilation_base"):
+        for name in (
+            "sample_rate",
+            "n_filters",
+            "dimension",
+            "card",
+            "n_q",
+            "channels",
+            "compress",
+            "kernel_size",
+            "last_kernel_size",
+            "residual_kernel_size",
+            "dilation_base",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EncodecConfig.{name}={getattr(self, name)!r}: expected a positive integer")
         if not self.ratios or min(self.ratios) < 1:
@@ -97,7 +112,7 @@ class EncodecConfig:
         return self.sample_rate / self.hop_length
 
     @classmethod
-    def from_config(cls, codec: Mapping[str, Any]) -> "EncodecConfig":
+    def from_config(cls, codec: Mapping[str, Any]) -> EncodecConfig:
         """From the `codec` section of `configs/magnet.py` (fields missing there take the dataclass defaults).
 
         The section also says where the codec comes from and how long audio is encoded (`LOCATION_FIELDS`); any
@@ -109,13 +124,15 @@ class EncodecConfig:
             raise ValueError(f"codec config: unknown field(s) {', '.join(unknown)}")
         config = cls(**{k: codec[k] for k in codec.keys() if k in fields})
         if "frame_rate" in codec and float(codec["frame_rate"]) != config.frame_rate:
-            raise ValueError(f"codec config: frame_rate={codec['frame_rate']} but sample_rate / prod(ratios) = "
-                             f"{config.frame_rate:g}")
+            raise ValueError(
+                f"codec config: frame_rate={codec['frame_rate']} but sample_rate / prod(ratios) = {config.frame_rate:g}"
+            )
         return config
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Layers (channels-last [B, T, C])
+
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
     """A float32 parameter with logical axis names. The Linen initializer is zeros on purpose: the codec is
@@ -139,6 +156,7 @@ class Conv1d(nn.Module):
     Pads (k_eff - stride) split right = total // 2, left = the rest, plus extra right padding so the last window
     is full; the weight norm of the released models is folded into `kernel` [k, C_in, C_out] at load.
     """
+
     features: int
     kernel_size: int
     stride: int = 1
@@ -148,8 +166,9 @@ class Conv1d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = _param(self, "kernel", (self.kernel_size, x.shape[-1], self.features),
-                        ("conv_width", "conv_in", "conv_out"))
+        kernel = _param(
+            self, "kernel", (self.kernel_size, x.shape[-1], self.features), ("conv_width", "conv_in", "conv_out")
+        )
         bias = _param(self, "bias", (self.features,), ("conv_out",))
         k_eff = (self.kernel_size - 1) * self.dilation + 1
         total = k_eff - self.stride
@@ -160,8 +179,13 @@ class Conv1d(nn.Module):
         if self.pad_mode != "constant":
             x, pads = _pad_time(x, *pads, self.pad_mode), (0, 0)
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,), [pads], rhs_dilation=(self.dilation,),
-            dimension_numbers=("NWC", "WIO", "NWC"))
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            (self.stride,),
+            [pads],
+            rhs_dilation=(self.dilation,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
         return y + bias.astype(self.dtype)
 
 
@@ -171,6 +195,7 @@ class ConvTranspose1d(nn.Module):
     PyTorch's ConvTranspose1d ([B, (T-1)·stride + k]) with (k - stride) trimmed, right = total // 2, left = the
     rest; the trim is folded into the padding of the equivalent dilated conv. `kernel` is [k, C_in, C_out].
     """
+
     features: int
     kernel_size: int
     stride: int
@@ -178,21 +203,28 @@ class ConvTranspose1d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = _param(self, "kernel", (self.kernel_size, x.shape[-1], self.features),
-                        ("conv_width", "conv_in", "conv_out"))
+        kernel = _param(
+            self, "kernel", (self.kernel_size, x.shape[-1], self.features), ("conv_width", "conv_in", "conv_out")
+        )
         bias = _param(self, "bias", (self.features,), ("conv_out",))
         total = self.kernel_size - self.stride
         trim_right = total // 2
         trim_left = total - trim_right
         pads = (self.kernel_size - 1 - trim_left, self.kernel_size - 1 - trim_right)
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), jnp.flip(kernel, 0).astype(self.dtype), (1,), [pads], lhs_dilation=(self.stride,),
-            dimension_numbers=("NWC", "WIO", "NWC"))
+            x.astype(self.dtype),
+            jnp.flip(kernel, 0).astype(self.dtype),
+            (1,),
+            [pads],
+            lhs_dilation=(self.stride,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
         return y + bias.astype(self.dtype)
 
 
 class ResidualUnit(nn.Module):
     """SEANet residual unit: x + conv_b(elu(conv_a(elu(x)))) (shortcut: identity or a 1×1 conv)."""
+
     config: EncodecConfig
     dim: int
     dilation: int
@@ -200,8 +232,14 @@ class ResidualUnit(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, dtype = self.config, jnp.dtype(self.config.dtype)
-        y = Conv1d(self.dim // c.compress, c.residual_kernel_size, dilation=self.dilation, pad_mode=c.pad_mode,
-                   dtype=dtype, name="conv_a")(nn.elu(x))
+        y = Conv1d(
+            self.dim // c.compress,
+            c.residual_kernel_size,
+            dilation=self.dilation,
+            pad_mode=c.pad_mode,
+            dtype=dtype,
+            name="conv_a",
+        )(nn.elu(x))
         y = Conv1d(self.dim, 1, pad_mode=c.pad_mode, dtype=dtype, name="conv_b")(nn.elu(y))
         shortcut = x if c.true_skip else Conv1d(self.dim, 1, pad_mode=c.pad_mode, dtype=dtype, name="shortcut")(x)
         return shortcut + y
@@ -209,6 +247,7 @@ class ResidualUnit(nn.Module):
 
 class LSTMLayer(nn.Module):
     """One LSTM layer over [B, T, D] (PyTorch gate order i, f, g, o; biases b_ih + b_hh folded into `bias`)."""
+
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -234,6 +273,7 @@ class LSTMLayer(nn.Module):
 
 class LSTM(nn.Module):
     """Stacked LSTM with a skip connection: [B, T, D] -> LSTM(x) + x."""
+
     num_layers: int
     dtype: Any = jnp.float32
 
@@ -247,6 +287,7 @@ class LSTM(nn.Module):
 
 class EncoderBlock(nn.Module):
     """Residual units at width `dim`, then ELU and a strided conv to 2·dim (down-sampling by `ratio`)."""
+
     config: EncodecConfig
     dim: int
     ratio: int
@@ -255,14 +296,16 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         for j in range(c.n_residual_layers):
-            x = ResidualUnit(c, self.dim, c.dilation_base ** j, name=f"res_{j}")(x)
-        x = Conv1d(2 * self.dim, 2 * self.ratio, self.ratio, pad_mode=c.pad_mode, dtype=jnp.dtype(c.dtype),
-                   name="down")(nn.elu(x))
+            x = ResidualUnit(c, self.dim, c.dilation_base**j, name=f"res_{j}")(x)
+        x = Conv1d(
+            2 * self.dim, 2 * self.ratio, self.ratio, pad_mode=c.pad_mode, dtype=jnp.dtype(c.dtype), name="down"
+        )(nn.elu(x))
         return nn.with_logical_constraint(x, _ACT)
 
 
 class DecoderBlock(nn.Module):
     """ELU and a transposed conv from `dim` to dim/2 (up-sampling by `ratio`), then residual units."""
+
     config: EncodecConfig
     dim: int
     ratio: int
@@ -272,12 +315,13 @@ class DecoderBlock(nn.Module):
         c = self.config
         x = ConvTranspose1d(self.dim // 2, 2 * self.ratio, self.ratio, dtype=jnp.dtype(c.dtype), name="up")(nn.elu(x))
         for j in range(c.n_residual_layers):
-            x = ResidualUnit(c, self.dim // 2, c.dilation_base ** j, name=f"res_{j}")(x)
+            x = ResidualUnit(c, self.dim // 2, c.dilation_base**j, name=f"res_{j}")(x)
         return nn.with_logical_constraint(x, _ACT)
 
 
 class SEANetEncoder(nn.Module):
     """Audio [B, N, C] -> latents [B, ceil(N / hop), D]."""
+
     config: EncodecConfig
 
     @nn.compact
@@ -285,7 +329,7 @@ class SEANetEncoder(nn.Module):
         c, dtype = self.config, jnp.dtype(self.config.dtype)
         x = Conv1d(c.n_filters, c.kernel_size, pad_mode=c.pad_mode, dtype=dtype, name="conv_in")(x)
         for i, ratio in enumerate(reversed(c.ratios)):
-            x = EncoderBlock(c, c.n_filters * 2 ** i, ratio, name=f"block_{i}")(x)
+            x = EncoderBlock(c, c.n_filters * 2**i, ratio, name=f"block_{i}")(x)
         if c.num_lstm_layers:
             x = LSTM(c.num_lstm_layers, dtype, name="lstm")(x)
         return Conv1d(c.dimension, c.last_kernel_size, pad_mode=c.pad_mode, dtype=dtype, name="conv_out")(nn.elu(x))
@@ -293,6 +337,7 @@ class SEANetEncoder(nn.Module):
 
 class SEANetDecoder(nn.Module):
     """Latents [B, T, D] -> audio [B, T * hop, C]."""
+
     config: EncodecConfig
 
     @nn.compact
@@ -303,12 +348,13 @@ class SEANetDecoder(nn.Module):
         if c.num_lstm_layers:
             x = LSTM(c.num_lstm_layers, dtype, name="lstm")(x)
         for i, ratio in enumerate(c.ratios):
-            x = DecoderBlock(c, width // 2 ** i, ratio, name=f"block_{i}")(x)
+            x = DecoderBlock(c, width // 2**i, ratio, name=f"block_{i}")(x)
         return Conv1d(c.channels, c.last_kernel_size, pad_mode=c.pad_mode, dtype=dtype, name="conv_out")(nn.elu(x))
 
 
 class ResidualVectorQuantizer(nn.Module):
     """K levels of nearest-neighbour quantization on the residual; `codebooks` is [K, card, D] (float32)."""
+
     n_q: int
     card: int
     dim: int
@@ -321,7 +367,7 @@ class ResidualVectorQuantizer(nn.Module):
         residual = latents.astype(jnp.float32)
         codes = []
         for book in self.codebooks:
-            dist = -(jnp.sum(residual ** 2, -1, keepdims=True) - 2 * residual @ book.T + jnp.sum(book ** 2, -1))
+            dist = -(jnp.sum(residual**2, -1, keepdims=True) - 2 * residual @ book.T + jnp.sum(book**2, -1))
             idx = jnp.argmax(dist, axis=-1).astype(jnp.int32)
             residual = residual - jnp.take(book, idx, axis=0)
             codes.append(idx)
@@ -334,6 +380,7 @@ class ResidualVectorQuantizer(nn.Module):
 
 class EncodecModel(nn.Module):
     """EnCodec: `encode` [B, C, N] -> [B, K, T] int32 codes, `decode` [B, K, T] -> [B, C, T * hop] audio."""
+
     config: EncodecConfig
 
     def setup(self):
@@ -361,6 +408,7 @@ class EncodecModel(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------------
 # Pure entry points
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def encode(config: EncodecConfig, params, wav: jax.Array) -> jax.Array:
@@ -394,7 +442,7 @@ def encode_long(config: EncodecConfig, params, wav, chunk_seconds: float) -> np.
     n = wav.shape[-1]
     pieces = []
     for start in range(0, n, chunk):
-        piece = np.asarray(wav[..., start:start + chunk], np.float32)
+        piece = np.asarray(wav[..., start : start + chunk], np.float32)
         piece = np.pad(piece, ((0, 0), (0, 0), (0, chunk - piece.shape[-1])))
         pieces.append(np.asarray(encode(config, params, piece)))
     return np.concatenate(pieces, axis=-1)[..., : -(-n // hop)]
@@ -438,12 +486,14 @@ def fit_codebooks(latent_frames: np.ndarray, card: int, n_q: int, *, seed: int, 
 
 def _check_enough_frames(n_frames: int, card: int) -> None:
     if n_frames < 2 * card:
-        raise ValueError(f"{n_frames} latent frames cannot fit {card} codebook entries: need at least {2 * card} "
-                         "(longer or more calibration audio)")
+        raise ValueError(
+            f"{n_frames} latent frames cannot fit {card} codebook entries: need at least {2 * card} "
+            "(longer or more calibration audio)"
+        )
 
 
 def _nearest(x: np.ndarray, book: np.ndarray) -> np.ndarray:
-    return ((x ** 2).sum(1, keepdims=True) - 2 * x @ book.T + (book ** 2).sum(1)).argmin(1)
+    return ((x**2).sum(1, keepdims=True) - 2 * x @ book.T + (book**2).sum(1)).argmin(1)
 
 
 def init_encodec(config: EncodecConfig, seed: int, calibration_wav) -> dict:
@@ -470,8 +520,9 @@ def init_encodec(config: EncodecConfig, seed: int, calibration_wav) -> dict:
             return rng.uniform(-limit, limit, shape)
         return np.zeros(shape)  # conv biases; codebooks are fitted below
 
-    params = jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(draw(p, x), jnp.float32),
-                                              nn.unbox(abstract_params(config)))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(draw(p, x), jnp.float32), nn.unbox(abstract_params(config))
+    )
     frames = np.asarray(latents(config, params, wav)).reshape(-1, config.dimension)
     books = fit_codebooks(frames, config.card, config.n_q, seed=seed)
     return {**params, "quantizer": {"codebooks": jnp.asarray(books)}}

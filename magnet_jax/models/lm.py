@@ -14,11 +14,13 @@ Parameter tree (D = dim, F = 4D, N layers, H heads, Dh = D / H, Dt = text-encode
   out_norm/{scale, bias}       [D]
   head_{k}/kernel              [D, card]
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -56,7 +58,7 @@ class LMConfig:
         return self.card
 
     @classmethod
-    def from_config(cls, model_cfg: Mapping[str, Any]) -> "LMConfig":
+    def from_config(cls, model_cfg: Mapping[str, Any]) -> LMConfig:
         """Builds from the `model` section of `configs/magnet.py` (unknown keys are an error)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = dict(model_cfg)
@@ -73,8 +75,9 @@ class LMConfig:
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *, architecture_only: bool = False
-                       ) -> list[tuple[str, Any, Any]]:
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], *, architecture_only: bool = False
+) -> list[tuple[str, Any, Any]]:
     """`(field, saved value, current value)` for every field of two `model` config sections that differs (only the
     architecture fields when `architecture_only`: params of one fit a model of the other)."""
     fields = sorted(set(saved) | set(current))
@@ -87,12 +90,13 @@ def sinusoidal_embedding(positions: jax.Array, dim: int, max_period: float, dtyp
     """audiocraft's sin embedding: `[..., D]` = concat(cos(p / P^(j/(D/2-1))), sin(...)), cos first."""
     half = dim // 2
     freqs = jnp.arange(half, dtype=jnp.float32) / (half - 1)
-    phase = positions[..., None].astype(jnp.float32) / (max_period ** freqs)
+    phase = positions[..., None].astype(jnp.float32) / (max_period**freqs)
     return jnp.concatenate([jnp.cos(phase), jnp.sin(phase)], axis=-1).astype(dtype)
 
 
 class Block(nn.Module):
     """Pre-LN transformer layer: self-attention, cross-attention to the condition, GELU feed-forward."""
+
     config: LMConfig
 
     def setup(self):
@@ -100,13 +104,23 @@ class Block(nn.Module):
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
 
         def norm():
-            return nn.LayerNorm(epsilon=c.norm_eps, dtype=dtype, param_dtype=pdtype,
-                                scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+            return nn.LayerNorm(
+                epsilon=c.norm_eps,
+                dtype=dtype,
+                param_dtype=pdtype,
+                scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+            )
 
         def dense(features, axes, fan_in):
-            return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                            kernel_init=nn.with_logical_partitioning(truncated_normal(fan_in ** -0.5), axes))
+            return nn.Dense(
+                features,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=pdtype,
+                kernel_init=nn.with_logical_partitioning(truncated_normal(fan_in**-0.5), axes),
+            )
+
         self.norm1, self.norm_cross, self.norm2 = norm(), norm(), norm()
         self.self_attn = MultiHeadAttention(c.dim, c.num_heads, dtype, pdtype)
         self.cross_attn = MultiHeadAttention(c.dim, c.num_heads, dtype, pdtype)
@@ -137,32 +151,56 @@ class Block(nn.Module):
 
 class LanguageModel(nn.Module):
     """MAGNeT (non-causal) / MusicGen (causal) transformer over `[B, K, T]` codes."""
+
     config: LMConfig
 
     def setup(self):
         c = self.config
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        self.emb = [nn.Embed(c.card + 1, c.dim, dtype=dtype, param_dtype=pdtype, name=f"emb_{k}",
-                             embedding_init=nn.with_logical_partitioning(truncated_normal(c.dim ** -0.5),
-                                                                         ("vocab", "embed")))
-                    for k in range(c.n_q)]
+        self.emb = [
+            nn.Embed(
+                c.card + 1,
+                c.dim,
+                dtype=dtype,
+                param_dtype=pdtype,
+                name=f"emb_{k}",
+                embedding_init=nn.with_logical_partitioning(truncated_normal(c.dim**-0.5), ("vocab", "embed")),
+            )
+            for k in range(c.n_q)
+        ]
         self.cond_proj = ConditionProjection(c.dim, dtype=dtype, param_dtype=pdtype)
         block = nn.remat(Block) if c.remat else Block
         if c.scan_layers:
-            scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                              length=c.num_layers,
-                              metadata_params={nn.PARTITION_NAME: "layers"}, methods=["__call__", "cross_key_value"])
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+                methods=["__call__", "cross_key_value"],
+            )
             self.blocks = scanned(c)
         else:
             self.blocks = [block(c, name=f"block_{i}") for i in range(c.num_layers)]
-        self.out_norm = nn.LayerNorm(epsilon=c.norm_eps, dtype=dtype, param_dtype=pdtype,
-                                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-        self.heads = [nn.Dense(c.card, use_bias=False, dtype=dtype, param_dtype=pdtype, name=f"head_{k}",
-                               kernel_init=nn.with_logical_partitioning(truncated_normal(c.dim ** -0.5),
-                                                                        ("embed", "vocab")))
-                      for k in range(c.n_q)]
+        self.out_norm = nn.LayerNorm(
+            epsilon=c.norm_eps,
+            dtype=dtype,
+            param_dtype=pdtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        )
+        self.heads = [
+            nn.Dense(
+                c.card,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=pdtype,
+                name=f"head_{k}",
+                kernel_init=nn.with_logical_partitioning(truncated_normal(c.dim**-0.5), ("embed", "vocab")),
+            )
+            for k in range(c.n_q)
+        ]
 
     def project_condition(self, cond_states: jax.Array, cond_mask: jax.Array) -> jax.Array:
         """T5 states `[B, L, Dt]` -> conditioning `[B, L, D]`, zero where `cond_mask` is 0 (docs/design.md §3)."""
@@ -177,9 +215,18 @@ class LanguageModel(nn.Module):
             return self.blocks.cross_key_value(None, condition, None, None, None, None, None)[1]
         return [blk.cross_key_value(None, condition)[1] for blk in self.blocks]
 
-    def __call__(self, codes: jax.Array, condition: jax.Array | None, cond_attend: jax.Array | None = None,
-                 stage: jax.Array | int = 0, *, cross_kv=None, cache: dict | None = None,
-                 self_mask: jax.Array | None = None, head: jax.Array | int | None = None):
+    def __call__(
+        self,
+        codes: jax.Array,
+        condition: jax.Array | None,
+        cond_attend: jax.Array | None = None,
+        stage: jax.Array | int = 0,
+        *,
+        cross_kv=None,
+        cache: dict | None = None,
+        self_mask: jax.Array | None = None,
+        head: jax.Array | int | None = None,
+    ):
         """Logits for every codebook.
 
         Args:
@@ -218,8 +265,15 @@ class LanguageModel(nn.Module):
         else:
             new_cache = []
             for i, blk in enumerate(self.blocks):
-                x, layer = blk(x, condition, None if cross_kv is None else cross_kv[i], self_mask, cross_mask,
-                               None if cache is None else jax.tree.map(lambda a: a[i], layer_cache), index)
+                x, layer = blk(
+                    x,
+                    condition,
+                    None if cross_kv is None else cross_kv[i],
+                    self_mask,
+                    cross_mask,
+                    None if cache is None else jax.tree.map(lambda a: a[i], layer_cache),
+                    index,
+                )
                 new_cache.append(layer)
             if cache is not None:
                 new_cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
@@ -228,8 +282,9 @@ class LanguageModel(nn.Module):
             logits = jnp.stack([h(x) for h in self.heads], axis=1).astype(jnp.float32)
             logits = nn.with_logical_constraint(logits, ("batch", None, "length", "act_vocab"))
         else:  # the selected kernel only: K times fewer head FLOPs
-            kernel = jax.lax.dynamic_index_in_dim(jnp.stack([h.variables["params"]["kernel"] for h in self.heads]),
-                                                  head, keepdims=False)
+            kernel = jax.lax.dynamic_index_in_dim(
+                jnp.stack([h.variables["params"]["kernel"] for h in self.heads]), head, keepdims=False
+            )
             logits = jnp.dot(x, kernel.astype(x.dtype)).astype(jnp.float32)
             logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         if cache is None:
@@ -282,6 +337,7 @@ def init_params(model: LanguageModel, key: jax.Array, *, length: int = 8, cond_l
 
     def run(m, codes, states, mask):
         return m(codes, m.project_condition(states, mask))
+
     variables = model.init(key, codes, states, mask, method=run)
     return depthwise_rescale(variables["params"], c)
 

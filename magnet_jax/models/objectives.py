@@ -12,7 +12,7 @@ Training, checkpoints and generation all take the objective from here (config `t
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -45,9 +45,18 @@ class Objective:
         """audiocraft's release format (`state_dict.bin`) can hold such a model."""
         return not self.delay_layout
 
-    def logits(self, model: LanguageModel, variables, inputs: jax.Array, stage: jax.Array,
-               condition: jax.Array | None, cond_attend: jax.Array | None = None, *,
-               boundary: jax.Array | None = None, cross_kv=None) -> jax.Array:
+    def logits(
+        self,
+        model: LanguageModel,
+        variables,
+        inputs: jax.Array,
+        stage: jax.Array,
+        condition: jax.Array | None,
+        cond_attend: jax.Array | None = None,
+        *,
+        boundary: jax.Array | None = None,
+        cross_kv=None,
+    ) -> jax.Array:
         """Frame-aligned logits `[B, K, T, card]` for codes `inputs [B, K, T]` at codebook `stage` (traced ok).
 
         `condition`, `cond_attend`, `cross_kv` as in `LanguageModel.__call__`; `boundary [B]` (delay layout only)
@@ -58,11 +67,11 @@ class Objective:
         config = model.config
         _, n_q, length = inputs.shape
         layout = codebook_patterns.apply_delay_pattern(inputs, config.mask_id)
-        mask = hybrid_attention_mask(boundary, stage, length=length, n_q=n_q,
-                                     subcodes_context=config.subcodes_context)
+        mask = hybrid_attention_mask(boundary, stage, length=length, n_q=n_q, subcodes_context=config.subcodes_context)
         logits = model.apply(variables, layout, condition, cond_attend, cross_kv=cross_kv, self_mask=mask)
-        return nn.with_logical_constraint(codebook_patterns.frame_logits(logits, length),
-                                          ("batch", None, "length", "act_vocab"))
+        return nn.with_logical_constraint(
+            codebook_patterns.frame_logits(logits, length), ("batch", None, "length", "act_vocab")
+        )
 
 
 MAGNET = Objective("magnet", "MAGNeT", delay_layout=False)

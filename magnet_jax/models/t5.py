@@ -7,6 +7,7 @@ Param tree: `embedding [vocab, d]`, `relpos_bias [buckets, H]` (first layer's, s
 {attn_norm/scale, {query,key,value}/kernel [d, H, dkv], out/kernel [H, dkv, d], ffn_norm/scale,
 wi/kernel | wi_0/kernel + wi_1/kernel [d, d_ff], wo/kernel [d_ff, d]}`, `final_norm/scale`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,14 +47,16 @@ def relative_position_bucket(relative: jax.Array, num_buckets: int, max_distance
     bucket = (relative > 0).astype(jnp.int32) * half
     distance = jnp.abs(relative)
     exact = half // 2
-    log_bucket = exact + (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact)
-                          / math.log(max_distance / exact) * (half - exact)).astype(jnp.int32)
+    log_bucket = exact + (
+        jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / math.log(max_distance / exact) * (half - exact)
+    ).astype(jnp.int32)
     log_bucket = jnp.minimum(log_bucket, half - 1)
     return bucket + jnp.where(distance < exact, distance, log_bucket)
 
 
 class T5LayerNorm(nn.Module):
     """RMS norm with a scale and no bias, computed in float32."""
+
     epsilon: float
     dtype: jnp.dtype
 
@@ -72,11 +75,12 @@ class T5Block(nn.Module):
     def __call__(self, x, bias):
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        init = nn.initializers.normal(c.d_model ** -0.5)
+        init = nn.initializers.normal(c.d_model**-0.5)
 
         def dense(features, axes, name, in_ndim=1):
             features = features if isinstance(features, tuple) else (features,)
             return Projection(features, in_ndim, axes, init, dtype, name=name)
+
         h = T5LayerNorm(c.layer_norm_epsilon, dtype, name="attn_norm")(x)
         heads = ("embed", "heads", "kv")
         q = dense((c.num_heads, c.d_kv), heads, "query")(h)
@@ -88,8 +92,9 @@ class T5Block(nn.Module):
         x = x + dense(c.d_model, ("heads", "kv", "embed"), "out", in_ndim=2)(attn)
         h = T5LayerNorm(c.layer_norm_epsilon, dtype, name="ffn_norm")(x)
         if c.gated:
-            h = nn.gelu(dense(c.d_ff, ("embed", "mlp"), "wi_0")(h), approximate=True) * \
-                dense(c.d_ff, ("embed", "mlp"), "wi_1")(h)
+            h = nn.gelu(dense(c.d_ff, ("embed", "mlp"), "wi_0")(h), approximate=True) * dense(
+                c.d_ff, ("embed", "mlp"), "wi_1"
+            )(h)
         else:
             h = nn.relu(dense(c.d_ff, ("embed", "mlp"), "wi")(h))
         return x + dense(c.d_model, ("mlp", "embed"), "wo")(h)
@@ -97,20 +102,31 @@ class T5Block(nn.Module):
 
 class T5Encoder(nn.Module):
     """`__call__(ids [B, L] int32, mask [B, L]) -> last hidden state [B, L, d_model]` (transformers T5EncoderModel)."""
+
     config: T5Config
 
     @nn.compact
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        x = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, name="embedding",
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))(ids)
+        x = nn.Embed(
+            c.vocab_size,
+            c.d_model,
+            dtype=dtype,
+            name="embedding",
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        )(ids)
         length = ids.shape[1]
-        buckets = relative_position_bucket(jnp.arange(length)[None, :] - jnp.arange(length)[:, None],
-                                           c.relative_attention_num_buckets, c.relative_attention_max_distance)
-        table = self.param("relpos_bias", nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                                       ("relpos_buckets", "heads")),
-                           (c.relative_attention_num_buckets, c.num_heads))
+        buckets = relative_position_bucket(
+            jnp.arange(length)[None, :] - jnp.arange(length)[:, None],
+            c.relative_attention_num_buckets,
+            c.relative_attention_max_distance,
+        )
+        table = self.param(
+            "relpos_bias",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("relpos_buckets", "heads")),
+            (c.relative_attention_num_buckets, c.num_heads),
+        )
         bias = jnp.transpose(table[buckets], (2, 0, 1))[None].astype(jnp.float32)  # [1, H, Lq, Lk]
         bias = bias + jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         for i in range(c.num_layers):

@@ -13,12 +13,14 @@ Saves are asynchronous (the device-to-host copy blocks, the write does not), hap
 `checkpoint.keep_every`-th step. `PreemptionWatcher` tells the train loop when to save and stop: SIGTERM in a
 single-process job, JAX's preemption sync point (all processes agree on the step) in a multi-process one.
 """
+
 from __future__ import annotations
 
 import json
 import signal
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -42,13 +44,15 @@ def make_manager(directory: str, ckpt_cfg: ml_collections.ConfigDict) -> ocp.Che
     if ckpt_cfg.every_steps <= 0 or ckpt_cfg.keep <= 0 or ckpt_cfg.keep_every < 0:
         raise CheckpointError(
             f"checkpoint config: every_steps={ckpt_cfg.every_steps}, keep={ckpt_cfg.keep} must be >= 1 and "
-            f"keep_every={ckpt_cfg.keep_every} >= 0")
+            f"keep_every={ckpt_cfg.keep_every} >= 0"
+        )
     keep = policies.LatestN(ckpt_cfg.keep)
     if ckpt_cfg.keep_every:
         keep = policies.AnyPreservationPolicy([keep, policies.EveryNSteps(ckpt_cfg.keep_every)])
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.AnySavePolicy([
-            policies.FixedIntervalPolicy(ckpt_cfg.every_steps), policies.PreemptionCheckpointingPolicy()]),
+        save_decision_policy=policies.AnySavePolicy(
+            [policies.FixedIntervalPolicy(ckpt_cfg.every_steps), policies.PreemptionCheckpointingPolicy()]
+        ),
         preservation_policy=keep,
         enable_async_checkpointing=ckpt_cfg.async_save,
         create=True,
@@ -75,8 +79,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iter: Any, config: ml_collections.ConfigDict, *,
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state: Any, data_iter: Any, config: ml_collections.ConfigDict, *, force: bool = False
+    ) -> bool:
         """Saves if the policies say so (interval or preemption) or `force`; returns whether a save started.
 
         Must be called on every process at every step (orbax synchronizes the decision across processes).
@@ -89,8 +94,9 @@ class Checkpointer:
             logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
         return saved
 
-    def restore(self, target: Any, data_iter: Any, config: ml_collections.ConfigDict, *,
-                step: int | None = None) -> Any:
+    def restore(
+        self, target: Any, data_iter: Any, config: ml_collections.ConfigDict, *, step: int | None = None
+    ) -> Any:
         """Restores `step` (default: latest) onto `target`'s shardings; `data_iter` is set to its saved position.
 
         Args:
@@ -104,7 +110,9 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"checkpoint: no checkpoint in {self.directory}")
         where = f"checkpoint {self.directory}/{step}"
-        saved_config = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
+        saved_config = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[
+            CONFIG_ITEM
+        ]
         check_model_config(saved_config, config, where=where)
         items = {STATE_ITEM: ocp.args.StandardRestore(target)}
         if data_iter is not None:
@@ -131,8 +139,10 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
 
 def check_model_config(saved: Mapping[str, Any], config: ml_collections.ConfigDict, *, where: str) -> None:
     """Raises CheckpointError naming every `model.*` field that differs between a checkpoint and this run."""
-    diffs = [f"model.{k}: checkpoint {a!r} vs config {b!r}"
-             for k, a, b in config_differences(saved.get("model", {}), config_to_json(config)["model"])]
+    diffs = [
+        f"model.{k}: checkpoint {a!r} vs config {b!r}"
+        for k, a, b in config_differences(saved.get("model", {}), config_to_json(config)["model"])
+    ]
     if diffs:
         raise CheckpointError(f"{where} was written by a different model ({'; '.join(diffs)})")
 

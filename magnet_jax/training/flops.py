@@ -4,6 +4,7 @@ Training FLOPs per step = 6 · (T · P_frame + L · P_text) · B + 3 · attentio
 positions each one sees (P_frame per code frame, P_text per text position) and self/cross-attention counted densely;
 embeddings, norms and the frozen T5 are not counted.
 """
+
 from __future__ import annotations
 
 from magnet_jax.models.lm import LMConfig

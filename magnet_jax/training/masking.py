@@ -3,6 +3,7 @@
 Pure functions of JAX PRNG keys; the stage is a traced value, so one compiled training step serves every stage.
 Codes are `[B, K, T]`, time masks `[B, T]` bool, logits `[B, K, T, V]`.
 """
+
 from __future__ import annotations
 
 import flax.struct
@@ -42,8 +43,7 @@ def sample_mask_rates(key: jax.Array, batch: int) -> jax.Array:
     return jnp.cos(0.5 * jnp.pi * jax.random.uniform(key, (batch,), jnp.float32))
 
 
-def time_mask_from_noise(noise: jax.Array, rates: jax.Array, table: jax.Array | np.ndarray,
-                         span_len: int) -> jax.Array:
+def time_mask_from_noise(noise: jax.Array, rates: jax.Array, table: jax.Array | np.ndarray, span_len: int) -> jax.Array:
     """Span mask `[B, T]` (True = masked) from iid uniform `noise [B, T]` and `rates [B]`.
 
     Span starts are the positions t with `argsort(noise)[t] < k` (the reference's construction; a uniformly random
@@ -70,8 +70,9 @@ def _extend_spans(starts: jax.Array, span_len: int) -> jax.Array:
     return mask
 
 
-def time_mask(key: jax.Array, rates: jax.Array, seq_len: int, table: jax.Array | np.ndarray,
-              span_len: int) -> jax.Array:
+def time_mask(
+    key: jax.Array, rates: jax.Array, seq_len: int, table: jax.Array | np.ndarray, span_len: int
+) -> jax.Array:
     """Random span mask `[B, T]` for per-sample `rates [B]` (see `time_mask_from_noise`)."""
     noise = jax.random.uniform(key, (rates.shape[0], seq_len), jnp.float32)
     return time_mask_from_noise(noise, rates, table, span_len)
@@ -87,8 +88,9 @@ def mask_codes(codes: jax.Array, stage: jax.Array, mask: jax.Array, mask_id: int
     return jnp.where(masked, jnp.asarray(mask_id, codes.dtype), codes)
 
 
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array, stage: jax.Array,
-                         mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def masked_cross_entropy(
+    logits: jax.Array, targets: jax.Array, stage: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy of codebook `stage` on the masked tokens only.
 
     Args:
@@ -112,13 +114,20 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, stage: jax.Array
 @flax.struct.dataclass
 class MaskedBatch:
     """One step's masking: `inputs [B, K, T]` for the LM, the trained `stage`, the loss `mask [B, T]`."""
+
     inputs: jax.Array
     stage: jax.Array
     mask: jax.Array
 
 
-def mask_batch(key: jax.Array, codes: jax.Array, table: jax.Array | np.ndarray, span_len: int,
-               mask_id: int, stage: jax.Array | int | None = None) -> MaskedBatch:
+def mask_batch(
+    key: jax.Array,
+    codes: jax.Array,
+    table: jax.Array | np.ndarray,
+    span_len: int,
+    mask_id: int,
+    stage: jax.Array | int | None = None,
+) -> MaskedBatch:
     """Draws the stage (unless given), the per-sample rates and span masks for `codes [B, K, T]`, and masks the
     inputs; the same key with different given stages draws the same rates and masks."""
     stage_key, rate_key, mask_key = jax.random.split(key, 3)
@@ -133,8 +142,9 @@ def span_count_tables(max_len: int, span_len: int) -> np.ndarray:
     return np.stack([np.zeros(101, np.int32)] + [span_count_table(n, span_len) for n in range(1, max_len + 1)])
 
 
-def suffix_time_mask_from_noise(noise: jax.Array, rates: jax.Array, start: jax.Array,
-                                tables: jax.Array | np.ndarray, span_len: int) -> jax.Array:
+def suffix_time_mask_from_noise(
+    noise: jax.Array, rates: jax.Array, start: jax.Array, tables: jax.Array | np.ndarray, span_len: int
+) -> jax.Array:
     """Span mask `[B, T]` confined to each sample's suffix [start, T) of n = T - start >= 1 tokens.
 
     The span starts are a uniformly random subset of the suffix: the first `count` positions of the suffix ordered
@@ -160,8 +170,7 @@ def _prefix_frames(boundary: jax.Array, n_q: int, length: int) -> jax.Array:
     return frame < (boundary[:, None, None] - jnp.arange(n_q)[None, :, None])
 
 
-def hybrid_inputs(codes: jax.Array, stage: jax.Array, boundary: jax.Array, mask: jax.Array,
-                  mask_id: int) -> jax.Array:
+def hybrid_inputs(codes: jax.Array, stage: jax.Array, boundary: jax.Array, mask: jax.Array, mask_id: int) -> jax.Array:
     """Hybrid-MAGNeT inputs `[B, K, T]` (frames, before the delay layout): codebooks above `stage` masked outside
     their prefix, codebook `stage` masked where `mask [B, T]` (inside its suffix), the rest ground truth."""
     batch, n_q, length = codes.shape
@@ -170,8 +179,9 @@ def hybrid_inputs(codes: jax.Array, stage: jax.Array, boundary: jax.Array, mask:
     return jnp.where(masked, jnp.asarray(mask_id, codes.dtype), codes)
 
 
-def hybrid_loss_positions(boundary: jax.Array, stage: jax.Array, mask: jax.Array,
-                          n_q: int) -> tuple[jax.Array, jax.Array]:
+def hybrid_loss_positions(
+    boundary: jax.Array, stage: jax.Array, mask: jax.Array, n_q: int
+) -> tuple[jax.Array, jax.Array]:
     """`(prefix, suffix)` `[B, K, T]` bool: every prefix frame (AR next-token loss) and the masked suffix frames of
     codebook `stage` (MAGNeT loss). Disjoint when `mask` lies inside the suffix."""
     prefix = _prefix_frames(boundary, n_q, mask.shape[-1])
@@ -179,8 +189,9 @@ def hybrid_loss_positions(boundary: jax.Array, stage: jax.Array, mask: jax.Array
     return prefix, suffix
 
 
-def hybrid_cross_entropy(logits: jax.Array, targets: jax.Array, boundary: jax.Array, stage: jax.Array,
-                         mask: jax.Array) -> dict[str, jax.Array]:
+def hybrid_cross_entropy(
+    logits: jax.Array, targets: jax.Array, boundary: jax.Array, stage: jax.Array, mask: jax.Array
+) -> dict[str, jax.Array]:
     """Sums of the Hybrid-MAGNeT loss.
 
     Args:
@@ -196,22 +207,33 @@ def hybrid_cross_entropy(logits: jax.Array, targets: jax.Array, boundary: jax.Ar
     ce = jax.nn.logsumexp(logits, axis=-1) - target_logit
     prefix, suffix = hybrid_loss_positions(boundary, stage, mask, targets.shape[1])
     prefix, suffix = prefix.astype(jnp.float32), suffix.astype(jnp.float32)
-    return {"ar_ce": jnp.sum(ce * prefix), "ar_count": jnp.sum(prefix),
-            "nar_ce": jnp.sum(ce * suffix), "nar_count": jnp.sum(suffix)}
+    return {
+        "ar_ce": jnp.sum(ce * prefix),
+        "ar_count": jnp.sum(prefix),
+        "nar_ce": jnp.sum(ce * suffix),
+        "nar_count": jnp.sum(suffix),
+    }
 
 
 @flax.struct.dataclass
 class HybridBatch:
     """One step's Hybrid-MAGNeT draw: `inputs [B, K, T]`, the `stage`, the layout `boundary [B]`, the suffix span
     `mask [B, T]` of codebook `stage`."""
+
     inputs: jax.Array
     stage: jax.Array
     boundary: jax.Array
     mask: jax.Array
 
 
-def hybrid_batch(key: jax.Array, codes: jax.Array, tables: jax.Array | np.ndarray, span_len: int, mask_id: int,
-                 stage: jax.Array | int | None = None) -> HybridBatch:
+def hybrid_batch(
+    key: jax.Array,
+    codes: jax.Array,
+    tables: jax.Array | np.ndarray,
+    span_len: int,
+    mask_id: int,
+    stage: jax.Array | int | None = None,
+) -> HybridBatch:
     """Draws the stage (unless given), boundaries b ~ U[0, T), cosine rates and suffix span masks for `codes
     [B, K, T]`; the same key with different given stages draws the same boundaries, rates and noise."""
     stage_key, boundary_key, rate_key, mask_key = jax.random.split(key, 4)
@@ -219,7 +241,9 @@ def hybrid_batch(key: jax.Array, codes: jax.Array, tables: jax.Array | np.ndarra
     stage = sample_stage(stage_key, n_q) if stage is None else jnp.asarray(stage, jnp.int32)
     boundary = jax.random.randint(boundary_key, (batch,), 0, length, dtype=jnp.int32)
     noise = jax.random.uniform(mask_key, (batch, length), jnp.float32)
-    mask = suffix_time_mask_from_noise(noise, sample_mask_rates(rate_key, batch), jnp.maximum(boundary - stage, 0),
-                                       tables, span_len)
-    return HybridBatch(inputs=hybrid_inputs(codes, stage, boundary, mask, mask_id), stage=stage, boundary=boundary,
-                       mask=mask)
+    mask = suffix_time_mask_from_noise(
+        noise, sample_mask_rates(rate_key, batch), jnp.maximum(boundary - stage, 0), tables, span_len
+    )
+    return HybridBatch(
+        inputs=hybrid_inputs(codes, stage, boundary, mask, mask_id), stage=stage, boundary=boundary, mask=mask
+    )

@@ -4,19 +4,21 @@ Throughput definitions (per optimizer step, global batch B, K codebooks, T frame
   tokens/s         = B·K·T / step time        (codebook tokens, the unit audio LMs count)
   audio-seconds/s  = B·S / step time
   MFU              = model FLOPs per step / (step time · peak FLOP/s per device · devices)
-Model FLOPs per step come from `magnet_jax.training.flops` (documented formula there). The peak is the device's dense bf16
-peak from `PEAK_FLOPS` (matched on `device.device_kind`); on CPU it is a matmul FLOP/s measured at start-up with
+Model FLOPs per step come from `magnet_jax.training.flops` (documented formula there). The peak is the device's dense
+bf16 peak from `PEAK_FLOPS` (matched on `device.device_kind`); on CPU it is a matmul FLOP/s measured at start-up with
 every local device busy at once (`measure_matmul_peak`), so simulated CPU devices sharing cores are not overcounted.
 
 Step time is wall time over a logging interval divided by its steps, measured after the interval's last metrics
 are fetched (so it includes dispatch and the device work, and excludes evaluation and checkpoint time).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,18 +78,29 @@ def device_peak_flops(devices: Sequence[jax.Device]) -> tuple[float, str]:
 class Throughput:
     """Per-step sizes of a run; turns an interval's step time into tokens/s, audio-seconds/s and MFU."""
 
-    def __init__(self, *, batch_size: int, n_q: int, seq_len: int, segment_seconds: float, flops_per_step: float,
-                 peak_flops: float, num_devices: int):
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        n_q: int,
+        seq_len: int,
+        segment_seconds: float,
+        flops_per_step: float,
+        peak_flops: float,
+        num_devices: int,
+    ):
         self.tokens_per_step = batch_size * n_q * seq_len
         self.audio_seconds_per_step = batch_size * segment_seconds
         self.flops_per_step = flops_per_step
         self.peak_total = peak_flops * num_devices
 
     def __call__(self, step_time: float) -> dict[str, float]:
-        return {"step_time": step_time,
-                "tokens_per_s": self.tokens_per_step / step_time,
-                "audio_seconds_per_s": self.audio_seconds_per_step / step_time,
-                "mfu": self.flops_per_step / (step_time * self.peak_total)}
+        return {
+            "step_time": step_time,
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "audio_seconds_per_s": self.audio_seconds_per_step / step_time,
+            "mfu": self.flops_per_step / (step_time * self.peak_total),
+        }
 
 
 def summarize(history: Sequence[Mapping[str, Any]], *, last: Sequence[str] = ()) -> dict[str, float]:

@@ -12,6 +12,7 @@ Public API:
 `optim_cfg` is the `optim` section of `configs/magnet.py` (name, lr, b1, b2, eps, weight_decay, schedule,
 warmup_steps, lr_min_ratio, total_steps, clip_norm, ema_decay, ema_every, grad_accum_steps).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,22 +32,31 @@ def learning_rate_schedule(optim_cfg) -> optax.Schedule:
     if optim_cfg.schedule != "cosine":
         raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: expected 'cosine'")
     if not 0 <= optim_cfg.warmup_steps < optim_cfg.total_steps:
-        raise ValueError(f"optim.warmup_steps={optim_cfg.warmup_steps} must be in [0, optim.total_steps="
-                         f"{optim_cfg.total_steps})")
+        raise ValueError(
+            f"optim.warmup_steps={optim_cfg.warmup_steps} must be in [0, optim.total_steps={optim_cfg.total_steps})"
+        )
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
-        decay_steps=optim_cfg.total_steps, end_value=optim_cfg.lr * optim_cfg.lr_min_ratio)
+        init_value=0.0,
+        peak_value=optim_cfg.lr,
+        warmup_steps=optim_cfg.warmup_steps,
+        decay_steps=optim_cfg.total_steps,
+        end_value=optim_cfg.lr * optim_cfg.lr_min_ratio,
+    )
 
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
     """Clipping + AdamW or D-Adaptation AdamW with the reference's hyper-parameters (β 0.9/0.95, wd 0.1, ε 1e-8)."""
     schedule = learning_rate_schedule(optim_cfg)
     if optim_cfg.name == "adamw":
-        base = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                           weight_decay=optim_cfg.weight_decay)
+        base = optax.adamw(
+            schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+        )
     elif optim_cfg.name == "dadam":
-        base = _wait_for_first_step(optax.contrib.dadapt_adamw(
-            schedule, betas=(optim_cfg.b1, optim_cfg.b2), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay))
+        base = _wait_for_first_step(
+            optax.contrib.dadapt_adamw(
+                schedule, betas=(optim_cfg.b1, optim_cfg.b2), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+            )
+        )
     else:
         raise ValueError(f"optim.name={optim_cfg.name!r}: expected 'adamw' or 'dadam'")
     if optim_cfg.clip_norm > 0:
@@ -60,12 +70,16 @@ def _wait_for_first_step(dadapt: optax.GradientTransformation) -> optax.Gradient
     With warm-up the first learning rate is 0, so optax's estimate would be 0 / 0 (NaN forever); the reference
     returns early on such a step. Here the step only advances the schedule's count.
     """
+
     def update(updates, state, params=None):
         new_updates, new_state = dadapt.update(updates, state, params)
         started = optax.tree.sum(jax.tree.map(jnp.abs, new_state.grad_sum)) > 0
         kept = state._replace(count=new_state.count)
-        return (jax.tree.map(lambda u: jnp.where(started, u, jnp.zeros_like(u)), new_updates),
-                jax.tree.map(lambda n, k: jnp.where(started, n, k), new_state, kept))
+        return (
+            jax.tree.map(lambda u: jnp.where(started, u, jnp.zeros_like(u)), new_updates),
+            jax.tree.map(lambda n, k: jnp.where(started, n, k), new_state, kept),
+        )
+
     return optax.GradientTransformation(dadapt.init, update)
 
 
@@ -80,7 +94,7 @@ def ema_update(ema: Any, params: Any, step: jax.Array, *, decay: float, every: i
     due = ((step + 1) % every == 0) & (count > 0)
     d = jnp.float32(decay)
     weight = jnp.where(due, (1.0 - d) / (1.0 - d ** count.astype(jnp.float32)), 0.0)
-    return jax.tree.map(lambda e, p: (e + weight.astype(e.dtype) * (p.astype(e.dtype) - e)), ema, params)
+    return jax.tree.map(lambda e, p: e + weight.astype(e.dtype) * (p.astype(e.dtype) - e), ema, params)
 
 
 def all_finite(tree: Any) -> jax.Array:

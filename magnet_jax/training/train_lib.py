@@ -17,11 +17,13 @@ Metrics (float32 scalars): loss (mean cross-entropy over the objective's tokens)
 clipping), lr (the schedule's value; D-Adaptation multiplies it by its own estimate), skipped_steps; with the hybrid
 objective also `ar_loss` / `nar_loss` (means over the prefix and the masked suffix tokens; NaN when a step has none).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -47,6 +49,7 @@ class TrainState:
     step: int32, training steps run (applied or skipped); params / ema_params: LM params (float32);
     opt_state: optax state of `optim.make_optimizer`; skipped_steps: int32, steps skipped for non-finite gradients.
     """
+
     step: jax.Array
     params: Any
     opt_state: Any
@@ -60,8 +63,13 @@ def build_model(config) -> LanguageModel:
 
 def _state_from_params(config, params) -> TrainState:
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=make_optimizer(config.optim).init(params),
-                      ema_params=jax.tree.map(jnp.copy, params), skipped_steps=zero)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=make_optimizer(config.optim).init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+        skipped_steps=zero,
+    )
 
 
 def _boxed_state(config, key) -> TrainState:
@@ -82,8 +90,7 @@ def _load_init_params(config, shardings) -> Any:
     source = config.train.init_from
     saved, params = load_lm(source, dtype=config.model.param_dtype, scan_layers=config.model.scan_layers)
     for field, theirs, ours in config_differences(saved["model"], dict(config.model), architecture_only=True):
-        raise WeightsError(f"{source}: its model.{field}={theirs!r} but the training config has "
-                           f"model.{field}={ours!r}")
+        raise WeightsError(f"{source}: its model.{field}={theirs!r} but the training config has model.{field}={ours!r}")
     return jax.device_put(params, shardings)
 
 
@@ -100,8 +107,9 @@ def create_train_state(config, key: jax.Array, *, mesh=None) -> TrainState:
     # context would constrain at the wrong rank); `out_shardings` places every leaf.
     if config.train.init_from:
         params = _load_init_params(config, shardings.params)
-        return jax.jit(functools.partial(_state_from_params, config), in_shardings=(shardings.params,),
-                       out_shardings=shardings)(params)
+        return jax.jit(
+            functools.partial(_state_from_params, config), in_shardings=(shardings.params,), out_shardings=shardings
+        )(params)
     return jax.jit(lambda k: nn.meta.unbox(_boxed_state(config, k)), out_shardings=shardings)(key)
 
 
@@ -114,11 +122,13 @@ def _condition(model: LanguageModel, params, t5_config, t5_params, text_ids, tex
 def _microbatches(tree: Any, count: int, mesh) -> Any:
     """`[B, ...]` leaves -> `[count, B / count, ...]`; microbatch j holds samples j, j + count, ... so that each
     microbatch stays spread over the devices of the batch axis."""
+
     def split(x):
         if x.shape[0] % count:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by optim.grad_accum_steps={count}")
         x = jnp.swapaxes(x.reshape((x.shape[0] // count, count) + x.shape[1:]), 0, 1)
         return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2), mesh=mesh)
+
     return jax.tree.map(split, tree)
 
 
@@ -152,8 +162,12 @@ class _HybridLoss:
 
     def sums(self, logits: jax.Array, micro: Mapping[str, jax.Array], stage: jax.Array) -> dict[str, jax.Array]:
         sums = masking.hybrid_cross_entropy(logits, micro["codes"], micro["boundary"], stage, micro["mask"])
-        return {"ce": sums["ar_ce"] + sums["nar_ce"], "count": sums["ar_count"] + sums["nar_count"],
-                "masked": sums["nar_count"], **sums}
+        return {
+            "ce": sums["ar_ce"] + sums["nar_ce"],
+            "count": sums["ar_count"] + sums["nar_count"],
+            "masked": sums["nar_count"],
+            **sums,
+        }
 
 
 _LOSSES = {objectives.MAGNET: _MagnetLoss(), objectives.HYBRID: _HybridLoss()}
@@ -172,23 +186,38 @@ def _drawn_arrays(drawn) -> dict[str, jax.Array]:
     return {f.name: getattr(drawn, f.name) for f in dataclasses.fields(drawn) if f.name != "stage"}
 
 
-def _loss_sums(config, model: LanguageModel, variables, micro: Mapping[str, jax.Array], stage: jax.Array,
-               condition: jax.Array | None, attend: jax.Array, cross_kv=None) -> dict[str, jax.Array]:
+def _loss_sums(
+    config,
+    model: LanguageModel,
+    variables,
+    micro: Mapping[str, jax.Array],
+    stage: jax.Array,
+    condition: jax.Array | None,
+    attend: jax.Array,
+    cross_kv=None,
+) -> dict[str, jax.Array]:
     """Cross-entropy sums of the objective: `ce`, `count`, `masked` (and `ar_*`, `nar_*` for hybrid), float32."""
     objective, loss = _objective(config)
-    logits = objective.logits(model, variables, micro["inputs"], stage, condition, attend,
-                              boundary=micro.get("boundary"), cross_kv=cross_kv)
+    logits = objective.logits(
+        model, variables, micro["inputs"], stage, condition, attend, boundary=micro.get("boundary"), cross_kv=cross_kv
+    )
     return loss.sums(logits, micro, stage)
 
 
 def _part_losses(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Hybrid's `ar_loss` / `nar_loss` (NaN where a part has no tokens); nothing for MAGNeT."""
-    return {f"{part}_loss": jnp.where(sums[f"{part}_count"] > 0, sums[f"{part}_ce"] / jnp.maximum(
-        sums[f"{part}_count"], 1.0), jnp.nan) for part in ("ar", "nar") if f"{part}_count" in sums}
+    return {
+        f"{part}_loss": jnp.where(
+            sums[f"{part}_count"] > 0, sums[f"{part}_ce"] / jnp.maximum(sums[f"{part}_count"], 1.0), jnp.nan
+        )
+        for part in ("ar", "nar")
+        if f"{part}_count" in sums
+    }
 
 
-def _train_step(config, mesh, t5_config, state: TrainState, t5_params, batch: Mapping[str, jax.Array],
-                key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+def _train_step(
+    config, mesh, t5_config, state: TrainState, t5_params, batch: Mapping[str, jax.Array], key: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
     model = build_model(config)
     tx = make_optimizer(config.optim)
     lm = model.config
@@ -198,8 +227,13 @@ def _train_step(config, mesh, t5_config, state: TrainState, t5_params, batch: Ma
     text_mask = conditioner.cfg_dropout(cfg_key, batch["text_mask"], config.conditioner.cfg_dropout)
     # `attend` is defined over the whole global batch (the longest description), so microbatching does not change it.
     attend = conditioner.cross_attend(batch["text_ids"])
-    inputs = {"codes": codes, **_drawn_arrays(masked), "text_ids": batch["text_ids"], "text_mask": text_mask,
-              "attend": attend}
+    inputs = {
+        "codes": codes,
+        **_drawn_arrays(masked),
+        "text_ids": batch["text_ids"],
+        "text_mask": text_mask,
+        "attend": attend,
+    }
 
     def loss_sums(params, micro):
         condition = _condition(model, params, t5_config, t5_params, micro["text_ids"], micro["text_mask"])
@@ -211,10 +245,12 @@ def _train_step(config, mesh, t5_config, state: TrainState, t5_params, batch: Ma
     if accum == 1:
         (_, sums), grads = grad_fn(state.params, inputs)
     else:
+
         def body(carry, micro):
             grads, sums = carry
             (_, s), g = grad_fn(state.params, micro)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, inputs)[0][1])
         (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), _microbatches(inputs, accum, mesh))
@@ -227,19 +263,24 @@ def _train_step(config, mesh, t5_config, state: TrainState, t5_params, batch: Ma
     params = _select(finite, optax.apply_updates(state.params, updates), state.params)
     opt_state = _select(finite, opt_state, state.opt_state)
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
-    ema = ema_update(state.ema_params, params, state.step, decay=config.optim.ema_decay,
-                     every=config.optim.ema_every)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                           skipped_steps=skipped)
+    ema = ema_update(state.ema_params, params, state.step, decay=config.optim.ema_decay, every=config.optim.ema_every)
+    new_state = TrainState(
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, skipped_steps=skipped
+    )
 
     ppl = jnp.exp(loss)
-    metrics = {"loss": loss, "ppl": ppl, **_per_stage(loss, masked.stage, lm.n_q, "loss"),
-               **_per_stage(ppl, masked.stage, lm.n_q, "ppl"),
-               "stage": masked.stage.astype(jnp.float32),
-               "mask_fraction": sums["masked"] / masked.mask.size,
-               "grad_norm": optax.tree.norm(grads),
-               "lr": learning_rate_schedule(config.optim)(state.step - state.skipped_steps).astype(jnp.float32),
-               "skipped_steps": skipped.astype(jnp.float32), **_part_losses(sums)}
+    metrics = {
+        "loss": loss,
+        "ppl": ppl,
+        **_per_stage(loss, masked.stage, lm.n_q, "loss"),
+        **_per_stage(ppl, masked.stage, lm.n_q, "ppl"),
+        "stage": masked.stage.astype(jnp.float32),
+        "mask_fraction": sums["masked"] / masked.mask.size,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": learning_rate_schedule(config.optim)(state.step - state.skipped_steps).astype(jnp.float32),
+        "skipped_steps": skipped.astype(jnp.float32),
+        **_part_losses(sums),
+    }
     return new_state, metrics
 
 
@@ -258,10 +299,18 @@ def make_train_step(config, mesh, t5_config: T5Config):
     def step(state, t5_params, batch, key):
         with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return _train_step(config, mesh, t5_config, state, t5_params, batch, key)
-    return jax.jit(step, donate_argnums=(0,),
-                   in_shardings=(state_shardings, t5.param_shardings(t5_config, mesh, rules),
-                                 sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+    return jax.jit(
+        step,
+        donate_argnums=(0,),
+        in_shardings=(
+            state_shardings,
+            t5.param_shardings(t5_config, mesh, rules),
+            sharding.batch_sharding(mesh, rules),
+            sharding.replicated(mesh),
+        ),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+    )
 
 
 def _eval_step(config, t5_config, params, t5_params, batch, key) -> dict[str, jax.Array]:
@@ -306,13 +355,20 @@ def make_eval_step(config, mesh, t5_config: T5Config):
     def step(params, t5_params, batch, key):
         with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return _eval_step(config, t5_config, params, t5_params, batch, key)
-    return jax.jit(step, in_shardings=(state_shardings.params, t5.param_shardings(t5_config, mesh, rules),
-                                       sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+
+    return jax.jit(
+        step,
+        in_shardings=(
+            state_shardings.params,
+            t5.param_shardings(t5_config, mesh, rules),
+            sharding.batch_sharding(mesh, rules),
+            sharding.replicated(mesh),
+        ),
+        out_shardings=sharding.replicated(mesh),
+    )
 
 
-def export_params(state: TrainState, directory: str, config, *, use_ema: bool = True,
-                  dtype: str = "float32") -> None:
+def export_params(state: TrainState, directory: str, config, *, use_ema: bool = True, dtype: str = "float32") -> None:
     """Writes the params-only checkpoint that generation and fine-tuning load (`pretrained.save_pretrained`).
 
     Args:
@@ -325,6 +381,14 @@ def export_params(state: TrainState, directory: str, config, *, use_ema: bool = 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"export dtype={dtype!r}: expected 'float32' or 'bfloat16'")
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), state.ema_params if use_ema else state.params)
-    save_pretrained(directory, params, config_from_training(
-        config, step=jax.device_get(state.step), weights="ema" if use_ema else "params", dtype=dtype,
-        source="magnet_jax training"))
+    save_pretrained(
+        directory,
+        params,
+        config_from_training(
+            config,
+            step=jax.device_get(state.step),
+            weights="ema" if use_ema else "params",
+            dtype=dtype,
+            source="magnet_jax training",
+        ),
+    )

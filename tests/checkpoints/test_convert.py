@@ -1,4 +1,5 @@
 """Converted-checkpoint format, the convert CLI, audiocraft export, and every bad-input case."""
+
 import os
 import subprocess
 import sys
@@ -29,8 +30,8 @@ def xp_cfg(causal: bool = False, **changes) -> str:
     cfg = yaml.safe_load(f"""
 device: cuda
 dtype: float16
-solver: {'musicgen' if causal else 'magnet'}
-lm_model: {'transformer_lm' if causal else 'transformer_lm_magnet'}
+solver: {"musicgen" if causal else "magnet"}
+lm_model: {"transformer_lm" if causal else "transformer_lm_magnet"}
 sample_rate: 32000
 channels: 1
 compression_model_checkpoint: //pretrained/facebook/encodec_32khz
@@ -43,16 +44,16 @@ fuser: {{cross_attention_pos_emb: false, cross_attention_pos_emb_scale: 1, sum: 
 conditioners:
   description: {{model: t5, t5: {{name: t5-base, finetune: false, word_dropout: 0.3, normalize_text: false}}}}
 codebooks_pattern:
-  modeling: {'delay' if causal else 'parallel'}
+  modeling: {"delay" if causal else "parallel"}
   delay: {{delays: [0, 1, 2, 3], flatten_first: 0, empty_initial: 0}}
   parallel: {{empty_initial: -1}}
 transformer_lm:
-  dim: {TINY['dim']}
-  num_heads: {TINY['num_heads']}
-  num_layers: {TINY['num_layers']}
+  dim: {TINY["dim"]}
+  num_heads: {TINY["num_heads"]}
+  num_layers: {TINY["num_layers"]}
   hidden_scale: 4
-  n_q: {TINY['n_q']}
-  card: {TINY['card']}
+  n_q: {TINY["n_q"]}
+  card: {TINY["card"]}
   dropout: 0.0
   emb_lr: null
   activation: gelu
@@ -99,13 +100,21 @@ generate:
     return yaml.safe_dump(cfg)
 
 
-def write_audiocraft_dir(directory: Path, state: dict, *, dtype=torch.float32, xp: str | None = None,
-                         codec=("pretrained", "facebook/encodec_32khz")) -> Path:
+def write_audiocraft_dir(
+    directory: Path,
+    state: dict,
+    *,
+    dtype=torch.float32,
+    xp: str | None = None,
+    codec=("pretrained", "facebook/encodec_32khz"),
+) -> Path:
     """An audiocraft release directory: `state_dict.bin` (+ a compression pointer), as on the hub."""
     directory.mkdir(parents=True, exist_ok=True)
     best_state = {k: torch.from_numpy(np.asarray(v)).to(dtype) for k, v in state.items()}
-    torch.save({"best_state": best_state, "xp.cfg": xp or xp_cfg(), "version": "1.3.0", "exported": True},
-               directory / "state_dict.bin")
+    torch.save(
+        {"best_state": best_state, "xp.cfg": xp or xp_cfg(), "version": "1.3.0", "exported": True},
+        directory / "state_dict.bin",
+    )
     if codec:
         torch.save({codec[0]: codec[1], "exported": True, "version": "1.3.0"}, directory / "compression_state_dict.bin")
     return directory
@@ -133,6 +142,7 @@ def comparable(config: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # round trips
 
+
 @pytest.mark.parametrize("causal,dtype", [(False, torch.float32), (False, torch.float16), (True, torch.float32)])
 def test_audiocraft_import_export_import_is_exact(tmp_path, causal, dtype):
     state = state_dict_numpy(audiocraft_lm(**TINY, causal=causal))
@@ -142,10 +152,19 @@ def test_audiocraft_import_export_import_is_exact(tmp_path, causal, dtype):
     assert config["codec"]["source"] == "facebook/encodec_32khz" and config["conditioner"]["t5"] == "t5-base"
     assert config["segment_seconds"] == 1.0
     if not causal:
-        assert config["generate"] == {"use_sampling": True, "temperature": 3.0, "top_k": 0, "top_p": 0.9,
-                                      "max_cfg": 10.0, "min_cfg": 1.0, "decoding_steps": [20, 10, 10, 10],
-                                      "anneal_temp": True, "span_arrangement": "nonoverlap", "span_scoring": "max",
-                                      "span_len": 3}
+        assert config["generate"] == {
+            "use_sampling": True,
+            "temperature": 3.0,
+            "top_k": 0,
+            "top_p": 0.9,
+            "max_cfg": 10.0,
+            "min_cfg": 1.0,
+            "decoding_steps": [20, 10, 10, 10],
+            "anneal_temp": True,
+            "span_arrangement": "nonoverlap",
+            "span_scoring": "max",
+            "span_len": 3,
+        }
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}  # fp16 cast to the param dtype
 
     name = {torch.float32: "float32", torch.float16: "float16"}[dtype]
@@ -179,8 +198,9 @@ def test_load_pretrained_casts_and_changes_layer_layout(tmp_path, magnet_dir):
     assert config16["model"]["param_dtype"] == "bfloat16" and config16["model"]["scan_layers"] is False
     flat = flatten_dict(per_layer)
     assert {x.dtype.name for x in flat.values()} == {"bfloat16"}
-    np.testing.assert_array_equal(flat["block_1/linear1/kernel"],
-                                  params["blocks"]["linear1"]["kernel"][1].astype("bfloat16"))
+    np.testing.assert_array_equal(
+        flat["block_1/linear1/kernel"], params["blocks"]["linear1"]["kernel"][1].astype("bfloat16")
+    )
     # the bf16 copy is itself a valid checkpoint in the same format
     save_pretrained(tmp_path / "bf16", per_layer, config16)
     assert load_pretrained(tmp_path / "bf16")[0]["model"]["param_dtype"] == "bfloat16"
@@ -194,8 +214,11 @@ def test_load_pretrained_restores_onto_a_device_mesh(tmp_path, magnet_dir, scan_
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     # shard every leaf whose last axis divides by 8 (embed / vocab / mlp dims), replicate the rest
     shardings = jax.tree.map(
-        lambda x: NamedSharding(mesh, PartitionSpec(*([None] * (x.ndim - 1) + ["fsdp"]) if x.shape[-1] % 8 == 0
-                                                    else PartitionSpec())), host)
+        lambda x: NamedSharding(
+            mesh, PartitionSpec(*([None] * (x.ndim - 1) + ["fsdp"]) if x.shape[-1] % 8 == 0 else PartitionSpec())
+        ),
+        host,
+    )
     config, sharded = load_pretrained(tmp_path / "ckpt", scan_layers=scan_layers, shardings=shardings)
     assert config["model"]["scan_layers"] is scan_layers
     kernel = sharded["head_0"]["kernel"]
@@ -207,6 +230,7 @@ def test_load_pretrained_restores_onto_a_device_mesh(tmp_path, magnet_dir, scan_
 def test_sharded_transformers_checkpoint_imports_like_a_single_file(tmp_path):
     from test_lm_parity import _musicgen_decoder_config
     from transformers import MusicgenForCausalLM
+
     reference = MusicgenForCausalLM(_musicgen_decoder_config())
     reference.save_pretrained(tmp_path / "single")
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
@@ -229,6 +253,7 @@ def test_mha_key_variant_and_file_path_sources_import_the_same(tmp_path, magnet_
 # ---------------------------------------------------------------------------------------------------------------
 # audiocraft loads what we export
 
+
 def test_hybrid_model_is_not_exported_to_the_audiocraft_format(tmp_path):
     state = state_dict_numpy(audiocraft_lm(**TINY, causal=False))
     config, params = lm_weights.import_lm(str(write_audiocraft_dir(tmp_path / "release", state, xp=xp_cfg())))
@@ -244,16 +269,34 @@ def test_audiocraft_loader_accepts_export_of_a_model_trained_here(tmp_path, monk
     from audiocraft.modules.conditioners import ConditioningAttributes, T5Conditioner
 
     from magnet_jax.checkpoints.t5_weights import write_random_t5
-    t5_dir = str(write_random_t5(tmp_path / "t5", corpus=["happy rock song with drums", "calm piano", "jazz"] * 20,
-                                 d_model=TINY["cond_dim"], num_layers=1, num_heads=3, d_kv=8, d_ff=48))
+
+    t5_dir = str(
+        write_random_t5(
+            tmp_path / "t5",
+            corpus=["happy rock song with drums", "calm piano", "jazz"] * 20,
+            d_model=TINY["cond_dim"],
+            num_layers=1,
+            num_heads=3,
+            d_kv=8,
+            d_ff=48,
+        )
+    )
     model_config = LMConfig(**TINY)
     params = jax.jit(lambda k: nn.meta.unbox(init_params(LanguageModel(model_config), k)))(jax.random.key(3))
-    params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype),
-                          params)  # move LayerNorms off 1 / 0
-    save_pretrained(tmp_path / "trained", params, {
-        "model": model_config.to_dict(), "conditioner": {"t5": t5_dir, "t5_dim": TINY["cond_dim"]},
-        "codec": {"source": "facebook/encodec_32khz"}, "segment_seconds": 1.0,
-        "generate": {"temperature": 3.0, "decoding_steps": [4, 2, 2, 2], "span_len": 3}})
+    params = jax.tree.map(
+        lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype), params
+    )  # move LayerNorms off 1 / 0
+    save_pretrained(
+        tmp_path / "trained",
+        params,
+        {
+            "model": model_config.to_dict(),
+            "conditioner": {"t5": t5_dir, "t5_dim": TINY["cond_dim"]},
+            "codec": {"source": "facebook/encodec_32khz"},
+            "segment_seconds": 1.0,
+            "generate": {"temperature": 3.0, "decoding_steps": [4, 2, 2, 2], "span_len": 3},
+        },
+    )
     convert(str(tmp_path / "trained"), str(tmp_path / "audiocraft"), to="audiocraft")
     assert torch.load(tmp_path / "audiocraft" / "compression_state_dict.bin")["pretrained"] == "facebook/encodec_32khz"
 
@@ -263,8 +306,12 @@ def test_audiocraft_loader_accepts_export_of_a_model_trained_here(tmp_path, monk
     assert reference.cfg.generate.lm.decoding_steps == [4, 2, 2, 2]
 
     provider = reference.condition_provider
-    tokens = provider.tokenize([ConditioningAttributes(text={"description": "happy rock song with drums"}),
-                                ConditioningAttributes(text={"description": None})])
+    tokens = provider.tokenize(
+        [
+            ConditioningAttributes(text={"description": "happy rock song with drums"}),
+            ConditioningAttributes(text={"description": None}),
+        ]
+    )
     with torch.no_grad():
         condition_tensors = provider(tokens)
         states = provider.conditioners["description"].t5(**tokens["description"]).last_hidden_state.numpy()
@@ -278,7 +325,7 @@ def test_audiocraft_loader_accepts_export_of_a_model_trained_here(tmp_path, monk
     tokens = np.random.default_rng(4).integers(0, TINY["card"] + 1, (2, TINY["n_q"], 30))
     for stage in range(4):
         codes = tokens.copy()
-        codes[:, stage + 1:] = TINY["card"]  # codebooks above the stage are masked
+        codes[:, stage + 1 :] = TINY["card"]  # codebooks above the stage are masked
         with torch.no_grad():
             expected = reference(torch.tensor(codes), [], condition_tensors, stage=stage).numpy()
         print(f"stage {stage}: max relative error", assert_close(logits(codes, stage), expected))
@@ -287,10 +334,17 @@ def test_audiocraft_loader_accepts_export_of_a_model_trained_here(tmp_path, monk
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
+
 def run_cli(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "magnet_jax.convert", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "magnet_jax.convert", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_converts_release_to_checkpoint(tmp_path, magnet_dir):
@@ -311,6 +365,7 @@ def test_cli_bad_source_prints_one_line_and_exits_2(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: every case is a one-line WeightsError naming what is wrong, and nothing is written
+
 
 def expect_error(source, dst: Path, match: str, **kwargs):
     with pytest.raises(WeightsError, match=match) as e:
@@ -352,8 +407,10 @@ def test_pickles_are_read_with_weights_only(tmp_path, magnet_state):
             return os.system, (f"touch {marker}",)
 
     (tmp_path / "evil").mkdir()
-    torch.save({"best_state": {"emb.0.weight": torch.zeros(2)}, "xp.cfg": xp_cfg(), "payload": Payload()},
-               tmp_path / "evil" / "state_dict.bin")
+    torch.save(
+        {"best_state": {"emb.0.weight": torch.zeros(2)}, "xp.cfg": xp_cfg(), "payload": Payload()},
+        tmp_path / "evil" / "state_dict.bin",
+    )
     expect_error(tmp_path / "evil", tmp_path / "out", "cannot read .* as a PyTorch pickle")
     assert not marker.exists()
 
@@ -362,17 +419,21 @@ def test_fp16_weights_are_cast_to_the_param_dtype(tmp_path, magnet_state):
     source = write_audiocraft_dir(tmp_path / "fp16", magnet_state, dtype=torch.float16)
     config, params = load_lm(source)
     assert config["model"]["param_dtype"] == "float32" and config["provenance"]["source_dtypes"] == ["float16"]
-    np.testing.assert_array_equal(params["emb_1"]["embedding"],
-                                  magnet_state["emb.1.weight"].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        params["emb_1"]["embedding"], magnet_state["emb.1.weight"].astype(np.float16).astype(np.float32)
+    )
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("transformer_lm.norm_first", False, r"transformer_lm\.norm_first=False is not supported"),
-    ("transformer_lm.bias_attn", True, r"transformer_lm\.bias_attn=True is not supported"),
-    ("lm_model", "transformer_lm_flow", r"lm_model='transformer_lm_flow' is not supported"),
-    ("fuser.prepend", ["description"], r"fuser=.* is not supported"),
-    ("transformer_lm.causal", True, r"transformer_lm\.causal=True is not supported for transformer_lm_magnet"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("transformer_lm.norm_first", False, r"transformer_lm\.norm_first=False is not supported"),
+        ("transformer_lm.bias_attn", True, r"transformer_lm\.bias_attn=True is not supported"),
+        ("lm_model", "transformer_lm_flow", r"lm_model='transformer_lm_flow' is not supported"),
+        ("fuser.prepend", ["description"], r"fuser=.* is not supported"),
+        ("transformer_lm.causal", True, r"transformer_lm\.causal=True is not supported for transformer_lm_magnet"),
+    ],
+)
 def test_unsupported_architecture_options_are_named(tmp_path, magnet_state, field, value, match):
     source = write_audiocraft_dir(tmp_path / "odd", magnet_state, xp=xp_cfg(**{field: value}))
     expect_error(source, tmp_path / "out", match)
@@ -381,8 +442,9 @@ def test_unsupported_architecture_options_are_named(tmp_path, magnet_state, fiel
 def test_not_an_exported_checkpoint_is_explained(tmp_path):
     (tmp_path / "train").mkdir()
     torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "train" / "state_dict.bin")
-    expect_error(tmp_path / "train", tmp_path / "out",
-                 r"expected an exported audiocraft checkpoint .*found \['model'\]")
+    expect_error(
+        tmp_path / "train", tmp_path / "out", r"expected an exported audiocraft checkpoint .*found \['model'\]"
+    )
 
 
 def test_corrupt_converted_checkpoints_are_clear_errors(tmp_path, magnet_dir):

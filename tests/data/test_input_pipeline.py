@@ -1,5 +1,6 @@
 """Grain input pipeline over code records: epochs, crops, exact resume (orbax, workers, process count), audiocraft
 metadata parity, bad shards and records. (Audio files → codes → batches end to end: test_encode_audio.py.)"""
+
 import dataclasses
 import random
 import re
@@ -30,27 +31,49 @@ def data(tmp_path_factory):
     records = []
     for i in range(NUM_CLIPS):
         spec = sc.draw_spec(rng)
-        records.append(CodeRecord(codes=rng.integers(0, 64, (4, 75)).astype(np.int16), sample_rate=32000,
-                                  frame_rate=50.0, card=64, duration=1.5, segment_seconds=1.0,
-                                  source=f"clip_{i:05d}.wav", metadata=normalize_metadata(spec.sidecar(f"clip {i}"))))
+        records.append(
+            CodeRecord(
+                codes=rng.integers(0, 64, (4, 75)).astype(np.int16),
+                sample_rate=32000,
+                frame_rate=50.0,
+                card=64,
+                duration=1.5,
+                segment_seconds=1.0,
+                source=f"clip_{i:05d}.wav",
+                metadata=normalize_metadata(spec.sidecar(f"clip {i}")),
+            )
+        )
     (root / "codes").mkdir()
     for s in range(3):
-        write_shard(root / "codes" / shard_name(0, 1, s), [r.to_bytes() for r in records[4 * s:4 * s + 4]])
+        write_shard(root / "codes" / shard_name(0, 1, s), [r.to_bytes() for r in records[4 * s : 4 * s + 4]])
     descriptions = [r.description for r in records] + ["key: bpm: genre: moods: keywords: instrument:"]
     t5_dir = write_random_t5(root / "t5", corpus=descriptions * 4, vocab_size=200)
     return {"files": str(root / "codes" / "*.array_record"), "records": records, "t5": str(t5_dir)}
 
 
 def pipeline_config(data, **overrides) -> ip.PipelineConfig:
-    base = dict(files=data["files"], global_batch_size=4, seq_len=50, max_text_len=48, sample_rate=32000,
-                frame_rate=50.0, card=64, n_q=4, seed=0)
+    base = dict(
+        files=data["files"],
+        global_batch_size=4,
+        seq_len=50,
+        max_text_len=48,
+        sample_rate=32000,
+        frame_rate=50.0,
+        card=64,
+        n_q=4,
+        seed=0,
+    )
     return ip.PipelineConfig(**{**base, **overrides})
 
 
 def owner(records, window):
     """(record index, crop start) of a `[K, T]` window."""
-    hits = [(i, s) for i, r in enumerate(records) for s in range(r.codes.shape[1] - window.shape[1] + 1)
-            if np.array_equal(r.codes[:, s:s + window.shape[1]], window)]
+    hits = [
+        (i, s)
+        for i, r in enumerate(records)
+        for s in range(r.codes.shape[1] - window.shape[1] + 1)
+        if np.array_equal(r.codes[:, s : s + window.shape[1]], window)
+    ]
     assert len(hits) == 1, hits
     return hits[0]
 
@@ -68,11 +91,11 @@ def assert_same_batches(a, b):
 
 
 def test_every_epoch_visits_each_record_once_in_a_new_order(data):
-    iterator = ip.make_iterator(pipeline_config(data), TextTokenizer(data["t5"], max_length=48),
-                                process_index=0, process_count=1)
+    iterator = ip.make_iterator(
+        pipeline_config(data), TextTokenizer(data["t5"], max_length=48), process_index=0, process_count=1
+    )
     per_epoch = NUM_CLIPS // 4
-    epochs = [[owner(data["records"], c)[0] for b in take(iterator, per_epoch) for c in b["codes"]]
-              for _ in range(2)]
+    epochs = [[owner(data["records"], c)[0] for b in take(iterator, per_epoch) for c in b["codes"]] for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(NUM_CLIPS))
     assert epochs[0] != epochs[1]
 
@@ -94,8 +117,9 @@ def test_crops_are_seeded_uniform_windows(data):
 @pytest.mark.parametrize("worker_count", [0, 2])
 def test_restore_from_an_orbax_checkpoint_resumes_at_the_next_batch(data, tmp_path, worker_count):
     tokenizer = TextTokenizer(data["t5"], max_length=48, word_dropout=0.5)
-    settings = pipeline_config(data, merge_text_p=0.5, drop_desc_p=0.5, drop_other_p=0.5, word_dropout=True,
-                               worker_count=worker_count)
+    settings = pipeline_config(
+        data, merge_text_p=0.5, drop_desc_p=0.5, drop_other_p=0.5, word_dropout=True, worker_count=worker_count
+    )
 
     def new_iterator():
         return ip.make_iterator(settings, tokenizer, process_index=0, process_count=1)
@@ -114,8 +138,9 @@ def test_restore_from_an_orbax_checkpoint_resumes_at_the_next_batch(data, tmp_pa
     restored.close()
     assert [p.name for p in (tmp_path / "ckpt" / "5" / "data").glob("process_*")] == ["process_0-of-1.json"]
     if worker_count:  # the stream does not depend on the number of workers
-        in_process = ip.make_iterator(dataclasses.replace(settings, worker_count=0), tokenizer,
-                                      process_index=0, process_count=1)
+        in_process = ip.make_iterator(
+            dataclasses.replace(settings, worker_count=0), tokenizer, process_index=0, process_count=1
+        )
         take(in_process, 5)
         assert_same_batches(take(in_process, 4), expected)
 
@@ -175,36 +200,60 @@ def test_metadata_cleaning_and_merge_match_audiocraft():
     from audiocraft.data.audio_dataset import AudioMeta
     from audiocraft.data.music_dataset import MusicInfo, augment_music_info_description
 
-    segment = dict(meta=AudioMeta(path="a.wav", duration=10.0, sample_rate=32000), seek_time=0.0, n_frames=320000,
-                   total_frames=320000, sample_rate=32000, channels=1)  # what MusicDataset merges in
+    segment = dict(
+        meta=AudioMeta(path="a.wav", duration=10.0, sample_rate=32000),
+        seek_time=0.0,
+        n_frames=320000,
+        total_frames=320000,
+        sample_rate=32000,
+        channels=1,
+    )  # what MusicDataset merges in
 
     infos = [
-        {"description": "Calm piano piece.", "key": "c major", "bpm": 92.0, "genre": "classical",
-         "moods": ["calm", "soft"], "keywords": ["piano"], "instrument": "piano"},
+        {
+            "description": "Calm piano piece.",
+            "key": "c major",
+            "bpm": 92.0,
+            "genre": "classical",
+            "moods": ["calm", "soft"],
+            "keywords": ["piano"],
+            "instrument": "piano",
+        },
         {"description": "No metadata at all"},
         {"key": "a minor", "genre": "rock", "moods": ["dark"]},  # no description
         {"description": "Only bpm", "bpm": 120.0},
     ]
 
     sidecars = [  # audiocraft's per-field cleaning, applied once by the encode job (records.normalize_metadata)
-        {"description": "  A song.  ", "genre": " Rock ", "bpm": "120", "key": "C, G", "moods": "Happy, upbeat",
-         "keywords": ["Guitar", "None", ""], "instrument": "Piano", "title": "None", "artist": ""},
+        {
+            "description": "  A song.  ",
+            "genre": " Rock ",
+            "bpm": "120",
+            "key": "C, G",
+            "moods": "Happy, upbeat",
+            "keywords": ["Guitar", "None", ""],
+            "instrument": "Piano",
+            "title": "None",
+            "artist": "",
+        },
         {"genre": ["not", "a", "string"], "bpm": "fast", "key": " A Minor ", "moods": float("nan"), "keywords": 3},
     ]
     for raw in sidecars:
         reference = MusicInfo.from_dict({**raw, **segment}, fields_required=False)
-        expected = {k: getattr(reference, k) for k in ("title", "artist", "key", "bpm", "genre", "moods",
-                                                        "keywords", "description", "instrument")}
+        expected = {
+            k: getattr(reference, k)
+            for k in ("title", "artist", "key", "bpm", "genre", "moods", "keywords", "description", "instrument")
+        }
         assert normalize_metadata(raw) == {k: v for k, v in expected.items() if v is not None}
 
     def pieces(text):
         return None if text is None else sorted(text.split(". "))
 
     for info in infos:
-        for p in [(0.0, 0.0, 0.0), (1.0, 0.0, 1.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0), (1.0, 1.0, 0.0),
-                  (0.0, 1.0, 1.0)]:
-            ours = ip.merge_metadata(info.get("description"), info, random.Random(0), merge_text_p=p[0],
-                                     drop_desc_p=p[1], drop_other_p=p[2])
+        for p in [(0.0, 0.0, 0.0), (1.0, 0.0, 1.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0), (1.0, 1.0, 0.0), (0.0, 1.0, 1.0)]:
+            ours = ip.merge_metadata(
+                info.get("description"), info, random.Random(0), merge_text_p=p[0], drop_desc_p=p[1], drop_other_p=p[2]
+            )
             music_info = MusicInfo.from_dict({**info, **segment}, fields_required=False)
             if p[0]:  # MusicDataset only augments when merge_text_p is non-zero
                 music_info = augment_music_info_description(music_info, *p)
@@ -214,8 +263,10 @@ def test_metadata_cleaning_and_merge_match_audiocraft():
     # rates: a field is merged with probability merge_text_p * drop_other_p, the description dropped with
     # merge_text_p * drop_desc_p (4000 draws: standard error 0.005)
     rng = random.Random(1)
-    outs = [ip.merge_metadata("Desc", infos[0], rng, merge_text_p=0.25, drop_desc_p=0.5, drop_other_p=0.5) or ""
-            for _ in range(4000)]
+    outs = [
+        ip.merge_metadata("Desc", infos[0], rng, merge_text_p=0.25, drop_desc_p=0.5, drop_other_p=0.5) or ""
+        for _ in range(4000)
+    ]
     assert abs(np.mean(["genre: classical" in o for o in outs]) - 0.125) < 0.02
     assert abs(np.mean([not o.startswith("Desc") for o in outs]) - 0.125) < 0.02
 
@@ -232,8 +283,9 @@ def test_damaged_or_foreign_shards_are_clear_errors(data, tmp_path):
     good = Path(data["files"]).parent / "codes-p00000-of-00001-s00000.array_record"
 
     def open_iterator(files, **overrides):
-        return ip.make_iterator(pipeline_config(data, files=files, **overrides), tokenizer, process_index=0,
-                                process_count=1)
+        return ip.make_iterator(
+            pipeline_config(data, files=files, **overrides), tokenizer, process_index=0, process_count=1
+        )
 
     truncated = tmp_path / "truncated.array_record"
     truncated.write_bytes(good.read_bytes()[:1000])
@@ -268,24 +320,39 @@ def test_damaged_or_foreign_shards_are_clear_errors(data, tmp_path):
     record = data["records"][0]
     other_codec = tmp_path / "other.array_record"
     _write_records(other_codec, [dataclasses.replace(record, sample_rate=16000, frame_rate=50.0)])
-    with pytest.raises(RecordError, match=r"encoded by a codec with sample_rate 16000, frame_rate 50, card 64, 4 "
-                                          r"codebooks; the config expects 32000, 50, 64, 4"):
+    with pytest.raises(
+        RecordError,
+        match=r"encoded by a codec with sample_rate 16000, frame_rate 50, card 64, 4 "
+        r"codebooks; the config expects 32000, 50, 64, 4",
+    ):
         open_iterator(str(other_codec))
-    with pytest.raises(RecordError, match=r"encoded with segment_seconds 1 \(50 frames\) but training crops "
-                                          r"seq_len 100"):
+    with pytest.raises(
+        RecordError,
+        match=r"encoded with segment_seconds 1 \(50 frames\) but training crops "
+        r"seq_len 100",
+    ):
         open_iterator(data["files"], seq_len=100)
 
 
 def test_records_round_trip_and_detect_damage():
-    record = CodeRecord(codes=np.arange(40, dtype=np.int16).reshape(4, 10) % 7, sample_rate=16000, frame_rate=50.0,
-                        card=7, duration=0.2, segment_seconds=0.2, source="a/b.flac", offset=1.5,
-                        metadata={"description": "déjà vu", "moods": ["x"]})
+    record = CodeRecord(
+        codes=np.arange(40, dtype=np.int16).reshape(4, 10) % 7,
+        sample_rate=16000,
+        frame_rate=50.0,
+        card=7,
+        duration=0.2,
+        segment_seconds=0.2,
+        source="a/b.flac",
+        offset=1.5,
+        metadata={"description": "déjà vu", "moods": ["x"]},
+    )
     data = record.to_bytes()
     back = CodeRecord.from_bytes(data)
     np.testing.assert_array_equal(back.codes, record.codes)
     assert back.codes.dtype == np.int16 and back.description == "déjà vu"
-    assert {k: v for k, v in back.__dict__.items() if k != "codes"} == \
-        {k: v for k, v in record.__dict__.items() if k != "codes"}
+    assert {k: v for k, v in back.__dict__.items() if k != "codes"} == {
+        k: v for k, v in record.__dict__.items() if k != "codes"
+    }
     assert read_header(data)["codes_shape"] == [4, 10]
 
     flipped = bytearray(data)

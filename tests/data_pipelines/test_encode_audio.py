@@ -1,4 +1,5 @@
 """Audio → codes job: real audio files in, ArrayRecord shards of EnCodec codes out; resume; bad input."""
+
 import dataclasses
 import functools
 import json
@@ -50,8 +51,14 @@ def read_all(out_dir) -> dict[str, CodeRecord]:
 
 def run_job(input_dir, out_dir, **overrides):
     config, params = tiny_codec()
-    return ea.run(str(input_dir), str(out_dir), codec_source="tiny", codec_config=config, codec_params=params,
-                  **{**JOB, **overrides})
+    return ea.run(
+        str(input_dir),
+        str(out_dir),
+        codec_source="tiny",
+        codec_config=config,
+        codec_params=params,
+        **{**JOB, **overrides},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,8 @@ def test_codes_match_the_codec_on_each_file(corpus, tmp_path):
     summary = run_job(corpus[0].parent, tmp_path)
     assert summary["encoded"] == 5 and summary["skipped"] == 0 and summary["shards"] == 3
     assert sorted(p.name for p in tmp_path.glob("*.array_record")) == [
-        f"codes-p00000-of-00001-s0000{s}.array_record" for s in range(3)]
+        f"codes-p00000-of-00001-s0000{s}.array_record" for s in range(3)
+    ]
     config, params = tiny_codec()
     found = read_all(tmp_path)
     for path in corpus:
@@ -101,17 +109,20 @@ def test_encoded_files_come_out_of_the_input_pipeline_as_global_batches(corpus, 
 
     batch = next(input_pipeline.make_iterator(settings, tokenizer, sharding=batch_sharding))
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-        "codes": ((8, 4, 50), np.int32), "text_ids": ((8, 48), np.int32), "text_mask": ((8, 48), np.int32)}
+        "codes": ((8, 4, 50), np.int32),
+        "text_ids": ((8, 48), np.int32),
+        "text_mask": ((8, 48), np.int32),
+    }
     for value in batch.values():
         assert value.sharding == batch_sharding and len(value.addressable_shards) == 8
         assert value.addressable_shards[0].data.shape[0] == 1
     seen = set()
     for codes, ids, mask in zip(*(np.asarray(batch[k]) for k in ("codes", "text_ids", "text_mask"))):
-        (record,) = [r for r in records if any(np.array_equal(r.codes[:, s:s + 50], codes) for s in range(26))]
+        (record,) = [r for r in records if any(np.array_equal(r.codes[:, s : s + 50], codes) for s in range(26))]
         seen.add(record.source)
         expected = tokenizer([record.description])["ids"][0]
-        np.testing.assert_array_equal(ids[:len(expected)], expected)
-        assert not ids[len(expected):].any() and mask.sum() == len(expected)
+        np.testing.assert_array_equal(ids[: len(expected)], expected)
+        assert not ids[len(expected) :].any() and mask.sum() == len(expected)
     assert len(seen) == 5  # 8 examples from 5 records: every record once in the first epoch
 
 
@@ -120,8 +131,13 @@ def test_audio_is_downmixed_and_resampled_to_the_codec_rate(tmp_path):
     stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.3 * np.sin(2 * np.pi * 440 * t)], axis=1)
     sf.write(str(tmp_path / "a.flac"), stereo, 44100)
     (tmp_path / "a.json").write_text('{"description": "a tone"}')
-    loaded = ea.load_audio(ea.AudioItem(str(tmp_path / "a.flac")), sample_rate=SR, segment_seconds=1.0,
-                           min_segment_ratio=0.8, allow_missing_metadata=False)
+    loaded = ea.load_audio(
+        ea.AudioItem(str(tmp_path / "a.flac")),
+        sample_rate=SR,
+        segment_seconds=1.0,
+        min_segment_ratio=0.8,
+        allow_missing_metadata=False,
+    )
     assert loaded.wav.shape == (int(1.2 * SR),) and loaded.duration == pytest.approx(1.2)
     expected = 0.4 * np.sin(2 * np.pi * 440 * np.arange(loaded.wav.shape[0]) / SR)  # channel mean
     inner = slice(SR // 10, -SR // 10)  # away from the resampler's edge transients
@@ -133,14 +149,15 @@ def test_short_files_are_zero_padded_to_the_segment_or_skipped(tmp_path):
     rng = np.random.default_rng(1)
     music = sc.render(sc.draw_spec(rng), 1.0, SR, rng)
     for name, seconds in (("ok", 0.9), ("short", 0.5)):
-        sf.write(str(tmp_path / f"{name}.wav"), music[:int(seconds * SR)], SR, subtype="FLOAT")
+        sf.write(str(tmp_path / f"{name}.wav"), music[: int(seconds * SR)], SR, subtype="FLOAT")
         (tmp_path / f"{name}.json").write_text(json.dumps({"description": name}))
     summary = run_job(tmp_path, tmp_path / "out")
-    assert summary["skipped_files"] == [{"path": str(tmp_path / "short.wav"),
-                                         "reason": "too short: 0.50 s < 0.8 x 1 s segment"}]
+    assert summary["skipped_files"] == [
+        {"path": str(tmp_path / "short.wav"), "reason": "too short: 0.50 s < 0.8 x 1 s segment"}
+    ]
     record = read_all(tmp_path / "out")[str(tmp_path / "ok.wav")]
     assert record.duration == pytest.approx(0.9) and record.codes.shape == (4, 50)  # the full 1 s segment
-    padded = np.pad(music[:int(0.9 * SR)], (0, SR - int(0.9 * SR)))
+    padded = np.pad(music[: int(0.9 * SR)], (0, SR - int(0.9 * SR)))
     np.testing.assert_array_equal(record.codes, np.asarray(encodec.encode(config, params, padded[None, None]))[0])
 
 
@@ -212,14 +229,18 @@ def test_an_interrupted_job_resumes_and_skips_finished_shards(corpus, tmp_path, 
     (out / "codes-p00000-of-00001-s00002.array_record").write_bytes(b"")
     summary = run_job(corpus[0].parent, out)
     assert summary["shards_resumed"] == 2 and summary["shards_written"] == 1
-    assert (out / "codes-p00000-of-00001-s00002.array_record").read_bytes() == \
-        (reference / "codes-p00000-of-00001-s00002.array_record").read_bytes()
+    assert (out / "codes-p00000-of-00001-s00002.array_record").read_bytes() == (
+        reference / "codes-p00000-of-00001-s00002.array_record"
+    ).read_bytes()
 
 
 def test_resuming_with_other_settings_is_refused(corpus, tmp_path):
     run_job(corpus[0].parent, tmp_path, records_per_shard=5)
-    with pytest.raises(ea.EncodeJobError, match=r"holds the output of a job with other settings \(segment_seconds: "
-                                                 r"1\.0 -> 1\.2\)"):
+    with pytest.raises(
+        ea.EncodeJobError,
+        match=r"holds the output of a job with other settings \(segment_seconds: "
+        r"1\.0 -> 1\.2\)",
+    ):
         run_job(corpus[0].parent, tmp_path, records_per_shard=5, segment_seconds=1.2)
 
 
@@ -227,8 +248,11 @@ def test_processes_take_disjoint_shares_covering_every_file(corpus, tmp_path):
     for index in range(2):
         run_job(corpus[0].parent, tmp_path, process_index=index, process_count=2)
     names = sorted(p.name for p in tmp_path.glob("*.array_record"))
-    assert names == ["codes-p00000-of-00002-s00000.array_record", "codes-p00000-of-00002-s00001.array_record",
-                     "codes-p00001-of-00002-s00000.array_record"]
+    assert names == [
+        "codes-p00000-of-00002-s00000.array_record",
+        "codes-p00000-of-00002-s00001.array_record",
+        "codes-p00001-of-00002-s00000.array_record",
+    ]
     sources = [r.source for p in sorted(tmp_path.glob("*.array_record")) for r in read_shard(p)]
     assert sorted(sources) == sorted(map(str, corpus))
 
@@ -237,20 +261,27 @@ def test_manifest_entries_with_offsets_inline_metadata_and_stale_fields(corpus, 
     config, params = tiny_codec()
     manifest = tmp_path / "train.jsonl"
     rel = os.path.relpath(corpus[0], tmp_path)
-    manifest.write_text("\n".join(json.dumps(e) for e in [
-        {"path": rel, "offset": 0.25, "excerpt_seconds": 1.0, "description": "inline text", "bpm": "98"},
-        {"path": str(corpus[1]), "duration": 1.5, "sample_rate": SR},  # audiocraft manifest fields, consistent
-        {"path": str(corpus[2]), "duration": 1.5, "sample_rate": 44100},  # stale
-    ]) + "\n")
+    manifest.write_text(
+        "\n".join(
+            json.dumps(e)
+            for e in [
+                {"path": rel, "offset": 0.25, "excerpt_seconds": 1.0, "description": "inline text", "bpm": "98"},
+                {"path": str(corpus[1]), "duration": 1.5, "sample_rate": SR},  # audiocraft manifest fields, consistent
+                {"path": str(corpus[2]), "duration": 1.5, "sample_rate": 44100},  # stale
+            ]
+        )
+        + "\n"
+    )
     summary = run_job(manifest, tmp_path / "out")
-    assert summary["skipped_files"] == [{"path": str(corpus[2]), "reason": "manifest says sample_rate 44100 but the "
-                                                                           "file is 32000 Hz (stale manifest?)"}]
+    assert summary["skipped_files"] == [
+        {"path": str(corpus[2]), "reason": "manifest says sample_rate 44100 but the file is 32000 Hz (stale manifest?)"}
+    ]
     found = read_all(tmp_path / "out")
     excerpt = found[str(tmp_path / rel)]
     assert excerpt.offset == 0.25 and excerpt.duration == pytest.approx(1.0)
     assert excerpt.description == "inline text" and excerpt.metadata["bpm"] == 98.0
     assert excerpt.metadata["genre"] == json.loads(corpus[0].with_suffix(".json").read_text())["genre"]
-    wav = sf.read(str(corpus[0]), dtype="float32")[0][int(0.25 * SR):int(1.25 * SR)]
+    wav = sf.read(str(corpus[0]), dtype="float32")[0][int(0.25 * SR) : int(1.25 * SR)]
     np.testing.assert_array_equal(excerpt.codes, np.asarray(encodec.encode(config, params, wav[None, None]))[0])
 
     manifest.write_text('{"path": "a.wav"}\nnot json\n')
@@ -288,12 +319,20 @@ def test_cli_encodes_a_directory_and_reports_errors_in_one_line(corpus, tmp_path
         (src / path.with_suffix(".json").name).write_bytes(path.with_suffix(".json").read_bytes())
     (src / "corrupt.wav").write_bytes(b"not audio at all")
     (src / "corrupt.json").write_text('{"description": "x"}')
-    base = [sys.executable, "-m", "data_pipelines.encode_audio", f"--codec={codec_dir}", "--segment_seconds=1",
-            "--chunk_seconds=1", "--records_per_shard=2"]
+    base = [
+        sys.executable,
+        "-m",
+        "data_pipelines.encode_audio",
+        f"--codec={codec_dir}",
+        "--segment_seconds=1",
+        "--chunk_seconds=1",
+        "--records_per_shard=2",
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
-    ok = subprocess.run(base + [f"--input={src}", f"--output={tmp_path}/out"], cwd=REPO, env=env,
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        base + [f"--input={src}", f"--output={tmp_path}/out"], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "encoded 2/3 files" in ok.stdout and f"{src / 'corrupt.wav'}: unreadable audio" in ok.stdout
     found = read_all(tmp_path / "out")
@@ -304,10 +343,14 @@ def test_cli_encodes_a_directory_and_reports_errors_in_one_line(corpus, tmp_path
 
     (tmp_path / "empty").mkdir()
     for args, message in (
-            ([f"--input={tmp_path}/empty", f"--output={tmp_path}/o"],
-             f"encode_audio: --input={tmp_path}/empty: directory has no audio files (.wav, .flac, .ogg, .mp3)"),
-            ([f"--input={src}", f"--output={tmp_path}/o", f"--codec={tmp_path}/nowhere"],
-             f"encode_audio: EnCodec weights: {tmp_path}/nowhere is neither"),
+        (
+            [f"--input={tmp_path}/empty", f"--output={tmp_path}/o"],
+            f"encode_audio: --input={tmp_path}/empty: directory has no audio files (.wav, .flac, .ogg, .mp3)",
+        ),
+        (
+            [f"--input={src}", f"--output={tmp_path}/o", f"--codec={tmp_path}/nowhere"],
+            f"encode_audio: EnCodec weights: {tmp_path}/nowhere is neither",
+        ),
     ):
         bad = subprocess.run(base + args, cwd=REPO, env=env, capture_output=True, text=True)
         assert bad.returncode == 1

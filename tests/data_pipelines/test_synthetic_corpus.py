@@ -1,4 +1,5 @@
 """Synthetic corpus: real audio files + audiocraft sidecars whose descriptions match what was synthesized."""
+
 import json
 import subprocess
 import sys
@@ -26,17 +27,18 @@ def _onset_period(wav: np.ndarray, sr: int, hop: float = 0.005) -> float:
     """Strongest onset-autocorrelation lag in [0.25, 1] s."""
     h = int(hop * sr)
     x = np.diff(wav)
-    envelope = np.sqrt(np.add.reduceat(x ** 2, np.arange(0, len(x), h)))
+    envelope = np.sqrt(np.add.reduceat(x**2, np.arange(0, len(x), h)))
     onset = np.maximum(np.diff(envelope), 0)
     onset -= onset.mean()
-    ac = np.correlate(onset, onset, "full")[len(onset) - 1:]
+    ac = np.correlate(onset, onset, "full")[len(onset) - 1 :]
     lo, hi = int(0.25 / hop), int(1.0 / hop)
     return (lo + int(np.argmax(ac[lo:hi]))) * hop
 
 
 def test_clips_are_readable_files_in_every_format_with_sidecars(tmp_path):
-    paths = sc.generate_corpus(tmp_path, num_clips=4, seconds=1.5, seed=3, sample_rate=44100, channels=2,
-                               formats=["wav", "flac", "ogg", "mp3"])
+    paths = sc.generate_corpus(
+        tmp_path, num_clips=4, seconds=1.5, seed=3, sample_rate=44100, channels=2, formats=["wav", "flac", "ogg", "mp3"]
+    )
     assert [p.suffix for p in paths] == [".wav", ".flac", ".ogg", ".mp3"]
     for path in paths:
         wav, sr = sf.read(str(path))
@@ -87,8 +89,15 @@ def test_clip_depends_only_on_seed_and_index(tmp_path):
 
 
 def test_cli_writes_the_corpus_and_rejects_bad_flags(tmp_path):
-    cmd = [sys.executable, "-m", "data_pipelines.synthetic_corpus", f"--output={tmp_path}/c", "--num_clips=2",
-           "--seconds=0.5", "--seed=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipelines.synthetic_corpus",
+        f"--output={tmp_path}/c",
+        "--num_clips=2",
+        "--seconds=0.5",
+        "--seed=1",
+    ]
     ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert len(list((tmp_path / "c").glob("clip_*.wav"))) == 2 and "wrote 2 clips" in ok.stdout

@@ -1,4 +1,5 @@
 """Rules of the MAGNeT decoder (docs/design.md §6): schedules, sampling rules, one step's masking, whole generation."""
+
 import math
 
 import flax.linen as nn
@@ -38,11 +39,15 @@ SAMPLING = DecodeParams(decoding_steps=(5, 3, 3, 2))  # music defaults otherwise
 # Schedules
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n_steps,n_units,expected", [
-    (20, 166, [166, 165, 163, 160, 157, 152, 145, 138, 130, 122, 112, 101, 90, 79, 66, 53, 40, 27, 13, 1]),
-    (10, 166, [166, 163, 155, 143, 127, 106, 82, 56, 28, 1]),
-    (20, 500, [500, 498, 493, 484, 472, 457, 439, 418, 394, 367, 338, 307, 273, 237, 200, 162, 122, 82, 41, 1]),
-])
+
+@pytest.mark.parametrize(
+    "n_steps,n_units,expected",
+    [
+        (20, 166, [166, 165, 163, 160, 157, 152, 145, 138, 130, 122, 112, 101, 90, 79, 66, 53, 40, 27, 13, 1]),
+        (10, 166, [166, 163, 155, 143, 127, 106, 82, 56, 28, 1]),
+        (20, 500, [500, 498, 493, 484, 472, 457, 439, 418, 394, 367, 338, 307, 273, 237, 200, 162, 122, 82, 41, 1]),
+    ],
+)
 def test_chunk_counts_match_spec_tables(n_steps, n_units, expected):
     assert stage_schedule(n_steps, n_units, DecodeParams()).num_masked.tolist() == expected
 
@@ -88,9 +93,14 @@ def test_decode_params_from_config():
     assert (sound.temperature, sound.top_p, sound.max_cfg, sound.span_arrangement) == (3.5, 0.8, 20.0, "stride1")
     with pytest.raises(ValueError, match="unknown field.*cfg_coef"):
         DecodeParams.from_config({"cfg_coef": 3.0})
-    for bad, match in [({"span_arrangement": "stride2"}, "span_arrangement"), ({"span_scoring": "min"}, "span_scoring"),
-                       ({"decoding_steps": [20, 0, 10, 10]}, "decoding_steps"), ({"top_p": 1.5}, "top_p"),
-                       ({"top_k": -1}, "top_k"), ({"span_len": 0}, "span_len")]:
+    for bad, match in [
+        ({"span_arrangement": "stride2"}, "span_arrangement"),
+        ({"span_scoring": "min"}, "span_scoring"),
+        ({"decoding_steps": [20, 0, 10, 10]}, "decoding_steps"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"span_len": 0}, "span_len"),
+    ]:
         with pytest.raises(ValueError, match=match):
             DecodeParams(**bad)
 
@@ -98,6 +108,7 @@ def test_decode_params_from_config():
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling rules
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _numpy_nucleus(probs, p):
     """docs/design.md §6.7: sorted descending, token j dropped when cumsum_j - p_j > p."""
@@ -110,12 +121,15 @@ def _numpy_nucleus(probs, p):
 _sample_top_p_many = jax.jit(jax.vmap(sample_top_p, in_axes=(0, None, None)), static_argnums=2)
 
 
-@pytest.mark.parametrize("probs,p", [
-    ([0.05, 0.5, 0.3, 0.1, 0.05], 0.9),        # 0.5+0.3 = 0.8 <= 0.9: the 0.1 token is kept, the 0.05s dropped
-    ([0.05, 0.5, 0.3, 0.1, 0.05], 0.75),       # 0.8 > 0.75: only 0.5 and 0.3
-    ([0.02, 0.95, 0.01, 0.02], 0.9),           # the most probable token alone already exceeds p: kept alone
-    ([0.25, 0.25, 0.25, 0.25], 1.0),           # p = 1 keeps everything
-])
+@pytest.mark.parametrize(
+    "probs,p",
+    [
+        ([0.05, 0.5, 0.3, 0.1, 0.05], 0.9),  # 0.5+0.3 = 0.8 <= 0.9: the 0.1 token is kept, the 0.05s dropped
+        ([0.05, 0.5, 0.3, 0.1, 0.05], 0.75),  # 0.8 > 0.75: only 0.5 and 0.3
+        ([0.02, 0.95, 0.01, 0.02], 0.9),  # the most probable token alone already exceeds p: kept alone
+        ([0.25, 0.25, 0.25, 0.25], 1.0),  # p = 1 keeps everything
+    ],
+)
 def test_nucleus_sampling_follows_reference_rule(probs, p):
     probs = np.asarray(probs, np.float32)
     kept = _numpy_nucleus(probs, p)
@@ -147,16 +161,18 @@ def test_top_p_threshold_keeps_the_reference_nucleus(p):
 
 def test_sample_categorical_frequencies():
     weights = jnp.asarray([0.0, 2.0, 1.0, 0.0, 5.0, 2.0])
-    draws = np.asarray(jax.jit(jax.vmap(sample_categorical, in_axes=(0, None)))(
-        jax.random.split(jax.random.key(3), 6000), weights))
+    draws = np.asarray(
+        jax.jit(jax.vmap(sample_categorical, in_axes=(0, None)))(jax.random.split(jax.random.key(3), 6000), weights)
+    )
     np.testing.assert_allclose(np.bincount(draws, minlength=6) / 6000, weights / weights.sum(), atol=0.02)
     assert not np.any(np.isin(draws, [0, 3]))  # zero weights are never drawn
 
 
 def test_top_k_probs_keep_ties_and_renormalise():
     probs = jnp.asarray([[0.1, 0.3, 0.2, 0.2, 0.15, 0.05]])
-    np.testing.assert_allclose(np.asarray(top_k_probs(probs, 2))[0], [0, 0.3, 0.2, 0.2, 0, 0] / np.float32(0.7),
-                               rtol=1e-6)  # the 2nd largest is tied: both kept
+    np.testing.assert_allclose(
+        np.asarray(top_k_probs(probs, 2))[0], [0, 0.3, 0.2, 0.2, 0, 0] / np.float32(0.7), rtol=1e-6
+    )  # the 2nd largest is tied: both kept
     np.testing.assert_allclose(np.asarray(top_k_probs(probs, 1))[0], [0, 1, 0, 0, 0, 0])
 
 
@@ -181,6 +197,7 @@ def test_sample_tokens_modes():
 # ----------------------------------------------------------------------------------------------------------------
 # One decoding step on a real (tiny, random) LM
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def lm():
@@ -216,10 +233,20 @@ def test_decode_step_remasks_least_confident_and_changes_only_masked_positions(l
     @jax.jit
     def step(codes, scores):
         guided = guided_logits_fn(model, params, _conditioning(batch))
-        return decode_step(guided, dp, DecodeState(codes, scores), stage=jnp.int32(stage), step=jnp.int32(1),
-                           num_masked=jnp.int32(k), cfg_coef=jnp.float32(3.0), temperature=jnp.float32(1.0),
-                           prompt_row=jnp.asarray(prompt_row), prompt_len=jnp.int32(prompt_len),
-                           row_keys=jax.random.split(jax.random.key(5), batch), mask_id=MASK)
+        return decode_step(
+            guided,
+            dp,
+            DecodeState(codes, scores),
+            stage=jnp.int32(stage),
+            step=jnp.int32(1),
+            num_masked=jnp.int32(k),
+            cfg_coef=jnp.float32(3.0),
+            temperature=jnp.float32(1.0),
+            prompt_row=jnp.asarray(prompt_row),
+            prompt_len=jnp.int32(prompt_len),
+            row_keys=jax.random.split(jax.random.key(5), batch),
+            mask_id=MASK,
+        )
 
     out = step(jnp.asarray(codes, jnp.int32), jnp.asarray(scores))
     new_codes, new_scores = np.asarray(out.codes), np.asarray(out.scores)
@@ -253,6 +280,7 @@ def test_initial_scores_freeze_whole_prompt_units():
 # ----------------------------------------------------------------------------------------------------------------
 # Whole generation
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def test_generation_shapes_prompt_and_seeds(lm):
     model, params = lm

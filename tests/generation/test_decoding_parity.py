@@ -1,6 +1,7 @@
 """Greedy MAGNeT decoding against two references on the same random weights.
 
-1. A step-by-step NumPy implementation of docs/design.md §6.3/§6.9, written here from that description (it only borrows the LM
+1. A step-by-step NumPy implementation of docs/design.md §6.3/§6.9, written here from that description (it only borrows
+the LM
    forward pass and torch's float32 schedule arithmetic), for every span arrangement / scoring, with and without a
    prompt.
 2. audiocraft 1.3.0's own `MagnetLMModel.generate(use_sampling=False)` (the oracle of docs/design.md §11, xformers
@@ -10,6 +11,7 @@ Random LMs are unconfident (docs/design.md §11): the heads are scaled up, and t
 step that the decisions which select tokens and re-masked units have margins far above float noise (top-2 logit
 gap >= 1e-4, no near-ties at the re-masking boundary), so exact equality is meaningful and not flaky.
 """
+
 import math
 
 import jax
@@ -26,10 +28,10 @@ from references.audiocraft_lm import lm_state, token_conditioned_magnet
 torch = pytest.importorskip("torch")
 
 CONFIG = LMConfig(dim=32, num_heads=4, num_layers=2, card=32, cond_dim=16, n_q=4)
-LENGTH = 47             # nonoverlap trims to 45 (whole chunks), stride1 keeps 47
+LENGTH = 47  # nonoverlap trims to 45 (whole chunks), stride1 keeps 47
 STEPS = (5, 3, 3, 2)
-PROMPT_LEN = 7           # not a multiple of 3: one chunk holds prompt and generated frames
-DESCRIPTIONS = ["3 17 5 9", "40"]   # token ids of the test conditioner; rows of different lengths
+PROMPT_LEN = 7  # not a multiple of 3: one chunk holds prompt and generated frames
+DESCRIPTIONS = ["3 17 5 9", "40"]  # token ids of the test conditioner; rows of different lengths
 N_BINS = 64
 HEAD_SCALE = 4.0
 LOGIT_GAP = 1e-4
@@ -40,6 +42,7 @@ SETTINGS = [("nonoverlap", "max"), ("nonoverlap", "prod"), ("stride1", "max")]
 # ----------------------------------------------------------------------------------------------------------------
 # NumPy reference (docs/design.md §6.3, §6.4, §6.9), greedy
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def reference_schedule(n_steps, n_gen, max_cfg, min_cfg, temperature):
     """The reference's per-step (units, cfg, temperature), with torch float32 scalars as in audiocraft."""
@@ -62,8 +65,7 @@ def _check_boundary(sorted_desc, u, what):
 def reference_span_mask(scores, k, span_len, check):
     """§6.9 least-probable-span masking for one row, with Python's binary search."""
     length = len(scores)
-    span = np.array([sum(scores[j + o] for o in range(span_len)) for j in range(length - span_len + 1)],
-                    np.float32)
+    span = np.array([sum(scores[j + o] for o in range(span_len)) for j in range(length - span_len + 1)], np.float32)
     order = np.argsort(-span, kind="stable")
 
     def union(u):
@@ -71,7 +73,7 @@ def reference_span_mask(scores, k, span_len, check):
             _check_boundary(span[order], u, "stride1 spans")
         mask = np.zeros(length, bool)
         for j in order[:u]:
-            mask[j:j + span_len] = True
+            mask[j : j + span_len] = True
         return mask
 
     k = max(k, span_len)
@@ -98,8 +100,9 @@ def test_span_mask_matches_reference_binary_search():
         scores[1:3][rng.uniform(size=(2, 40)) < 0.5] = FROZEN_SCORE  # frozen tokens: many tied span sums
         for k in range(1, 41):
             expected = np.stack([reference_span_mask(row, k, span_len, check=False) for row in scores])
-            np.testing.assert_array_equal(np.asarray(mask_fn(jnp.asarray(scores), k, span_len)), expected,
-                                          err_msg=f"span_len={span_len} k={k}")
+            np.testing.assert_array_equal(
+                np.asarray(mask_fn(jnp.asarray(scores), k, span_len)), expected, err_msg=f"span_len={span_len} k={k}"
+            )
 
 
 def softmax(x):
@@ -163,14 +166,15 @@ def reference_generate(forward, batch, dp, length, prompt=None):
 # Shared weights: an audiocraft MagnetLMModel and the same weights in our param tree
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _tokenize(descriptions):
     """Space-separated token ids; None = null condition (one position, mask 0); padded to the longest."""
     rows = [[int(w) for w in d.split()] if d is not None else [0] for d in descriptions]
     longest = max(len(r) for r in rows)
     ids, mask = np.zeros((len(rows), longest), np.int64), np.zeros((len(rows), longest), np.int64)
     for i, (r, d) in enumerate(zip(rows, descriptions)):
-        ids[i, :len(r)] = r
-        mask[i, :len(r)] = d is not None
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = d is not None
     return ids, mask
 
 
@@ -209,30 +213,58 @@ def prompt():
 
 
 def _decode_params(arrangement, scoring):
-    return DecodeParams(decoding_steps=STEPS, use_sampling=False, temperature=3.0, top_p=0.9, max_cfg=10.0,
-                        min_cfg=1.0, span_arrangement=arrangement, span_scoring=scoring, span_len=3)
+    return DecodeParams(
+        decoding_steps=STEPS,
+        use_sampling=False,
+        temperature=3.0,
+        top_p=0.9,
+        max_cfg=10.0,
+        min_cfg=1.0,
+        span_arrangement=arrangement,
+        span_scoring=scoring,
+        span_len=3,
+    )
 
 
 def _audiocraft_generate(lm, dp, prompt):
     from audiocraft.modules.conditioners import ConditioningAttributes
+
     conditions = [ConditioningAttributes(text={"description": d}) for d in DESCRIPTIONS]
     with torch.no_grad():
-        codes = lm.generate(prompt=None if prompt is None else torch.from_numpy(prompt), conditions=conditions,
-                            max_gen_len=LENGTH, use_sampling=False, temp=dp.temperature, top_k=0, top_p=dp.top_p,
-                            max_cfg_coef=dp.max_cfg, min_cfg_coef=dp.min_cfg, decoding_steps=list(dp.decoding_steps),
-                            span_arrangement=dp.span_arrangement, span_scoring=dp.span_scoring)
+        codes = lm.generate(
+            prompt=None if prompt is None else torch.from_numpy(prompt),
+            conditions=conditions,
+            max_gen_len=LENGTH,
+            use_sampling=False,
+            temp=dp.temperature,
+            top_k=0,
+            top_p=dp.top_p,
+            max_cfg_coef=dp.max_cfg,
+            min_cfg_coef=dp.min_cfg,
+            decoding_steps=list(dp.decoding_steps),
+            span_arrangement=dp.span_arrangement,
+            span_scoring=dp.span_scoring,
+        )
     return codes.numpy()
 
 
 @pytest.mark.parametrize("arrangement,scoring", SETTINGS)
-def test_greedy_codes_match_numpy_reference_and_audiocraft(oracle, conditioning, forward, prompt, arrangement,
-                                                           scoring):
+def test_greedy_codes_match_numpy_reference_and_audiocraft(oracle, conditioning, forward, prompt, arrangement, scoring):
     lm, params, _ = oracle
     dp = _decode_params(arrangement, scoring)
     model = LanguageModel(CONFIG)
     for p in (None, prompt):
-        ours = np.asarray(generate_codes(model, params, conditioning, jax.random.key(0), dp, length=LENGTH,
-                                         prompt=None if p is None else jnp.asarray(p, jnp.int32)))
+        ours = np.asarray(
+            generate_codes(
+                model,
+                params,
+                conditioning,
+                jax.random.key(0),
+                dp,
+                length=LENGTH,
+                prompt=None if p is None else jnp.asarray(p, jnp.int32),
+            )
+        )
         reference = reference_generate(forward, len(DESCRIPTIONS), dp, LENGTH, prompt=p)
         expected_len = 45 if arrangement == "nonoverlap" else LENGTH
         assert ours.shape == (len(DESCRIPTIONS), CONFIG.n_q, expected_len)

@@ -1,5 +1,6 @@
 """Hybrid-MAGNeT: the delay-layout attention mask, the objective's inputs and loss positions, the prefix's causality,
 the sharded train / eval steps with objective=hybrid, and single-model hybrid generation."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,24 +54,26 @@ def test_span_tables_and_suffix_masks_follow_the_suffix_length():
     noise, rates = rng.random((6, T), np.float32), rng.uniform(0.05, 1.0, 6).astype(np.float32)
     start = np.array([0, 2, 5, 9, 11, 4])
     for span_len in (3, 1):
-        ours = np.asarray(masking.suffix_time_mask_from_noise(jnp.asarray(noise), jnp.asarray(rates),
-                                                              jnp.asarray(start), tables, span_len))
+        ours = np.asarray(
+            masking.suffix_time_mask_from_noise(
+                jnp.asarray(noise), jnp.asarray(rates), jnp.asarray(start), tables, span_len
+            )
+        )
         for b in range(6):
             n = T - start[b]
             count = max(1, tables[n][int(np.round(100 * rates[b]))]) if span_len > 1 else max(1, round(n * rates[b]))
             suffix = np.arange(start[b], T)
-            starts = suffix[np.argsort(noise[b, start[b]:], kind="stable")[:count]]
+            starts = suffix[np.argsort(noise[b, start[b] :], kind="stable")[:count]]
             expected = np.zeros(T, bool)
             for s in starts:
-                expected[s:s + span_len] = True
+                expected[s : s + span_len] = True
             np.testing.assert_array_equal(ours[b], expected)
-            assert not ours[b, :start[b]].any()
+            assert not ours[b, : start[b]].any()
 
 
 def _draw(seed, batch=6):
     codes = np.random.default_rng(seed).integers(0, CARD, (batch, K, T)).astype(np.int32)
-    drawn = masking.hybrid_batch(jax.random.key(seed), jnp.asarray(codes), masking.span_count_tables(T, 3), 3,
-                                 CARD)
+    drawn = masking.hybrid_batch(jax.random.key(seed), jnp.asarray(codes), masking.span_count_tables(T, 3), 3, CARD)
     return codes, jax.device_get(drawn)
 
 
@@ -80,7 +83,7 @@ def test_inputs_and_loss_positions_cover_the_prefix_and_the_masked_suffix_only()
     t = np.arange(T)
     expected_inputs, ar_count = codes.copy(), 0
     for b in range(len(codes)):
-        assert not mask[b, :max(boundary[b] - stage, 0)].any() and mask[b].any()
+        assert not mask[b, : max(boundary[b] - stage, 0)].any() and mask[b].any()
         for q in range(K):
             ar_count += np.sum(t < boundary[b] - q)
             if q > stage:
@@ -93,8 +96,15 @@ def test_inputs_and_loss_positions_cover_the_prefix_and_the_masked_suffix_only()
     assert float(sums["ar_count"]) == ar_count and float(sums["nar_count"]) == mask.sum()
     # Through the layout: head q's row t + q carries frame t; every other logit is outside the loss.
     layout_logits = jax.random.normal(jax.random.key(3), (len(codes), K, T + K, CARD))
-    grad = jax.grad(lambda x: sum(v for k, v in masking.hybrid_cross_entropy(
-        codebook_patterns.frame_logits(x, T), codes, boundary, stage, mask).items() if k.endswith("_ce")))(layout_logits)
+    grad = jax.grad(
+        lambda x: sum(
+            v
+            for k, v in masking.hybrid_cross_entropy(
+                codebook_patterns.frame_logits(x, T), codes, boundary, stage, mask
+            ).items()
+            if k.endswith("_ce")
+        )
+    )(layout_logits)
     covered = np.zeros((len(codes), K, T + K), bool)
     for b in range(len(codes)):
         for q in range(K):
@@ -117,8 +127,11 @@ def _condition(batch, seed=0):
     rng = np.random.default_rng(seed)
     mask = np.ones((batch, 5), np.int32)
     mask[1, 3:] = 0
-    return TextConditioning(states=jnp.asarray(rng.standard_normal((batch, 5, 16)), jnp.float32),
-                            mask=jnp.asarray(mask), attend=jnp.asarray(mask.astype(bool)))
+    return TextConditioning(
+        states=jnp.asarray(rng.standard_normal((batch, 5, 16)), jnp.float32),
+        mask=jnp.asarray(mask),
+        attend=jnp.asarray(mask.astype(bool)),
+    )
 
 
 def test_prefix_logits_never_see_suffix_inputs():
@@ -129,10 +142,14 @@ def test_prefix_logits_never_see_suffix_inputs():
     other = np.random.default_rng(5).integers(0, CARD, codes.shape).astype(np.int32)
     boundary = np.asarray(drawn.boundary)
     prefix = np.arange(T)[None, None] < boundary[:, None, None] - np.arange(K)[None, :, None]
-    changed = masking.hybrid_inputs(jnp.asarray(np.where(prefix, codes, other)), drawn.stage, boundary, drawn.mask,
-                                    CARD)
-    run = jax.jit(lambda x: objectives.HYBRID.logits(model, {"params": params}, x, drawn.stage, condition,
-                                                     cond.attend, boundary=boundary))
+    changed = masking.hybrid_inputs(
+        jnp.asarray(np.where(prefix, codes, other)), drawn.stage, boundary, drawn.mask, CARD
+    )
+    run = jax.jit(
+        lambda x: objectives.HYBRID.logits(
+            model, {"params": params}, x, drawn.stage, condition, cond.attend, boundary=boundary
+        )
+    )
     before, after = np.asarray(run(drawn.inputs)), np.asarray(run(changed))
     np.testing.assert_array_equal(before[prefix], after[prefix])
     assert prefix.sum() > 0 and np.abs(before[~prefix] - after[~prefix]).max() > 1e-3
@@ -163,8 +180,11 @@ def _batch(config, tokenizer, size=8):
     codes = (offset + 3 * (t[None, None] % period) + 5 * np.arange(4)[None, :, None]) % config.model.card
     tokens = tokenizer([CORPUS[i] for i in rng.integers(0, 4, size)])
     pad = ((0, 0), (0, 8 - tokens["ids"].shape[1]))
-    return {"codes": codes.astype(np.int32), "text_ids": np.pad(tokens["ids"], pad),
-            "text_mask": np.pad(tokens["mask"], pad)}
+    return {
+        "codes": codes.astype(np.int32),
+        "text_ids": np.pad(tokens["ids"], pad),
+        "text_mask": np.pad(tokens["mask"], pad),
+    }
 
 
 def test_hybrid_train_step_learns_on_the_222_mesh_and_eval_reports_both_parts(tiny_t5):
@@ -196,8 +216,9 @@ def test_hybrid_objective_rejects_a_causal_model(tiny_t5):
     config = _train_config()
     config.model.causal = True
     with pytest.raises(ValueError, match="train.objective='hybrid' needs a non-causal model"):
-        train_lib.make_train_step(config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                                  tiny_t5[0])
+        train_lib.make_train_step(
+            config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]), tiny_t5[0]
+        )
 
 
 # --- generation ---------------------------------------------------------------------------------------------
@@ -208,26 +229,51 @@ AR_SAMPLE = musicgen.sampler(top_k=8)  # the default top-k 250 exceeds the tiny 
 def test_hybrid_generation_freezes_the_autoregressive_prefix_and_is_deterministic_when_greedy():
     model, params = _tiny_model()
     cond, key, b = _condition(2), jax.random.key(11), 5
-    out = np.asarray(hybrid.generate_hybrid_codes(model, params, cond, key, GREEDY, length=T, prefix_frames=b,
-                                                  ar_sample=musicgen.greedy))
-    again = np.asarray(hybrid.generate_hybrid_codes(model, params, cond, key, GREEDY, length=T, prefix_frames=b,
-                                                    ar_sample=musicgen.greedy))
+    out = np.asarray(
+        hybrid.generate_hybrid_codes(
+            model, params, cond, key, GREEDY, length=T, prefix_frames=b, ar_sample=musicgen.greedy
+        )
+    )
+    again = np.asarray(
+        hybrid.generate_hybrid_codes(
+            model, params, cond, key, GREEDY, length=T, prefix_frames=b, ar_sample=musicgen.greedy
+        )
+    )
     np.testing.assert_array_equal(out, again)
     assert out.shape == (2, K, T) and out.max() < CARD and len(np.unique(out)) > 4
     ar_keys, _ = hybrid.phase_keys(key, 2)
-    prefix = np.asarray(jax.jit(lambda p: hybrid.autoregressive_prefix(
-        model, p, cond, ar_keys, length=T, prefix_frames=b, sample_fn=musicgen.greedy))(params))
+    prefix = np.asarray(
+        jax.jit(
+            lambda p: hybrid.autoregressive_prefix(
+                model, p, cond, ar_keys, length=T, prefix_frames=b, sample_fn=musicgen.greedy
+            )
+        )(params)
+    )
     for q in range(K):
-        np.testing.assert_array_equal(out[:, q, :b - q], prefix[:, q, :b - q])
-        assert (prefix[:, q, b - q:] == CARD).all() and (prefix[:, q, :b - q] < CARD).all()
+        np.testing.assert_array_equal(out[:, q, : b - q], prefix[:, q, : b - q])
+        assert (prefix[:, q, b - q :] == CARD).all() and (prefix[:, q, : b - q] < CARD).all()
     # Sampled: the prefix is still the AR phase's (same split key), the rest differs from the greedy run.
-    sampled = np.asarray(hybrid.generate_hybrid_codes(
-        model, params, cond, key, DecodeParams(decoding_steps=(3, 2, 2, 2), span_len=3), length=T, prefix_frames=b,
-        ar_sample=AR_SAMPLE))
-    ar_sampled = np.asarray(jax.jit(lambda p: hybrid.autoregressive_prefix(
-        model, p, cond, ar_keys, length=T, prefix_frames=b, sample_fn=AR_SAMPLE))(params))
+    sampled = np.asarray(
+        hybrid.generate_hybrid_codes(
+            model,
+            params,
+            cond,
+            key,
+            DecodeParams(decoding_steps=(3, 2, 2, 2), span_len=3),
+            length=T,
+            prefix_frames=b,
+            ar_sample=AR_SAMPLE,
+        )
+    )
+    ar_sampled = np.asarray(
+        jax.jit(
+            lambda p: hybrid.autoregressive_prefix(
+                model, p, cond, ar_keys, length=T, prefix_frames=b, sample_fn=AR_SAMPLE
+            )
+        )(params)
+    )
     for q in range(K):
-        np.testing.assert_array_equal(sampled[:, q, :b - q], ar_sampled[:, q, :b - q])
+        np.testing.assert_array_equal(sampled[:, q, : b - q], ar_sampled[:, q, : b - q])
     assert sampled.max() < CARD and (sampled != out).any()
 
 
@@ -235,14 +281,24 @@ def test_ar_phase_over_the_whole_layout_is_generate_ar_and_teacher_forced_argmax
     model, params = _tiny_model(1)
     cond, key = _condition(2, seed=1), jax.random.key(5)
     keys = jax.random.split(key, 2)
-    prefix = np.asarray(jax.jit(lambda p: hybrid.autoregressive_prefix(
-        model, p, cond, keys, length=T, prefix_frames=T, sample_fn=musicgen.greedy))(params))
+    prefix = np.asarray(
+        jax.jit(
+            lambda p: hybrid.autoregressive_prefix(
+                model, p, cond, keys, length=T, prefix_frames=T, sample_fn=musicgen.greedy
+            )
+        )(params)
+    )
     both = jnp.concatenate
-    condition = model.apply({"params": params}, both([cond.states, 0 * cond.states]), both([cond.mask, 0 * cond.mask]),
-                            method=model.project_condition)
+    condition = model.apply(
+        {"params": params},
+        both([cond.states, 0 * cond.states]),
+        both([cond.mask, 0 * cond.mask]),
+        method=model.project_condition,
+    )
     attend = both([cond.attend, cond.attend])
-    reference, layout = musicgen.generate_ar(model, params, condition, attend, key, length=T, cfg_coef=3.0,
-                                             sample_fn=musicgen.greedy, return_layout=True)
+    reference, layout = musicgen.generate_ar(
+        model, params, condition, attend, key, length=T, cfg_coef=3.0, sample_fn=musicgen.greedy, return_layout=True
+    )
     reference = np.asarray(reference)
     valid = np.arange(T)[None, :] < T - np.arange(K)[:, None]
     np.testing.assert_array_equal(prefix[:, valid], reference[:, valid])
@@ -250,21 +306,43 @@ def test_ar_phase_over_the_whole_layout_is_generate_ar_and_teacher_forced_argmax
     # The cache path attends causally: one full pass with a causal mask over the generated layout gives, row by
     # row, guided logits whose argmax is the next column.
     steps = T + K
-    logits = model.apply({"params": params}, both([layout, layout]), condition, attend,
-                         self_mask=jnp.tril(jnp.ones((steps, steps), bool))[None, None])
+    logits = model.apply(
+        {"params": params},
+        both([layout, layout]),
+        condition,
+        attend,
+        self_mask=jnp.tril(jnp.ones((steps, steps), bool))[None, None],
+    )
     cond_logits, uncond_logits = jnp.split(logits, 2)
     guided = uncond_logits + 3.0 * (cond_logits - uncond_logits)
     predicted = np.argmax(np.asarray(codebook_patterns.frame_logits(guided, T)), -1)
     np.testing.assert_array_equal(predicted[:, valid], prefix[:, valid])
 
     # Sampled: row b is generate_ar of that row alone (with its null twin) under its own key.
-    sampled = np.asarray(jax.jit(lambda p: hybrid.autoregressive_prefix(
-        model, p, cond, keys, length=T, prefix_frames=T, sample_fn=AR_SAMPLE))(params))
+    sampled = np.asarray(
+        jax.jit(
+            lambda p: hybrid.autoregressive_prefix(model, p, cond, keys, length=T, prefix_frames=T, sample_fn=AR_SAMPLE)
+        )(params)
+    )
     for row in range(2):
         one = slice(row, row + 1)
-        row_condition = model.apply({"params": params}, both([cond.states[one], 0 * cond.states[one]]),
-                                    both([cond.mask[one], 0 * cond.mask[one]]), method=model.project_condition)
-        reference = np.asarray(musicgen.generate_ar(model, params, row_condition, both([cond.attend[one]] * 2),
-                                                    keys[row], length=T, cfg_coef=3.0, sample_fn=AR_SAMPLE))
+        row_condition = model.apply(
+            {"params": params},
+            both([cond.states[one], 0 * cond.states[one]]),
+            both([cond.mask[one], 0 * cond.mask[one]]),
+            method=model.project_condition,
+        )
+        reference = np.asarray(
+            musicgen.generate_ar(
+                model,
+                params,
+                row_condition,
+                both([cond.attend[one]] * 2),
+                keys[row],
+                length=T,
+                cfg_coef=3.0,
+                sample_fn=AR_SAMPLE,
+            )
+        )
         np.testing.assert_array_equal(sampled[row][valid], reference[0][valid])
     assert (sampled[:, valid] != prefix[:, valid]).any()

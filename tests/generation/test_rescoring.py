@@ -1,5 +1,6 @@
 """Model rescoring (paper Eq. 5) in the MAGNeT decoder, MusicGen's teacher-forced token probabilities, and the
 composition-mode hybrid's autoregressive prefix."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def _rescorer_probs(model, params, cond, codes, stage):
     condition = model.apply({"params": params}, cond.states, cond.mask, method=model.project_condition)
     logits = np.asarray(model.apply({"params": params}, apply_delay_pattern(codes, MASK), condition))
     length = codes.shape[-1]
-    stage_logits = logits[:, stage, stage:stage + length]  # [B, T, card]
+    stage_logits = logits[:, stage, stage : stage + length]  # [B, T, card]
     probs = np.exp(stage_logits - stage_logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return np.take_along_axis(probs, np.asarray(codes)[:, stage, :, None], axis=-1)[..., 0]
@@ -69,12 +70,24 @@ def _rescorer_probs(model, params, cond, codes, stage):
 # MusicGen teacher forcing
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def test_token_probs_equal_transformers_teacher_forced_probabilities(tmp_path):
     V, K, D, B, L, T = 32, 4, 32, 2, 5, 12
     torch.manual_seed(0)
-    hf = MusicgenForCausalLM(MusicgenDecoderConfig(
-        vocab_size=V, num_codebooks=K, hidden_size=D, ffn_dim=4 * D, num_hidden_layers=2, num_attention_heads=4,
-        pad_token_id=V, bos_token_id=V, decoder_start_token_id=V, max_position_embeddings=256)).eval()
+    hf = MusicgenForCausalLM(
+        MusicgenDecoderConfig(
+            vocab_size=V,
+            num_codebooks=K,
+            hidden_size=D,
+            ffn_dim=4 * D,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            pad_token_id=V,
+            bos_token_id=V,
+            decoder_start_token_id=V,
+            max_position_embeddings=256,
+        )
+    ).eval()
     with torch.no_grad():
         for head in hf.lm_heads:
             head.weight.mul_(8)
@@ -83,17 +96,21 @@ def test_token_probs_equal_transformers_teacher_forced_probabilities(tmp_path):
     model = LanguageModel(LMConfig(**config["model"]))
 
     codes = np.random.default_rng(0).integers(0, V, (B, K, T))
-    codes[:, 2:, T // 2:] = V  # codebooks not decoded yet: the special id
+    codes[:, 2:, T // 2 :] = V  # codebooks not decoded yet: the special id
     enc = torch.randn(B, L, D, generator=torch.Generator().manual_seed(1))
-    condition = model.apply({"params": params}, jnp.asarray(enc.numpy()), jnp.ones((B, L)),
-                            method=model.project_condition)
+    condition = model.apply(
+        {"params": params}, jnp.asarray(enc.numpy()), jnp.ones((B, L)), method=model.project_condition
+    )
     cross_kv = model.apply({"params": params}, condition, method=model.cross_key_values)
     ours = np.asarray(jax.jit(lambda c: token_probs(model, params, c, cross_kv))(jnp.asarray(codes, jnp.int32)))
 
     layout = np.array(apply_delay_pattern(jnp.asarray(codes), V))
     with torch.no_grad():
-        logits = hf(input_ids=torch.from_numpy(layout).reshape(B * K, T + K), encoder_hidden_states=enc,
-                    attention_mask=torch.ones(B * K, T + K, dtype=torch.long)).logits
+        logits = hf(
+            input_ids=torch.from_numpy(layout).reshape(B * K, T + K),
+            encoder_hidden_states=enc,
+            attention_mask=torch.ones(B * K, T + K, dtype=torch.long),
+        ).logits
     probs = torch.softmax(logits.reshape(B, K, T + K, V).double(), dim=-1).numpy()
     expected = np.zeros((B, K, T))
     for q in range(K):
@@ -111,6 +128,7 @@ def test_token_probs_equal_transformers_teacher_forced_probabilities(tmp_path):
 # One decoding step: scores follow Eq. 5
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arrangement,scoring", [("nonoverlap", "prod"), ("stride1", "max")])
 def test_rescored_step_scores_follow_eq5(magnet, rescorer, arrangement, scoring):
     model, params = magnet
@@ -126,13 +144,22 @@ def test_rescored_step_scores_follow_eq5(magnet, rescorer, arrangement, scoring)
 
     def run(weight, with_rescorer):
         rescore = rescore_fn(*rescorer, cond) if with_rescorer else None
-        return decode_step(guided_logits_fn(model, params, cond), dp, DecodeState(jnp.asarray(codes, jnp.int32),
-                                                                                   jnp.asarray(scores)),
-                           stage=jnp.int32(stage), step=jnp.int32(1), num_masked=jnp.int32(k),
-                           cfg_coef=jnp.float32(cfg), temperature=jnp.float32(temperature),
-                           prompt_row=jnp.full((batch, length), MASK), prompt_len=jnp.int32(0),
-                           row_keys=jax.random.split(jax.random.key(5), batch), mask_id=MASK, rescore=rescore,
-                           rescore_weight=weight)
+        return decode_step(
+            guided_logits_fn(model, params, cond),
+            dp,
+            DecodeState(jnp.asarray(codes, jnp.int32), jnp.asarray(scores)),
+            stage=jnp.int32(stage),
+            step=jnp.int32(1),
+            num_masked=jnp.int32(k),
+            cfg_coef=jnp.float32(cfg),
+            temperature=jnp.float32(temperature),
+            prompt_row=jnp.full((batch, length), MASK),
+            prompt_len=jnp.int32(0),
+            row_keys=jax.random.split(jax.random.key(5), batch),
+            mask_id=MASK,
+            rescore=rescore,
+            rescore_weight=weight,
+        )
 
     step = jax.jit(run, static_argnums=1)
     rescored = step(jnp.float32(w), True)
@@ -174,17 +201,30 @@ def test_rescored_step_scores_follow_eq5(magnet, rescorer, arrangement, scoring)
 # Whole generation
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def test_weight_one_reproduces_plain_decoding(magnet, rescorer):
     model, params = magnet
     cond = _conditioning(2)
     plain = generate_codes(model, params, cond, jax.random.key(0), STEPS, length=30)
-    with_rescorer = generate_codes(model, params, cond, jax.random.key(0),
-                                   DecodeParams(decoding_steps=STEPS.decoding_steps, rescore_weight=1.0), length=30,
-                                   rescorer=rescorer)
+    with_rescorer = generate_codes(
+        model,
+        params,
+        cond,
+        jax.random.key(0),
+        DecodeParams(decoding_steps=STEPS.decoding_steps, rescore_weight=1.0),
+        length=30,
+        rescorer=rescorer,
+    )
     np.testing.assert_array_equal(np.asarray(with_rescorer), np.asarray(plain))
-    rescored = generate_codes(model, params, cond, jax.random.key(0),
-                              DecodeParams(decoding_steps=STEPS.decoding_steps, rescore_weight=0.5), length=30,
-                              rescorer=rescorer)
+    rescored = generate_codes(
+        model,
+        params,
+        cond,
+        jax.random.key(0),
+        DecodeParams(decoding_steps=STEPS.decoding_steps, rescore_weight=0.5),
+        length=30,
+        rescorer=rescorer,
+    )
     assert np.mean(np.asarray(rescored) != np.asarray(plain)) > 0.2  # the re-masking choices changed
 
 
@@ -200,8 +240,9 @@ def test_a_rescorer_preferring_one_token_keeps_the_spans_holding_it(magnet, resc
     cond = _conditioning(4)
     length, steps = 48, DecodeParams(decoding_steps=(8, 6, 6, 6), rescore_weight=0.1)
     plain = np.asarray(generate_codes(model, params, cond, jax.random.key(0), steps, length=length))
-    rescored = np.asarray(generate_codes(model, params, cond, jax.random.key(0), steps, length=length,
-                                         rescorer=(r_model, biased)))
+    rescored = np.asarray(
+        generate_codes(model, params, cond, jax.random.key(0), steps, length=length, rescorer=(r_model, biased))
+    )
     plain_count, rescored_count = (plain == favourite).sum(), (rescored == favourite).sum()
     assert plain_count > 0
     assert rescored_count > 2 * plain_count, (plain_count, rescored_count)
@@ -224,6 +265,7 @@ def test_rescorer_must_match_the_magnet_model(magnet, rescorer):
 # Composition-mode hybrid: MusicGen prefix, MAGNeT finish
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def test_prefix_rows_are_generate_ar_and_stay_frozen_in_magnet_decoding(magnet, rescorer):
     model, params = magnet
     ar_model, ar_params = rescorer
@@ -233,8 +275,12 @@ def test_prefix_rows_are_generate_ar_and_stay_frozen_in_magnet_decoding(magnet, 
     prefix = np.asarray(generate_prefix(ar_model, ar_params, cond, keys, greedy, length=10))
     # Greedy rows are independent, so one batched generate_ar over the [cond rows; null rows] batch is the reference.
     states, mask = cond.states, cond.mask
-    condition = ar_model.apply({"params": ar_params}, jnp.concatenate([states, jnp.zeros_like(states)]),
-                               jnp.concatenate([mask, jnp.zeros_like(mask)]), method=ar_model.project_condition)
+    condition = ar_model.apply(
+        {"params": ar_params},
+        jnp.concatenate([states, jnp.zeros_like(states)]),
+        jnp.concatenate([mask, jnp.zeros_like(mask)]),
+        method=ar_model.project_condition,
+    )
     expected = generate_ar(ar_model, ar_params, condition, None, jax.random.key(0), length=10, cfg_coef=3.0)
     np.testing.assert_array_equal(prefix, np.asarray(expected))
     assert len(np.unique(prefix)) > 5 and prefix.max() < MASK
@@ -248,7 +294,8 @@ def test_prefix_rows_are_generate_ar_and_stay_frozen_in_magnet_decoding(magnet, 
     a = np.asarray(generate_prefix(ar_model, ar_params, cond, keys, sampled, length=10))
     first_two = TextConditioning(cond.states[:2], cond.mask[:2])
     b = np.asarray(generate_prefix(ar_model, ar_params, first_two, keys[:2], sampled, length=10))
-    c = np.asarray(generate_prefix(ar_model, ar_params, cond, jax.random.split(jax.random.key(5), 3), sampled,
-                                   length=10))
+    c = np.asarray(
+        generate_prefix(ar_model, ar_params, cond, jax.random.split(jax.random.key(5), 3), sampled, length=10)
+    )
     np.testing.assert_array_equal(a[:2], b)
     assert np.mean(a != c) > 0.3

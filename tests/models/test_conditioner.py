@@ -1,4 +1,5 @@
 """Tokenizer, conditioner outputs vs audiocraft's T5Conditioner, CFG/word dropout, cross-attention padding."""
+
 import pickle
 
 import flax.linen as nn
@@ -16,11 +17,21 @@ from magnet_jax.fileio import WeightsError
 from magnet_jax.models import conditioner as cond_lib
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
-CORPUS = ["happy rock song with drums and electric guitar", "calm piano melody in a minor key",
-          "jazz with saxophone, upright bass and brushes", "électro à la française, 128 bpm",
-          "lo-fi hip hop beat to relax", "ambient pads and field recordings"] * 20
-DESCRIPTIONS = ["happy rock", None, "calm piano melody with jazz drums and bass, relaxing", "électro à la française",
-                ""]
+CORPUS = [
+    "happy rock song with drums and electric guitar",
+    "calm piano melody in a minor key",
+    "jazz with saxophone, upright bass and brushes",
+    "électro à la française, 128 bpm",
+    "lo-fi hip hop beat to relax",
+    "ambient pads and field recordings",
+] * 20
+DESCRIPTIONS = [
+    "happy rock",
+    None,
+    "calm piano melody with jazz drums and bass, relaxing",
+    "électro à la française",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +49,8 @@ def test_token_ids_match_transformers_and_sentencepiece(t5_dir):
     sp = spm.SentencePieceProcessor(model_file=str(t5_dir / "spiece.model"))
     for row, text in zip(ours["ids"], texts):
         expected = sp.encode(text) + [1]  # EOS appended
-        np.testing.assert_array_equal(row[:len(expected)], expected)
-        assert (row[len(expected):] == 0).all()
+        np.testing.assert_array_equal(row[: len(expected)], expected)
+        assert (row[len(expected) :] == 0).all()
     assert ours["ids"].shape[1] > 100  # the long description is really long
     np.testing.assert_array_equal(ours["mask"][2], 0)  # empty -> null condition
     np.testing.assert_array_equal(ours["mask"][0], ref["attention_mask"][0])
@@ -60,8 +71,10 @@ def test_tokenizer_is_picklable_for_grain_workers(t5_dir):
 
 def _audiocraft_t5_conditioner(t5_dir, output_dim):
     from references import audiocraft_stubs
+
     audiocraft_stubs.install()
     from audiocraft.modules.conditioners import T5Conditioner
+
     name = str(t5_dir)
     T5Conditioner.MODELS = T5Conditioner.MODELS + [name]  # the reference only knows hub ids; test-only allow-list
     T5Conditioner.MODELS_DIMS = {**T5Conditioner.MODELS_DIMS, name: 32}
@@ -78,7 +91,10 @@ def test_conditioning_matches_audiocraft_t5_conditioner_with_padding_and_nulls(t
     np.testing.assert_array_equal(tokens["mask"], mask.numpy())
     t5_config, t5_params = load_t5(str(t5_dir))
     states = cond_lib.encode_text(t5_config, t5_params, tokens["ids"], tokens["mask"])
-    proj = {"kernel": reference.output_proj.weight.detach().numpy().T, "bias": reference.output_proj.bias.detach().numpy()}
+    proj = {
+        "kernel": reference.output_proj.weight.detach().numpy().T,
+        "bias": reference.output_proj.bias.detach().numpy(),
+    }
     ours = np.asarray(cond_lib.ConditionProjection(24).apply({"params": proj}, states, jnp.asarray(tokens["mask"])))
     expected = embeds.numpy()
     assert np.abs(expected).max() > 0.1
@@ -95,8 +111,11 @@ def _conditioning(t5_dir, descriptions, *, pad_to=None):
         extra = ((0, 0), (0, pad_to - ids.shape[1]))
         ids, mask = np.pad(ids, extra, constant_values=tokenizer.pad_id), np.pad(mask, extra)
     t5_config, t5_params = load_t5(str(t5_dir))
-    return {"states": cond_lib.encode_text(t5_config, t5_params, ids, mask), "mask": jnp.asarray(mask),
-            "attend": cond_lib.cross_attend(ids, tokenizer.pad_id)}
+    return {
+        "states": cond_lib.encode_text(t5_config, t5_params, ids, mask),
+        "mask": jnp.asarray(mask),
+        "attend": cond_lib.cross_attend(ids, tokenizer.pad_id),
+    }
 
 
 def test_static_padding_with_cross_attend_equals_reference_padding(t5_dir):
@@ -111,6 +130,7 @@ def test_static_padding_with_cross_attend_equals_reference_padding(t5_dir):
     def logits(c, attend):
         condition = model.apply(params, c["states"], c["mask"], method=model.project_condition)
         return model.apply(params, codes, condition, attend)
+
     reference = logits(tight, None)
     np.testing.assert_allclose(logits(padded, padded["attend"]), reference, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(logits(padded, None) - reference).max()) > 1e-4  # attending the extra zeros would differ

@@ -3,6 +3,7 @@
 The PyTorch references get non-degenerate codebooks first (transformers initialises them to zeros, which would make
 every code 0 and code parity trivial); every parity test asserts the codes spread over the codebooks.
 """
+
 import dataclasses
 import json
 import warnings
@@ -28,13 +29,36 @@ from magnet_jax.models.encodec import EncodecConfig
 
 SR = 32000
 # Tiny transformers config (docs/design.md §11); bandwidth 0.8 gives 4 codebooks of 16 entries.
-TINY_HF = dict(sampling_rate=SR, audio_channels=1, normalize=False, chunk_length_s=None, overlap=None,
-               target_bandwidths=[0.8], codebook_size=16, codebook_dim=16, hidden_size=16, num_filters=4,
-               num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4], norm_type="weight_norm", use_causal_conv=False,
-               compress=2, num_lstm_layers=2, trim_right_ratio=1.0)
+TINY_HF = dict(
+    sampling_rate=SR,
+    audio_channels=1,
+    normalize=False,
+    chunk_length_s=None,
+    overlap=None,
+    target_bandwidths=[0.8],
+    codebook_size=16,
+    codebook_dim=16,
+    hidden_size=16,
+    num_filters=4,
+    num_residual_layers=1,
+    upsampling_ratios=[8, 5, 4, 4],
+    norm_type="weight_norm",
+    use_causal_conv=False,
+    compress=2,
+    num_lstm_layers=2,
+    trim_right_ratio=1.0,
+)
 # facebook/encodec_32khz (transformers' convert_encodec_checkpoint_to_pytorch.py); the rest are config defaults.
-REAL_32KHZ_HF = dict(sampling_rate=SR, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2], num_filters=64,
-                     codebook_size=2048, use_causal_conv=False, normalize=False, use_conv_shortcut=False)
+REAL_32KHZ_HF = dict(
+    sampling_rate=SR,
+    upsampling_ratios=[8, 5, 4, 4],
+    target_bandwidths=[2.2],
+    num_filters=64,
+    codebook_size=2048,
+    use_causal_conv=False,
+    normalize=False,
+    use_conv_shortcut=False,
+)
 # audiocraft config/model/encodec/default.yaml, scaled down (xp.cfg of a compression_state_dict.bin).
 TINY_AUDIOCRAFT_XP = """
 compression_model: encodec
@@ -107,7 +131,7 @@ def min_decision_margin(latent_frames: np.ndarray, codebooks: np.ndarray) -> flo
     for book in np.asarray(codebooks, np.float64):
         dist = squared_distances(residual, book)
         best, second = np.sort(dist, axis=1)[:, :2].T
-        scale = (residual ** 2).sum(1) + (book ** 2).sum(1).mean()
+        scale = (residual**2).sum(1) + (book**2).sum(1).mean()
         margin = min(margin, float(((second - best) / scale).min()))
         residual = residual - book[dist.argmin(1)]
     return margin
@@ -115,7 +139,7 @@ def min_decision_margin(latent_frames: np.ndarray, codebooks: np.ndarray) -> flo
 
 def squared_distances(x: np.ndarray, book: np.ndarray) -> np.ndarray:
     """‖x_i - e_j‖² [N, card] in float64 (direct form: no cancellation at this precision)."""
-    return np.maximum((x ** 2).sum(1, keepdims=True) - 2 * x @ book.T + (book ** 2).sum(1), 0.0)
+    return np.maximum((x**2).sum(1, keepdims=True) - 2 * x @ book.T + (book**2).sum(1), 0.0)
 
 
 def reference_encode(model: torch.nn.Module, wav: np.ndarray, **kwargs):
@@ -273,8 +297,12 @@ def test_magnet_presets_give_music_and_sound_codecs():
 
 def test_hub_weight_norm_names_load_like_transformers5_names(tiny_hf_dir, tmp_path):
     state = load_file(str(tiny_hf_dir / "model.safetensors"))
-    renamed = {k.replace("parametrizations.weight.original0", "weight_g")
-                .replace("parametrizations.weight.original1", "weight_v"): v for k, v in state.items()}
+    renamed = {
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v
+        for k, v in state.items()
+    }
     assert any(k.endswith("weight_g") for k in renamed)
     save_file(renamed, str(tmp_path / "model.safetensors"))
     # hub config.json files list every field
@@ -291,6 +319,7 @@ def test_hub_weight_norm_names_load_like_transformers5_names(tiny_hf_dir, tmp_pa
 def audiocraft_encodec(tmp_path_factory):
     """audiocraft EncodecModel built by audiocraft's own builder from xp.cfg, exported as compression_state_dict.bin."""
     from references import audiocraft_stubs
+
     audiocraft_stubs.install()
     from audiocraft.models import builders
     from omegaconf import OmegaConf
@@ -308,8 +337,9 @@ def audiocraft_encodec(tmp_path_factory):
             layer._codebook.embed.copy_(torch.from_numpy(book))
             layer._codebook.inited.fill_(1.0)
     path = tmp_path_factory.mktemp("encodec_audiocraft") / "compression_state_dict.bin"
-    torch.save({"best_state": model.state_dict(), "xp.cfg": TINY_AUDIOCRAFT_XP, "version": "1.3.0",
-                "exported": True}, path)
+    torch.save(
+        {"best_state": model.state_dict(), "xp.cfg": TINY_AUDIOCRAFT_XP, "version": "1.3.0", "exported": True}, path
+    )
     return model, path
 
 
@@ -333,8 +363,9 @@ def test_codes_match_audiocraft_encodec(audiocraft_encodec):
 
 @pytest.mark.parametrize("pointer", ["{dir}", "//pretrained/{dir}"])
 def test_audiocraft_pretrained_pointer_loads_transformers_checkpoint(tiny_hf_dir, tmp_path, pointer):
-    torch.save({"pretrained": pointer.format(dir=tiny_hf_dir), "exported": True},
-               tmp_path / "compression_state_dict.bin")
+    torch.save(
+        {"pretrained": pointer.format(dir=tiny_hf_dir), "exported": True}, tmp_path / "compression_state_dict.bin"
+    )
     config, params = load_encodec(tmp_path)
     expected_config, expected_params = load_encodec(tiny_hf_dir)
     assert config == expected_config
@@ -365,11 +396,14 @@ def test_missing_path_and_empty_directory_are_one_line_errors(tmp_path):
     assert_one_line_error(tmp_path, "compression_state_dict.bin", "config.json")
 
 
-@pytest.mark.parametrize("change, fragments", [
-    ("drop", ["missing", "decoder.layers.1.lstm.weight_hh_l1"]),
-    ("add", ["unexpected", "encoder.layers.99.conv.bias"]),
-    ("reshape", ["wrong shape", "quantizer.layers.2.codebook.embed", "(16, 8) != (16, 16)"]),
-])
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ("drop", ["missing", "decoder.layers.1.lstm.weight_hh_l1"]),
+        ("add", ["unexpected", "encoder.layers.99.conv.bias"]),
+        ("reshape", ["wrong shape", "quantizer.layers.2.codebook.embed", "(16, 8) != (16, 16)"]),
+    ],
+)
 def test_state_dict_mismatch_is_one_line_error(tiny_hf_dir, tmp_path, change, fragments):
     state = load_file(str(tiny_hf_dir / "model.safetensors"))
     if change == "drop":
@@ -383,8 +417,9 @@ def test_state_dict_mismatch_is_one_line_error(tiny_hf_dir, tmp_path, change, fr
     assert_one_line_error(tmp_path, "model.safetensors", *fragments)
 
 
-@pytest.mark.parametrize("field, value", [("use_causal_conv", True), ("pad_mode", "circular"),
-                                          ("norm_type", "time_group_norm")])
+@pytest.mark.parametrize(
+    "field, value", [("use_causal_conv", True), ("pad_mode", "circular"), ("norm_type", "time_group_norm")]
+)
 def test_unsupported_transformers_config_is_one_line_error(tiny_hf_dir, tmp_path, field, value):
     hf_config = json.loads((tiny_hf_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**hf_config, field: value}))
@@ -392,12 +427,15 @@ def test_unsupported_transformers_config_is_one_line_error(tiny_hf_dir, tmp_path
     assert_one_line_error(tmp_path, "config.json", field)
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    ({"encodec": {"renormalize": True}}, "encodec.renormalize"),
-    ({"seanet": {"causal": True}}, "seanet.causal"),
-    ({"seanet": {"decoder": {"n_filters": 8}}}, "seanet.encoder.n_filters"),
-    ({"seanet": {"activation": "GELU"}}, "seanet.activation"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        ({"encodec": {"renormalize": True}}, "encodec.renormalize"),
+        ({"seanet": {"causal": True}}, "seanet.causal"),
+        ({"seanet": {"decoder": {"n_filters": 8}}}, "seanet.encoder.n_filters"),
+        ({"seanet": {"activation": "GELU"}}, "seanet.activation"),
+    ],
+)
 def test_unsupported_audiocraft_config_is_rejected(edit, fragment):
     xp = yaml.safe_load(TINY_AUDIOCRAFT_XP)
     for section, values in edit.items():
@@ -438,14 +476,15 @@ def test_encode_long_equals_encoding_each_fixed_chunk(tiny_codec):
     wav = audio(2, int(2.3 * SR), seed=6)
     codes = encodec.encode_long(config, params, wav, chunk_seconds=1.0)
     assert codes.shape == (2, 4, 115) and codes.dtype == np.int32
-    tail = np.pad(wav[..., 2 * SR:], ((0, 0), (0, 0), (0, 3 * SR - wav.shape[-1])))
-    chunks = [wav[..., :SR], wav[..., SR:2 * SR], tail]
+    tail = np.pad(wav[..., 2 * SR :], ((0, 0), (0, 0), (0, 3 * SR - wav.shape[-1])))
+    chunks = [wav[..., :SR], wav[..., SR : 2 * SR], tail]
     expected = np.concatenate([np.asarray(encodec.encode(config, params, c)) for c in chunks], -1)[..., :115]
     np.testing.assert_array_equal(codes, expected)
     # one chunk spanning the whole file is whole-file encoding
     whole = wav[..., :SR]
-    np.testing.assert_array_equal(encodec.encode_long(config, params, whole, chunk_seconds=1.0),
-                                  np.asarray(encodec.encode(config, params, whole)))
+    np.testing.assert_array_equal(
+        encodec.encode_long(config, params, whole, chunk_seconds=1.0), np.asarray(encodec.encode(config, params, whole))
+    )
 
 
 def test_bfloat16_compute_stays_close_to_float32(tiny_codec):
@@ -466,7 +505,7 @@ def test_codec_is_replicated_and_runs_data_parallel_on_a_mesh(tiny_codec):
 
     wav = audio(4, SR, seed=8)
     # reference in two batch-2 calls, so the mesh run below traces afresh with the axis rules active
-    expected = np.concatenate([np.asarray(encodec.encode(config, params, wav[i:i + 2])) for i in (0, 2)])
+    expected = np.concatenate([np.asarray(encodec.encode(config, params, wav[i : i + 2])) for i in (0, 2)])
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         sharded_wav = jax.device_put(wav, NamedSharding(mesh, P(("data", "fsdp"))))
         codes = encodec.encode(config, jax.device_put(params, NamedSharding(mesh, P())), sharded_wav)

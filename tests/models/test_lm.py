@@ -1,4 +1,5 @@
 """Behaviour of the LM module: MAGNeT attention modes, causality, layouts, remat, cross K/V, bf16, sizes."""
+
 import functools
 import math
 
@@ -31,6 +32,7 @@ def setup(config: LMConfig):
     @jax.jit
     def logits(params, codes, stage):
         return model.apply({"params": params}, codes, condition, None, stage)
+
     return model, params, condition, logits
 
 
@@ -87,8 +89,9 @@ def test_causal_output_ignores_future_tokens():
 def apply(config: LMConfig, params, codes, condition, stage, **kwargs):
     """Jitted forward of a model built from `config`."""
     model = LanguageModel(config)
-    return jax.jit(lambda p, c, cond: model.apply({"params": p}, c, cond, None, stage, **kwargs))(params, codes,
-                                                                                                    condition)
+    return jax.jit(lambda p, c, cond: model.apply({"params": p}, c, cond, None, stage, **kwargs))(
+        params, codes, condition
+    )
 
 
 def test_scanned_and_per_layer_layouts_give_identical_logits():

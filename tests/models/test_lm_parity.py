@@ -6,6 +6,7 @@
   importer, stages 0-3, with padded conditioning fed as `condition_tensors`.
 The helpers at the top are reused by test_convert.py.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +24,20 @@ RTOL = 1e-4
 # ---------------------------------------------------------------------------------------------------------------
 # transformers MusicGen (causal)
 
+
 def _musicgen_decoder_config():
     from transformers import MusicgenDecoderConfig
-    return MusicgenDecoderConfig(vocab_size=32, num_codebooks=4, hidden_size=32, ffn_dim=128, num_hidden_layers=2,
-                                 num_attention_heads=4, pad_token_id=32, bos_token_id=32)
+
+    return MusicgenDecoderConfig(
+        vocab_size=32,
+        num_codebooks=4,
+        hidden_size=32,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        pad_token_id=32,
+        bos_token_id=32,
+    )
 
 
 def _spread(model):
@@ -43,6 +54,7 @@ def _spread(model):
 
 def test_causal_logits_match_transformers_musicgen(tmp_path):
     from transformers import MusicgenForCausalLM
+
     reference = _spread(MusicgenForCausalLM(_musicgen_decoder_config())).eval()
     reference.save_pretrained(tmp_path)
     config, params = lm_weights.import_lm(str(tmp_path))
@@ -54,9 +66,11 @@ def test_causal_logits_match_transformers_musicgen(tmp_path):
     states = rng.standard_normal((batch, cond_len, 32)).astype(np.float32)
     mask = np.array([[1] * 5, [1, 1, 0, 0, 0]])
     with torch.no_grad():
-        expected = reference(input_ids=torch.tensor(codes.reshape(batch * 4, length)),
-                             encoder_hidden_states=torch.tensor(states),
-                             encoder_attention_mask=torch.tensor(mask)).logits.reshape(batch, 4, length, 32)
+        expected = reference(
+            input_ids=torch.tensor(codes.reshape(batch * 4, length)),
+            encoder_hidden_states=torch.tensor(states),
+            encoder_attention_mask=torch.tensor(mask),
+        ).logits.reshape(batch, 4, length, 32)
     model = LanguageModel(LMConfig(**config["model"]))
     condition = model.apply({"params": params}, states, mask, method=model.project_condition)
     ours = model.apply({"params": params}, jnp.asarray(codes), condition, jnp.asarray(mask, bool))
@@ -66,11 +80,23 @@ def test_causal_logits_match_transformers_musicgen(tmp_path):
 def test_conditional_generation_file_matches_transformers(tmp_path):
     """`MusicgenForConditionalGeneration` keys: `decoder.*`, `enc_to_dec_proj` -> cond_proj; T5/EnCodec ignored."""
     from transformers import EncodecConfig, MusicgenConfig, MusicgenForConditionalGeneration, T5Config
+
     text = T5Config(vocab_size=50, d_model=24, d_kv=8, d_ff=48, num_layers=1, num_heads=3, dropout_rate=0.0)
-    audio = EncodecConfig(codebook_size=32, codebook_dim=8, hidden_size=8, num_filters=2, num_residual_layers=1,
-                          upsampling_ratios=[4, 4], num_lstm_layers=1, target_bandwidths=[1.0])
-    reference = MusicgenForConditionalGeneration(MusicgenConfig(
-        text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=_musicgen_decoder_config().to_dict()))
+    audio = EncodecConfig(
+        codebook_size=32,
+        codebook_dim=8,
+        hidden_size=8,
+        num_filters=2,
+        num_residual_layers=1,
+        upsampling_ratios=[4, 4],
+        num_lstm_layers=1,
+        target_bandwidths=[1.0],
+    )
+    reference = MusicgenForConditionalGeneration(
+        MusicgenConfig(
+            text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=_musicgen_decoder_config().to_dict()
+        )
+    )
     _spread(reference.decoder)
     _spread(reference.enc_to_dec_proj)
     reference.eval().save_pretrained(tmp_path)
@@ -82,8 +108,9 @@ def test_conditional_generation_file_matches_transformers(tmp_path):
     mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
     codes = rng.integers(0, 33, (2, 4, 10))
     with torch.no_grad():
-        expected = reference(input_ids=ids, attention_mask=mask,
-                             decoder_input_ids=torch.tensor(codes.reshape(8, 10))).logits.reshape(2, 4, 10, 32)
+        expected = reference(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=torch.tensor(codes.reshape(8, 10))
+        ).logits.reshape(2, 4, 10, 32)
         states = reference.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     model = LanguageModel(LMConfig(**config["model"]))
     condition = model.apply({"params": params}, states, mask.numpy(), method=model.project_condition)
@@ -93,6 +120,7 @@ def test_conditional_generation_file_matches_transformers(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # audiocraft MAGNeT
+
 
 @pytest.fixture(scope="module")
 def magnet_reference():
@@ -123,7 +151,7 @@ def test_magnet_logits_match_audiocraft_stages_0_to_3(magnet_reference, scan_lay
     errors, previous = [], None
     for stage in range(4):
         codes = tokens.copy()
-        codes[:, stage + 1:] = TINY["card"]  # codebooks above the stage are masked, as in training and decoding
+        codes[:, stage + 1 :] = TINY["card"]  # codebooks above the stage are masked, as in training and decoding
         with torch.no_grad():
             expected = magnet_reference(torch.tensor(codes), [], condition_tensors, stage=stage).numpy()
         ours = logits(codes, stage)

@@ -1,4 +1,5 @@
 """The Flax T5 encoder against transformers' T5EncoderModel, and its weight loading errors."""
+
 import json
 
 import jax.numpy as jnp
@@ -11,15 +12,27 @@ from magnet_jax.checkpoints.t5_weights import load_t5, write_random_t5
 from magnet_jax.fileio import WeightsError
 from magnet_jax.models.t5 import T5Encoder, relative_position_bucket
 
-CORPUS = ["happy rock song with drums and electric guitar", "calm piano melody in a minor key",
-          "jazz with saxophone, upright bass and brushes", "électro à la française, 128 bpm",
-          "lo-fi hip hop beat to relax"] * 20
+CORPUS = [
+    "happy rock song with drums and electric guitar",
+    "calm piano melody in a minor key",
+    "jazz with saxophone, upright bass and brushes",
+    "électro à la française, 128 bpm",
+    "lo-fi hip hop beat to relax",
+] * 20
 
 
 @pytest.fixture(scope="module", params=["relu", "gated-gelu"])
 def t5_dir(request, tmp_path_factory):
-    return write_random_t5(tmp_path_factory.mktemp(request.param), corpus=CORPUS, feed_forward_proj=request.param,
-                           d_model=48, num_layers=3, num_heads=4, d_kv=12, d_ff=96)
+    return write_random_t5(
+        tmp_path_factory.mktemp(request.param),
+        corpus=CORPUS,
+        feed_forward_proj=request.param,
+        d_model=48,
+        num_layers=3,
+        num_heads=4,
+        d_kv=12,
+        d_ff=96,
+    )
 
 
 def test_last_hidden_state_matches_transformers_on_padded_batch(t5_dir):
@@ -27,21 +40,28 @@ def test_last_hidden_state_matches_transformers_on_padded_batch(t5_dir):
     reference = T5EncoderModel.from_pretrained(str(t5_dir)).eval()
     tokens = T5Tokenizer.from_pretrained(str(t5_dir))(
         ["happy rock", "calm piano melody with jazz drums and bass, relaxing and slow", ""],
-        return_tensors="pt", padding=True)
+        return_tensors="pt",
+        padding=True,
+    )
     assert tokens["attention_mask"].sum(1).unique().numel() == 3  # three different lengths: real padding
     with torch.no_grad():
         expected = reference(**tokens).last_hidden_state.numpy()
-    ours = np.asarray(T5Encoder(config).apply({"params": params}, jnp.asarray(tokens["input_ids"].numpy()),
-                                              jnp.asarray(tokens["attention_mask"].numpy())))
+    ours = np.asarray(
+        T5Encoder(config).apply(
+            {"params": params}, jnp.asarray(tokens["input_ids"].numpy()), jnp.asarray(tokens["attention_mask"].numpy())
+        )
+    )
     assert np.abs(expected).max() > 0.1
     assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-5
 
 
 def test_relative_position_buckets_match_transformers():
     from transformers.models.t5.modeling_t5 import T5Attention
+
     rel = np.arange(-300, 300)[None, :]
-    expected = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional=True, num_buckets=32,
-                                                     max_distance=128).numpy()
+    expected = T5Attention._relative_position_bucket(
+        torch.tensor(rel), bidirectional=True, num_buckets=32, max_distance=128
+    ).numpy()
     np.testing.assert_array_equal(np.asarray(relative_position_bucket(jnp.asarray(rel), 32, 128)), expected)
 
 
@@ -80,6 +100,7 @@ def test_hub_id_offline_says_what_was_looked_for():
 
 def test_wrong_shapes_and_missing_keys_are_listed(tmp_path, t5_dir):
     from safetensors.numpy import load_file, save_file
+
     for name in ("config.json", "spiece.model"):
         (tmp_path / name).write_bytes((t5_dir / name).read_bytes())
     state = load_file(str(t5_dir / "model.safetensors"))

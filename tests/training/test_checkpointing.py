@@ -2,6 +2,7 @@
 
 Runs on the 8 simulated CPU devices of conftest.py, with real ArrayRecord shards and a random local T5.
 """
+
 import json
 import os
 import shutil
@@ -28,8 +29,11 @@ WORDS = ["calm", "piano", "bright", "synth", "slow", "drums", "warm", "pad", "fa
 def compilation_cache(tmp_path_factory):
     """Runs of one config compile the same programs: a persistent cache makes the repeated runs cheap."""
     from jax.experimental.compilation_cache import compilation_cache as cc
-    saved = {name: getattr(jax.config, name) for name in
-             ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+
+    saved = {
+        name: getattr(jax.config, name)
+        for name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    }
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     yield
@@ -51,9 +55,18 @@ def corpus(tmp_path_factory):
             codes = (base + np.arange(60) // rng.integers(1, 4)) % 64  # slow ramps: learnable structure
             text = " ".join(rng.choice(WORDS, size=4))
             texts.append(text)
-            writer.write(CodeRecord(codes=codes.astype(np.int16), sample_rate=32000, frame_rate=50.0, card=64,
-                                    duration=1.2, segment_seconds=1.0, source=f"clip{shard}_{i}.wav",
-                                    metadata={"description": text}).to_bytes())
+            writer.write(
+                CodeRecord(
+                    codes=codes.astype(np.int16),
+                    sample_rate=32000,
+                    frame_rate=50.0,
+                    card=64,
+                    duration=1.2,
+                    segment_seconds=1.0,
+                    source=f"clip{shard}_{i}.wav",
+                    metadata={"description": text},
+                ).to_bytes()
+            )
         writer.close()
     t5_dir = write_random_t5(root / "t5", corpus=texts * 8, vocab_size=48)
     return root, t5_dir
@@ -84,10 +97,16 @@ def restore(config, workdir, mesh=None, *, step=None, with_data=True):
     abstract, shardings = train_lib.train_state_shardings(config, mesh)
     data = None
     if with_data:
-        tokenizer = TextTokenizer(config.conditioner.t5, max_length=config.conditioner.max_length,
-                                  word_dropout=config.conditioner.word_dropout)
-        data = input_pipeline.make_iterator(input_pipeline.PipelineConfig.from_config(config), tokenizer,
-                                            sharding=sharding.batch_sharding(mesh, sharding.logical_rules(config)))
+        tokenizer = TextTokenizer(
+            config.conditioner.t5,
+            max_length=config.conditioner.max_length,
+            word_dropout=config.conditioner.word_dropout,
+        )
+        data = input_pipeline.make_iterator(
+            input_pipeline.PipelineConfig.from_config(config),
+            tokenizer,
+            sharding=sharding.batch_sharding(mesh, sharding.logical_rules(config)),
+        )
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
     try:
         state = ckpt.restore(checkpointing.sharded_target(abstract, shardings), data, config, step=step)
@@ -129,8 +148,10 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(stopped_at_3, tmp_path)
     # The runs really trained: parameters and EMA moved away from step 3, and the EMA differs from the params.
     moved = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a.params, first.params)
     assert max(jax.tree.leaves(moved)) > 1e-3
-    assert max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x - y)).max()),
-                                            a.params, a.ema_params))) > 0
+    assert (
+        max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x - y)).max()), a.params, a.ema_params)))
+        > 0
+    )
     # Data order: both iterators resume at the same next batch (the 7th), and it is not the 1st.
     batch_a, batch_b = next(data_a), next(data_b)
     for key in batch_a:
@@ -142,8 +163,9 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(stopped_at_3, tmp_path)
 
 
 def restore_fresh_iterator(config):
-    tokenizer = TextTokenizer(config.conditioner.t5, max_length=config.conditioner.max_length,
-                              word_dropout=config.conditioner.word_dropout)
+    tokenizer = TextTokenizer(
+        config.conditioner.t5, max_length=config.conditioner.max_length, word_dropout=config.conditioner.word_dropout
+    )
     return input_pipeline.make_iterator(input_pipeline.PipelineConfig.from_config(config), tokenizer)
 
 

@@ -1,4 +1,5 @@
 """The span-masked objective against the spec's worked values and audiocraft's own MagnetSolver functions."""
+
 import math
 import types
 
@@ -17,6 +18,7 @@ def solver():
     """audiocraft's MagnetSolver class (its masking methods are called unbound with a minimal `self`)."""
     audiocraft_stubs.install()
     from audiocraft.solvers.magnet import MagnetSolver
+
     return MagnetSolver
 
 
@@ -29,8 +31,9 @@ def _solver_self(solver, span_len, table=None):
     return this
 
 
-@pytest.mark.parametrize("seq_len,expected", [(500, [18, 46, 103, 185, 268, 498]),
-                                              (1500, [52, 138, 310, 555, 804, 1498])])
+@pytest.mark.parametrize(
+    "seq_len,expected", [(500, [18, 46, 103, 185, 268, 498]), (1500, [52, 138, 310, 555, 804, 1498])]
+)
 def test_span_count_table_reproduces_spec_worked_values(seq_len, expected):
     table = masking.span_count_table(seq_len, 3)
     assert [int(table[m]) for m in (10, 25, 50, 75, 90, 100)] == expected
@@ -52,8 +55,9 @@ def _distinct_noise(rng, batch, length):
 def test_time_mask_equals_audiocraft_on_same_noise(solver, monkeypatch, seq_len, span_len):
     rng = np.random.default_rng(0)
     batch = 64
-    rates = np.concatenate([[0.0, 1.0, 0.125, 0.005, 0.995],
-                            np.cos(0.5 * np.pi * rng.uniform(size=batch - 5))]).astype(np.float32)
+    rates = np.concatenate([[0.0, 1.0, 0.125, 0.005, 0.995], np.cos(0.5 * np.pi * rng.uniform(size=batch - 5))]).astype(
+        np.float32
+    )
     noise = _distinct_noise(rng, batch, seq_len)
     table = masking.span_count_table(seq_len, span_len)
 
@@ -87,8 +91,7 @@ def test_mask_rates_follow_cosine_schedule():
 def test_spans_are_truncated_at_the_end_not_wrapped():
     seq_len = 20
     table = masking.span_count_table(seq_len, 3)
-    for start, expected in ((seq_len - 1, [seq_len - 1]), (seq_len - 2, [seq_len - 2, seq_len - 1]),
-                            (5, [5, 6, 7])):
+    for start, expected in ((seq_len - 1, [seq_len - 1]), (seq_len - 2, [seq_len - 2, seq_len - 1]), (5, [5, 6, 7])):
         # The reference's starts are the t with argsort(noise)[t] < k; rate 0 gives k = max(1, u(0)) = 1, and
         # argsort(noise)[start] == 0 when noise[0] has rank `start`.
         ranks = [start] + [r for r in range(seq_len) if r != start]
@@ -116,7 +119,7 @@ def test_stage_masking_keeps_lower_masks_upper_codebooks(stage):
     inputs = np.asarray(masking.mask_codes(codes, jnp.int32(stage), mask, 64))
     codes, mask = np.asarray(codes), np.asarray(mask)
     np.testing.assert_array_equal(inputs[:, :stage], codes[:, :stage])
-    assert (inputs[:, stage + 1:] == 64).all()
+    assert (inputs[:, stage + 1 :] == 64).all()
     np.testing.assert_array_equal(inputs[:, stage], np.where(mask, 64, codes[:, stage]))
 
 
@@ -127,6 +130,7 @@ def test_stage_is_traced_one_compilation_for_all_stages():
     def inputs_for(codes, stage, mask):
         traces.append(1)
         return masking.mask_codes(codes, stage, mask, 64)
+
     codes = jnp.zeros((2, 4, 12), jnp.int32)
     mask = jnp.ones((2, 12), bool)
     outs = [inputs_for(codes, jnp.int32(s), mask) for s in range(4)]
@@ -144,10 +148,15 @@ def test_cross_entropy_equals_audiocraft_on_masked_tokens_of_stage(solver):
         loss_mask = np.zeros((batch, n_q, length), bool)
         loss_mask[:, stage] = time
         ref = solver._compute_cross_entropy_magnet(
-            None, torch.from_numpy(logits), torch.from_numpy(targets.copy()), torch.from_numpy(loss_mask),
-            torch.full((1,), stage)).item()
-        ce_sum, count = masking.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.int32(stage),
-                                                     jnp.asarray(time))
+            None,
+            torch.from_numpy(logits),
+            torch.from_numpy(targets.copy()),
+            torch.from_numpy(loss_mask),
+            torch.full((1,), stage),
+        ).item()
+        ce_sum, count = masking.masked_cross_entropy(
+            jnp.asarray(logits), jnp.asarray(targets), jnp.int32(stage), jnp.asarray(time)
+        )
         assert int(count) == time.sum()
         np.testing.assert_allclose(float(ce_sum / count), ref, rtol=1e-6)
 

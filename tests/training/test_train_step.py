@@ -1,5 +1,6 @@
 """The sharded train step on 8 simulated CPU devices: mesh invariance, learning, accumulation, skipping, EMA,
 schedule, memory, export / fine-tune init, FLOPs."""
+
 import importlib.util
 import math
 from pathlib import Path
@@ -23,8 +24,14 @@ from magnet_jax.models import t5
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.training import flops, optim, train_lib
 
-CORPUS = ["rock music with heavy drums", "calm jazz piano at night", "ambient synth pad", "upbeat pop song",
-          "orchestral strings and brass", "lofi hip hop beat"] * 10
+CORPUS = [
+    "rock music with heavy drums",
+    "calm jazz piano at night",
+    "ambient synth pad",
+    "upbeat pop song",
+    "orchestral strings and brass",
+    "lofi hip hop beat",
+] * 10
 TEXT_LEN = 8
 
 
@@ -62,8 +69,11 @@ def _batch(config, tokenizer, seed=0, size=8):
     texts[1] = None  # a null description
     tokens = tokenizer(texts)
     pad = ((0, 0), (0, TEXT_LEN - tokens["ids"].shape[1]))
-    return {"codes": codes.astype(np.int32), "text_ids": np.pad(tokens["ids"], pad),
-            "text_mask": np.pad(tokens["mask"], pad)}
+    return {
+        "codes": codes.astype(np.int32),
+        "text_ids": np.pad(tokens["ids"], pad),
+        "text_mask": np.pad(tokens["mask"], pad),
+    }
 
 
 _CACHE: dict = {}
@@ -79,8 +89,9 @@ def _cached(kind, config, mesh, build):
 
 def _initial_state(config, mesh):
     """A fresh scratch-init state on `mesh` (created once per config on the host, then placed)."""
-    host = _cached("state", config, _one_device(),
-                   lambda: jax.device_get(train_lib.create_train_state(config, jax.random.key(0))))
+    host = _cached(
+        "state", config, _one_device(), lambda: jax.device_get(train_lib.create_train_state(config, jax.random.key(0)))
+    )
     return jax.device_put(host, train_lib.train_state_shardings(config, mesh)[1])
 
 
@@ -111,8 +122,10 @@ def _norm_rel_diff(a, b):
 
 
 def _max_abs_diff(a, b):
-    return max(float(np.max(np.abs(x - y)))
-               for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+    return max(
+        float(np.max(np.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)))
+    )
 
 
 def test_mesh_222_and_single_device_give_same_losses_and_params(tiny_t5):
@@ -120,13 +133,19 @@ def test_mesh_222_and_single_device_give_same_losses_and_params(tiny_t5):
     batches = [_batch(config, tiny_t5[2], seed) for seed in range(3)]
     init = _initial_state(config, _one_device()).params
     single, single_losses = _run(config, _one_device(), tiny_t5, batches, steps=3)
-    sharded, sharded_losses = _run(config, sharding.make_mesh(dict(data=2, fsdp=2, tensor=2)), tiny_t5, batches,
-                                   steps=3)
+    sharded, sharded_losses = _run(
+        config, sharding.make_mesh(dict(data=2, fsdp=2, tensor=2)), tiny_t5, batches, steps=3
+    )
     assert sharded.params["blocks"]["linear1"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
     assert _norm_rel_diff(single.params, init) > 1e-3  # training moved the params
-    diffs = {name: (_norm_rel_diff(a, b), _max_abs_diff(a, b)) for name, a, b in
-             (("params", sharded.params, single.params), ("ema", sharded.ema_params, single.ema_params),
-              ("opt_state", sharded.opt_state, single.opt_state))}
+    diffs = {
+        name: (_norm_rel_diff(a, b), _max_abs_diff(a, b))
+        for name, a, b in (
+            ("params", sharded.params, single.params),
+            ("ema", sharded.ema_params, single.ema_params),
+            ("opt_state", sharded.opt_state, single.opt_state),
+        )
+    }
     print(f"losses {single_losses} vs {sharded_losses}; (norm-relative, max abs) diffs {diffs}")
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
     for norm_relative, max_abs in diffs.values():
@@ -182,7 +201,7 @@ def test_ema_matches_audiocraft_module_dict_ema(tiny_t5):
     holder.weights = torch.nn.ParameterList(leaves)
     reference = ema_module.ModuleDictEMA(torch.nn.ModuleDict({"model": holder}), decay=0.9, device="cpu")
     for idx in range(5):
-        state, _ = _run(config, mesh, tiny_t5, batches[idx % 2:], steps=1, state=state)
+        state, _ = _run(config, mesh, tiny_t5, batches[idx % 2 :], steps=1, state=state)
         with torch.no_grad():
             for p, x in zip(leaves, jax.tree.leaves(jax.device_get(state.params))):
                 p.copy_(torch.from_numpy(np.array(x)))
@@ -218,6 +237,7 @@ def test_dadapt_adam_makes_progress_from_a_zero_first_learning_rate():
 
     def loss(p):
         return jnp.sum((p["w"] - target) ** 2)
+
     for _ in range(60):
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, updates)
@@ -235,8 +255,10 @@ def test_export_then_fine_tune_from_the_exported_checkpoint(tiny_t5, tmp_path):
     train_lib.export_params(state, str(tmp_path / "bf16"), config, use_ema=False, dtype="bfloat16")
     saved = read_config(tmp_path / "bf16")
     assert saved["objective"] == "magnet" and saved["generate"]["span_len"] == config.masking.span_len == 3
-    assert saved["provenance"] == {"source": "magnet_jax training", "step": 2, "weights": "params",
-                                   "dtype": "bfloat16"} and saved["model"]["param_dtype"] == "bfloat16"
+    assert (
+        saved["provenance"] == {"source": "magnet_jax training", "step": 2, "weights": "params", "dtype": "bfloat16"}
+        and saved["model"]["param_dtype"] == "bfloat16"
+    )
 
     config.train.init_from = str(tmp_path / "ema")
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
@@ -250,8 +272,9 @@ def test_export_then_fine_tune_from_the_exported_checkpoint(tiny_t5, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_bf16.params), expected)
 
     config.model.subcodes_context = 3
-    with pytest.raises(WeightsError, match="model.subcodes_context=5 but the training config has "
-                                           "model.subcodes_context=3"):
+    with pytest.raises(
+        WeightsError, match="model.subcodes_context=5 but the training config has model.subcodes_context=3"
+    ):
         train_lib.create_train_state(config, jax.random.key(0))
 
 
@@ -288,12 +311,18 @@ def test_fsdp8_state_memory_is_an_eighth_and_bfloat16_compute_keeps_float32_weig
     memory = compiled.memory_analysis()
 
     def per_device(tree, shardings):
-        return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+        return sum(
+            math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+            for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+        )
+
     total_state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     state_per_device = per_device(abstract, state_shardings)
-    others = (per_device(t5_params, t5_shardings) + sum(x.addressable_shards[0].data.nbytes for x in batch.values())
-              + jax.random.key_data(jax.random.key(0)).nbytes)
+    others = (
+        per_device(t5_params, t5_shardings)
+        + sum(x.addressable_shards[0].data.nbytes for x in batch.values())
+        + jax.random.key_data(jax.random.key(0)).nbytes
+    )
     assert memory.argument_size_in_bytes == state_per_device + others  # the compiled step holds just this state
     ratio = state_per_device / (total_state / 8)
     print(f"state bytes: total {total_state}, per device {state_per_device} ({ratio:.3f} x total/8)")
@@ -319,8 +348,10 @@ def test_flops_formula_matches_xla_cost_analysis():
     states, mask = jnp.ones((batch, cond_len, 64)), jnp.ones((batch, cond_len), jnp.int32)
 
     def forward(p):
-        return model.apply({"params": p}, codes, model.apply({"params": p}, states, mask,
-                                                             method=model.project_condition))
+        return model.apply(
+            {"params": p}, codes, model.apply({"params": p}, states, mask, method=model.project_condition)
+        )
+
     counted_fwd = jax.jit(forward).lower(params).cost_analysis()["flops"]
     counted_train = jax.jit(jax.grad(lambda p: forward(p).sum())).lower(params).cost_analysis()["flops"]
     expected_fwd = flops.forward_flops(config, batch=batch, seq_len=length, cond_len=cond_len)
