@@ -31,11 +31,12 @@ from absl import app, flags
 from timing import BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure, write_results
 
 from magnet_jax.checkpoints.lm_weights import params_from_audiocraft
-from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
+from magnet_jax.generation.decoding import DecodeParams, generate_codes
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, LMConfig, count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for references/
-from references.audiocraft_lm import lm_state, token_conditioned_magnet  # noqa: E402
+from references.audiocraft_lm import lm_state, magnet_generate, token_conditioned_magnet  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", True, "short run: batch 1,2,4, steps 4,2,2,2, one timed call each")
 _SIZES = flags.DEFINE_list(
@@ -96,22 +97,10 @@ def measure(size: str, batch_sizes: list[int], dp: DecodeParams, repeats: int) -
         def run_jax():
             generate_codes(model, params, cond, jax.random.key(0), dp, length=length).block_until_ready()
 
-        conditions = [ConditioningAttributes(text={"description": " ".join(map(str, r))}) for r in ids]
+        descriptions = [" ".join(map(str, r)) for r in ids]
 
         def run_torch():
-            with torch.no_grad():
-                lm.generate(
-                    conditions=conditions,
-                    max_gen_len=length,
-                    use_sampling=True,
-                    temp=dp.temperature,
-                    top_k=0,
-                    top_p=dp.top_p,
-                    max_cfg_coef=dp.max_cfg,
-                    min_cfg_coef=dp.min_cfg,
-                    decoding_steps=list(dp.decoding_steps),
-                    span_arrangement=dp.span_arrangement,
-                )
+            magnet_generate(lm, descriptions, dp, length=length)
 
         compile_s, first_s = compile_seconds(run_jax)
         jax_times, torch_times = interleaved([run_jax, run_torch], repeats)

@@ -35,8 +35,9 @@ from absl import app, flags
 from timing import BENCH_SIZES, batch_axis, compile_seconds, interleaved, lm_config, machine, save_figure, write_results
 
 from magnet_jax.generation import musicgen
-from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
+from magnet_jax.generation.decoding import DecodeParams, generate_codes
 from magnet_jax.generation.hybrid import generate_hybrid_codes
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, count_params, init_params
 
 METHODS = ("magnet", "magnet+rescore", "hybrid", "musicgen")

@@ -418,8 +418,8 @@ class MAGNeT:
         return encodec.decode(self.codec_config, self.codec_params, codes)
 
 
-def _condition(t5_config, pad_id: int, t5_params, ids: jax.Array, mask: jax.Array) -> decoding.TextConditioning:
+def _condition(t5_config, pad_id: int, t5_params, ids: jax.Array, mask: jax.Array) -> conditioner.TextConditioning:
     """T5 states of the rows, each attending its own tokens (`cross_attend` of a batch of one, row by row)."""
     states = conditioner.encode_text(t5_config, t5_params, ids, mask)
     attend = jax.vmap(lambda row: conditioner.cross_attend(row[None], pad_id)[0])(ids)
-    return decoding.TextConditioning(states=states, mask=mask, attend=attend)
+    return conditioner.TextConditioning(states=states, mask=mask, attend=attend)

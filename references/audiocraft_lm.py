@@ -131,3 +131,27 @@ def token_conditioned_magnet(
 def lm_state(lm: torch.nn.Module) -> dict[str, np.ndarray]:
     """The LM's state dict without a lookup-table conditioner's table (which is not an LM parameter)."""
     return {k: v for k, v in state_dict_numpy(lm).items() if not k.endswith("description.embed.weight")}
+
+
+def magnet_generate(lm, descriptions: list, decode_params, *, length: int, prompt: np.ndarray | None = None):
+    """audiocraft's `MagnetLMModel.generate` with the settings of a magnet_jax `DecodeParams` (top-k off; greedy
+    when `use_sampling` is False). Returns `[B, K, T]` codes as a torch tensor."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    dp = decode_params
+    conditions = [ConditioningAttributes(text={"description": d}) for d in descriptions]
+    with torch.no_grad():
+        return lm.generate(
+            prompt=None if prompt is None else torch.from_numpy(prompt),
+            conditions=conditions,
+            max_gen_len=length,
+            use_sampling=dp.use_sampling,
+            temp=dp.temperature,
+            top_k=0,
+            top_p=dp.top_p,
+            max_cfg_coef=dp.max_cfg,
+            min_cfg_coef=dp.min_cfg,
+            decoding_steps=list(dp.decoding_steps),
+            span_arrangement=dp.span_arrangement,
+            span_scoring=dp.span_scoring,
+        )

@@ -179,10 +179,7 @@ def test_training_workdir_gives_its_newest_checkpoint_ema_params_then_its_export
 
 @pytest.mark.parametrize(
     "source,fragment",
-    [
-        ("facebook/magnet-small-10secs", "offline or unreachable"),
-        ("/nonexistent/model_dir", "/nonexistent/model_dir"),
-    ],
+    [("facebook/magnet-small-10secs", "offline or unreachable"), ("/nonexistent/model_dir", "/nonexistent/model_dir")],
 )
 def test_unavailable_source_is_a_one_line_error(source, fragment):
     with pytest.raises(WeightsError, match=fragment) as e:

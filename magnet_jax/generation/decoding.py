@@ -30,6 +30,7 @@ from magnet_jax.generation.sampling import (
     sample_tokens,
     top_units_mask,
 )
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, LMConfig
 
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
@@ -199,21 +200,6 @@ def stage_schedule(n_steps: int, n_gen_units: int, params: DecodeParams) -> Stag
     left = np.arange(n_steps - 1, -1, -1, dtype=np.float64)
     temp = params.temperature * (left / n_steps) if params.anneal_temp else np.full(n_steps, params.temperature)
     return StageSchedule(num_masked.astype(np.int32), cfg.astype(np.float32), np.maximum(temp, 1e-2).astype(np.float32))
-
-
-@flax.struct.dataclass
-class TextConditioning:
-    """Text conditioning of the B rows to generate (the null-condition twins are built inside).
-
-    states: `[B, L, Dt]` text-encoder (T5) states.
-    mask:   `[B, L]` text mask (0 at padding and for null descriptions); the projection zeroes those positions.
-    attend: `[B, L]` bool, condition positions cross-attention attends (the reference attends every position up
-      to the batch's longest description, padded zeros included); None = all L positions.
-    """
-
-    states: jax.Array
-    mask: jax.Array
-    attend: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -584,13 +570,10 @@ def generate_prefix(
       keys: `[B]` PRNG keys (typed or raw `[B, 2]`).
       prompt: optional `[B, K, Tp]` codes (Tp <= length) the prefix continues (audio-prompt continuation).
     """
-    attend = jnp.ones(cond.mask.shape, bool) if cond.attend is None else cond.attend
     return musicgen.generate_rows(
         model,
         params,
-        cond.states,
-        cond.mask,
-        attend,
+        cond,
         keys,
         length=length,
         cfg_coef=prefix_params.ar_cfg_coef,

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from magnet_jax.generation import decoding, musicgen
-from magnet_jax.generation.decoding import DecodeParams, TextConditioning
+from magnet_jax.generation.decoding import DecodeParams
 from magnet_jax.models import objectives
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel
 
 AR_SAMPLE = musicgen.sampler(temperature=1.0, top_k=250)  # the branch's AR prefix sampling (one object: one program)
@@ -34,13 +35,10 @@ def autoregressive_prefix(
     """The AR phase: layout rows < b = `prefix_frames` streamed with the key/value cache, row b from `keys[b]` alone
     (`musicgen.generate_rows`, CFG with each row's null twin). Traceable. Returns `[B, K, length]` codes: frames
     t < b - q of codebook q generated, the mask id elsewhere."""
-    attend = jnp.ones(cond.mask.shape, bool) if cond.attend is None else cond.attend
     return musicgen.generate_rows(
         model,
         params,
-        cond.states,
-        cond.mask,
-        attend,
+        cond,
         keys,
         length=length,
         last_step=prefix_frames,

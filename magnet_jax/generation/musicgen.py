@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from magnet_jax.generation.sampling import sample_tokens
 from magnet_jax.models import codebook_patterns
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, init_cache
 
 SampleFn = Callable[[jax.Array, jax.Array], jax.Array]  # (key, logits [B, K, card]) -> tokens [B, K]
@@ -134,9 +135,7 @@ def generate_ar(
 def generate_rows(
     model: LanguageModel,
     params,
-    states: jax.Array,
-    mask: jax.Array,
-    attend: jax.Array,
+    cond: TextConditioning,
     keys: jax.Array,
     *,
     length: int,
@@ -148,8 +147,8 @@ def generate_rows(
     """Row-independent autoregressive generation: row b from its own text and `keys[b]` only (each row streamed
     with its null-condition twin for CFG, `vmap`ped over rows), so a sample does not depend on its batch mates.
 
-    Traceable. `states [B, L, Dt]` / `mask [B, L]` are text-encoder states (the model projects them); `attend
-    [B, L]` bool cross-attention mask; `keys [B]`; `last_step` the last layout step streamed (default all: `length`
+    Traceable. `cond` holds the rows' text-encoder states (the model projects them with its own `cond_proj`); `keys
+    [B]`; `last_step` the last layout step streamed (default all: `length`
     whole frames; Hybrid-MAGNeT's prefix streams fewer); `prompt [B, K, Tp]` forced frames. Returns `[B, K, length]`
     codes, the special id (= card) where nothing was generated.
     """
@@ -177,7 +176,8 @@ def generate_rows(
         )
         return codebook_patterns.revert_delay_pattern(sequence)[0]
 
-    return jax.vmap(one_row)(states, mask, attend.astype(bool), keys, prompt)
+    attend = jnp.ones(cond.mask.shape, bool) if cond.attend is None else cond.attend.astype(bool)
+    return jax.vmap(one_row)(cond.states, cond.mask, attend, keys, prompt)
 
 
 def token_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend: jax.Array | None = None) -> jax.Array:

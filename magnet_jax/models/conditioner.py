@@ -4,6 +4,7 @@ CFG dropout, and the cross-attention positions. Tokenization is host-side (`magn
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,3 +60,18 @@ def cross_attend(ids: jax.Array, pad_id: int = 0) -> jax.Array:
     """
     longest = jnp.max(jnp.sum(ids != pad_id, axis=-1))
     return jnp.broadcast_to(jnp.arange(ids.shape[-1])[None, :] < longest, ids.shape)
+
+
+@flax.struct.dataclass
+class TextConditioning:
+    """Text conditioning of the B rows to generate (the null-condition twins are built inside).
+
+    states: `[B, L, Dt]` text-encoder (T5) states.
+    mask:   `[B, L]` text mask (0 at padding and for null descriptions); the projection zeroes those positions.
+    attend: `[B, L]` bool, condition positions cross-attention attends (the reference attends every position up
+      to the batch's longest description, padded zeros included); None = all L positions.
+    """
+
+    states: jax.Array
+    mask: jax.Array
+    attend: jax.Array | None = None

@@ -13,7 +13,6 @@ from configs.magnet import get_config
 from magnet_jax.generation.decoding import (
     DecodeParams,
     DecodeState,
-    TextConditioning,
     decode_step,
     generate_codes,
     guided_logits_fn,
@@ -28,6 +27,7 @@ from magnet_jax.generation.sampling import (
     top_k_probs,
     top_p_threshold,
 )
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 CONFIG = LMConfig(dim=32, num_heads=4, num_layers=2, card=32, cond_dim=16, n_q=4)

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from magnet_jax.checkpoints.lm_weights import params_from_audiocraft
-from magnet_jax.generation.decoding import DecodeParams, TextConditioning, generate_codes
+from magnet_jax.generation.decoding import DecodeParams, generate_codes
 from magnet_jax.generation.sampling import FROZEN_SCORE, least_probable_span_mask
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, LMConfig
-from references.audiocraft_lm import lm_state, token_conditioned_magnet
+from references.audiocraft_lm import lm_state, magnet_generate, token_conditioned_magnet
 
 torch = pytest.importorskip("torch")
 
@@ -227,25 +228,7 @@ def _decode_params(arrangement, scoring):
 
 
 def _audiocraft_generate(lm, dp, prompt):
-    from audiocraft.modules.conditioners import ConditioningAttributes
-
-    conditions = [ConditioningAttributes(text={"description": d}) for d in DESCRIPTIONS]
-    with torch.no_grad():
-        codes = lm.generate(
-            prompt=None if prompt is None else torch.from_numpy(prompt),
-            conditions=conditions,
-            max_gen_len=LENGTH,
-            use_sampling=False,
-            temp=dp.temperature,
-            top_k=0,
-            top_p=dp.top_p,
-            max_cfg_coef=dp.max_cfg,
-            min_cfg_coef=dp.min_cfg,
-            decoding_steps=list(dp.decoding_steps),
-            span_arrangement=dp.span_arrangement,
-            span_scoring=dp.span_scoring,
-        )
-    return codes.numpy()
+    return magnet_generate(lm, DESCRIPTIONS, dp, length=LENGTH, prompt=prompt).numpy()
 
 
 @pytest.mark.parametrize("arrangement,scoring", SETTINGS)

@@ -12,9 +12,10 @@ from magnet_jax import sharding
 from magnet_jax.checkpoints import t5_weights
 from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.generation import hybrid, musicgen
-from magnet_jax.generation.decoding import DecodeParams, TextConditioning
+from magnet_jax.generation.decoding import DecodeParams
 from magnet_jax.models import codebook_patterns, objectives, t5
 from magnet_jax.models.attention import hybrid_attention_mask
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.training import masking, train_lib
 

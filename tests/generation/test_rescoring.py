@@ -14,7 +14,6 @@ from magnet_jax.generation.decoding import (
     DecodeParams,
     DecodeState,
     PrefixParams,
-    TextConditioning,
     decode_step,
     generate_codes,
     generate_prefix,
@@ -24,6 +23,7 @@ from magnet_jax.generation.decoding import (
 from magnet_jax.generation.musicgen import generate_ar, token_probs
 from magnet_jax.generation.sampling import FROZEN_SCORE, least_probable_span_mask
 from magnet_jax.models.codebook_patterns import apply_delay_pattern
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 MAGNET = LMConfig(dim=32, num_heads=4, num_layers=2, card=32, cond_dim=16, n_q=4)
