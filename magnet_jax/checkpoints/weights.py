@@ -38,6 +38,13 @@ def resolve_file(source: str | os.PathLike, filename: str, *, what: str) -> Path
     return _download(str(source), filename, what=what)
 
 
+def local_file(path: str | os.PathLike, *, what: str) -> Path:
+    """`path` itself, if it is an existing file (weights a user brings; no hub look-up)."""
+    if not Path(path).expanduser().is_file():
+        raise WeightsError(f"{what}: {path} is not a file")
+    return Path(path).expanduser()
+
+
 def _download(repo_id: str, filename: str, *, what: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
@@ -68,10 +75,12 @@ def load_safetensors(path: str | os.PathLike, *, what: str) -> dict[str, np.ndar
         raise WeightsError(f"{what}: cannot read safetensors file {path}: {str(e).splitlines()[0]}") from e
 
 
-def load_torch_pickle(path: str | os.PathLike, *, what: str):
+def load_torch_pickle(path: str | os.PathLike, *, what: str, allow_numpy: bool = False):
     """Reads a PyTorch pickle (`.bin`/`.th`) with `weights_only=True`; tensors become NumPy arrays.
 
-    Needs torch (the `convert` extra); it is never needed to train or generate from converted checkpoints.
+    `allow_numpy` also admits pickled NumPy arrays (some released files store them instead of tensors), still
+    through the weights-only unpickler. Needs torch (the `convert` extra); it is never needed to train or
+    generate from converted checkpoints.
     """
     try:
         import torch
@@ -80,10 +89,18 @@ def load_torch_pickle(path: str | os.PathLike, *, what: str):
             f"{what}: reading {path} needs torch: pip install 'magnet_jax[convert]' (or convert once with "
             "`python -m magnet_jax.convert` on a machine that has it)") from e
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals() if allow_numpy else []):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{what}: cannot read {path} as a PyTorch pickle: {str(e).splitlines()[0]}") from e
     return _torch_to_numpy(obj, torch)
+
+
+def _numpy_globals() -> list:
+    """What a pickled ndarray references (its dtype's class too), under NumPy 2 and NumPy 1 module names."""
+    reconstruct = np._core.multiarray._reconstruct
+    dtype_classes = [type(np.dtype(code)) for code in "?bhilqBHILQefdFD"]
+    return [np.ndarray, np.dtype, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), *dtype_classes]
 
 
 def _torch_to_numpy(obj, torch):
