@@ -24,6 +24,7 @@ RUNTIME = [
     "absl-py>=2.1",
     "ml-collections>=1.0",
     "numpy>=1.26",
+    "scipy>=1.12",  # matrix square root of the Fréchet distance (evaluation; jax needs it too)
     "pyyaml>=6.0",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
@@ -50,6 +51,7 @@ setup(
             "julius>=0.2.7",
             "num2words>=0.5",
             "flashy>=0.0.2",
+            # torchvggish and hear21passt (the FAD / KL embedding references) are installed --no-deps by tests/run.sh
         ],
         # ahead-of-time compilation for TPU topologies on a CPU host (matches jax 0.10.2)
         "tpu": ["libtpu==0.0.42.*"],

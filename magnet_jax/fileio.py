@@ -193,6 +193,13 @@ def resolve_file(source: str | os.PathLike, filename: str, *, what: str) -> Path
     return _download(str(source), filename, what=what)
 
 
+def local_file(path: str | os.PathLike, *, what: str) -> Path:
+    """`path` itself, if it is an existing file (weights a user brings; no hub look-up)."""
+    if not Path(path).expanduser().is_file():
+        raise WeightsError(f"{what}: {path} is not a file")
+    return Path(path).expanduser()
+
+
 def _download(repo_id: str, filename: str, *, what: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download

@@ -14,3 +14,10 @@ def assert_close(ours, expected, rtol: float = 1e-4) -> float:
     err = np.abs(ours - expected).max() / np.abs(expected).max()
     assert err <= rtol, f"max relative error {err:.3g}"
     return err
+
+
+def relative_error(ours, ref) -> float:
+    """max |ours - ref| / max |ref|."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())

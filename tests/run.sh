@@ -10,7 +10,9 @@ if [ ! -f "$stamp" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
   # audiocraft is the MAGNeT reference for parity tests; its declared deps (torch==2.1, xformers...) are not wanted.
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -c constraints.txt audiocraft
+  # torchvggish and hear21passt are the FAD / KL embedding references; they declare resampy, timm and torchaudio,
+  # which have no build for torch 2.13 or are not needed (tests/audiocraft_stubs.py stands in for them).
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -c constraints.txt audiocraft torchvggish hear21passt
   touch "$stamp"
 fi
 # formatting and lint first: they take seconds and say exactly what to fix (`ruff format .`, `ruff check --fix .`)

@@ -29,10 +29,12 @@ def load_safetensors(path: str | os.PathLike, *, what: str) -> dict[str, np.ndar
         raise WeightsError(f"{what}: cannot read safetensors file {path}: {reason(e)}") from e
 
 
-def load_torch_pickle(path: str | os.PathLike, *, what: str):
+def load_torch_pickle(path: str | os.PathLike, *, what: str, allow_numpy: bool = False):
     """Reads a PyTorch pickle (`.bin`/`.th`) with `weights_only=True`; tensors become NumPy arrays.
 
-    Needs torch (the `convert` extra); it is never needed to train or generate from converted checkpoints.
+    `allow_numpy` also admits pickled NumPy arrays (some released files store them instead of tensors), still
+    through the weights-only unpickler. Needs torch (the `convert` extra); it is never needed to train or
+    generate from converted checkpoints.
     """
     try:
         import torch
@@ -42,10 +44,18 @@ def load_torch_pickle(path: str | os.PathLike, *, what: str):
             "`python -m magnet_jax.convert` on a machine that has it)"
         ) from e
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals() if allow_numpy else []):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{what}: cannot read {path} as a PyTorch pickle: {reason(e)}") from e
     return _torch_to_numpy(obj, torch)
+
+
+def _numpy_globals() -> list:
+    """What a pickled ndarray references (its dtype's class too), under NumPy 2 and NumPy 1 module names."""
+    reconstruct = np._core.multiarray._reconstruct
+    dtype_classes = [type(np.dtype(code)) for code in "?bhilqBHILQefdFD"]
+    return [np.ndarray, np.dtype, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), *dtype_classes]
 
 
 def _torch_to_numpy(obj, torch):
