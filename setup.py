@@ -48,6 +48,9 @@ setup(
             "julius>=0.2.7",
             "num2words>=0.5",
             "flashy>=0.0.2",
+            # real dependencies of the laion_clap reference (CLAP score; laion_clap itself goes in --no-deps)
+            "librosa>=0.10",
+            "torchlibrosa>=0.1",
         ],
         # ahead-of-time compilation for TPU topologies on a CPU host (matches jax 0.10.2)
         "tpu": ["libtpu==0.0.42.*"],

@@ -9,7 +9,8 @@ if [ ! -f "$stamp" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
   # audiocraft is the MAGNeT reference for parity tests; its declared deps (torch==2.1, xformers...) are not wanted.
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -c constraints.txt audiocraft
+  # laion_clap is the CLAP reference; it pins numpy<2 and pulls torchvision/wandb/webdataset, which are not wanted.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -c constraints.txt audiocraft laion_clap
   touch "$stamp"
 fi
 exec "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
