@@ -4,7 +4,8 @@ loader of the released checkpoint, and the score as audiocraft computes it.
 The score (audiocraft/metrics/clap_consistency.py, `CLAPTextConsistencyMetric`, with the music checkpoint
 `music_audioset_epoch_15_esc_90.14.pt` and `laion_clap.CLAP_Module(enable_fusion=False, amodel="HTSAT-base")`) is the
 mean over pairs of the cosine similarity (eps 1e-8) of a generated clip's audio embedding and its prompt's text
-embedding. Both embeddings are L2-normalised projections to 512 dimensions. The audio path (`embed_audio`):
+embedding. Both embeddings are L2-normalised projections to 512 dimensions. (The metric's own default architecture
+is HTSAT-tiny; the music checkpoint is HTSAT-base, which audiocraft's config passes.) The audio path (`embed_audio`):
 
 1. `convert_audio`: julius' resampler to 48 kHz (`magnet_jax.evaluation.audio.resample`), then the channel mean.
 2. `CLAP_Module.get_audio_embedding_from_data(..., use_tensor=True)` (laion_clap/hook.py): no int16 quantisation;
@@ -16,8 +17,9 @@ embedding. Both embeddings are L2-normalised projections to 512 dimensions. The 
 
 Param trees mirror the torch state dict of laion_clap's `CLAP` (`torch_key` maps a Flax path to its key):
 `{"audio": {audio_branch/..., audio_projection_0, audio_projection_2}, "text": {text_branch/..., text_projection_0,
-text_projection_2}}`. The released file is a training checkpoint, `{"epoch", "name", "state_dict", optimizer...}`
-with DataParallel's `module.` prefix; a bare state dict, with or without the prefix, is read as well. The STFT and
+text_projection_2}}`. Released files are training checkpoints as laion_clap/training/main.py saves them,
+`{"epoch", "name", "state_dict", optimizer...}`, keys with DistributedDataParallel's `module.` prefix (stripped as
+laion_clap's `load_state_dict` does); a bare state dict, with or without the prefix, is read as well. The STFT and
 mel matrices stored in it (frozen torchlibrosa parameters) are checked against the ones computed here.
 
   params = load_clap("music_audioset_epoch_15_esc_90.14.pt")      # or a directory holding it, or lukewys/laion_clap
@@ -58,7 +60,11 @@ from magnet_jax.evaluation.clap_audio import (
     mel_filterbank,
     stft_kernels,
 )
-from magnet_jax.evaluation.clap_text import CONTEXT_LENGTH, ClapText, RobertaConfig, tokenize
+from magnet_jax.evaluation.clap_text import CONTEXT_LENGTH, ClapText, RobertaConfig, load_clap_tokenizer, tokenize
+
+__all__ = ["CLAP_MUSIC", "ClapConfig", "HtsatConfig", "RobertaConfig", "clap_score", "clap_score_files",
+           "clap_waveforms", "embed_audio", "embed_text", "expected_shapes", "load_clap", "load_clap_tokenizer",
+           "params_from_state_dict", "read_state_dict"]
 
 COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity in clap_consistency.py
 CHECKPOINT_NAME = "music_audioset_epoch_15_esc_90.14.pt"

@@ -90,7 +90,7 @@ def _hann() -> np.ndarray:
 @functools.cache
 def stft_kernels() -> tuple[np.ndarray, np.ndarray]:
     """torchlibrosa's frozen STFT `conv_real` / `conv_imag` weights `[513, 1, 1024]`: cos and -sin of the DFT times
-    the window (what `log_mel` computes with an FFT)."""
+    the window (what `mel_power` computes with an FFT)."""
     phase = 2 * np.pi * np.outer(np.arange(N_FFT // 2 + 1), np.arange(N_FFT)) / N_FFT
     return ((np.cos(phase) * _hann())[:, None].astype(np.float32),
             (-np.sin(phase) * _hann())[:, None].astype(np.float32))
@@ -121,7 +121,7 @@ def _bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Source indices and weights `[out, 4]` of torch's bicubic upsampling (align_corners=True, A=-0.75), float32
     as torch computes them on CPU; indices clamped to the edges."""
     a = np.float32(-0.75)
-    scale = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
+    scale = np.float32(in_size - 1) / np.float32(out_size - 1)
     src = scale * np.arange(out_size, dtype=np.float32)
     base = np.floor(src)
     t = np.clip(src - base, np.float32(0), np.float32(1))
