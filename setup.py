@@ -52,6 +52,9 @@ setup(
             "num2words>=0.5",
             "flashy>=0.0.2",
             # torchvggish and hear21passt (the FAD / KL embedding references) are installed --no-deps by tests/run.sh
+            # real dependencies of the laion_clap reference (CLAP score; laion_clap itself goes in --no-deps)
+            "librosa>=0.10",
+            "torchlibrosa>=0.1",
         ],
         # ahead-of-time compilation for TPU topologies on a CPU host (matches jax 0.10.2)
         "tpu": ["libtpu==0.0.42.*"],

@@ -10,9 +10,11 @@ if [ ! -f "$stamp" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
   # audiocraft is the MAGNeT reference for parity tests; its declared deps (torch==2.1, xformers...) are not wanted.
-  # torchvggish and hear21passt are the FAD / KL embedding references; they declare resampy, timm and torchaudio,
-  # which have no build for torch 2.13 or are not needed (tests/audiocraft_stubs.py stands in for them).
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -c constraints.txt audiocraft torchvggish hear21passt
+  # The references are installed without their declared dependencies: audiocraft (MAGNeT; torch==2.1, xformers...),
+  # torchvggish and hear21passt (FAD / KL embeddings; resampy, timm, torchaudio have no build for torch 2.13),
+  # laion_clap (CLAP; pins numpy<2, pulls torchvision/wandb/webdataset). references/audiocraft_stubs.py stands in.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -c constraints.txt audiocraft torchvggish \
+    hear21passt laion_clap
   touch "$stamp"
 fi
 # formatting and lint first: they take seconds and say exactly what to fix (`ruff format .`, `ruff check --fix .`)
