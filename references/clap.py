@@ -193,8 +193,12 @@ def audiocraft_metric(checkpoint, tokenizer_dir, *, roberta: dict = ROBERTA_BASE
 
     audiocraft_stubs.install()
     with offline_pretrained(tokenizer_dir, roberta, htsat):
+        from audiocraft.metrics import clap_consistency
         from audiocraft.metrics.clap_consistency import CLAPTextConsistencyMetric
 
+        # audiocraft binds `laion_clap = None` when its metrics package was imported before laion_clap could be
+        # (audiocraft.data.music_dataset imports audiocraft.metrics): bind the module imported above instead
+        clap_consistency.laion_clap = sys.modules["laion_clap"]
         metric = CLAPTextConsistencyMetric.__new__(CLAPTextConsistencyMetric)  # the stubbed Metric base: no __init__
         metric.cosine_sum, metric.weight = torch.tensor(0.0), torch.tensor(0.0)
         metric._initialize_model(checkpoint, "HTSAT-base", False)
