@@ -37,3 +37,58 @@ def fad_tool_examples(wav: np.ndarray, sample_rate: int) -> np.ndarray:
         )
         examples.append(mel_features.frame(log_mel, window_length=window_frames, hop_length=window_frames))
     return np.concatenate(examples)
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator):
+    """A plausible random value for a released state-dict entry: LayerNorm/BatchNorm scales near 1, small biases,
+    fan-in-scaled weights, BatchNorm statistics of a log-mel input."""
+    import torch
+
+    if name.endswith("running_mean"):
+        value = -40.0 + 10.0 * rng.standard_normal(shape)
+    elif name.endswith("running_var"):
+        value = rng.uniform(10.0, 25.0, shape) ** 2
+    elif name.endswith(".bias"):
+        value = 0.05 * rng.standard_normal(shape)
+    elif len(shape) == 1:
+        value = 1.0 + 0.1 * rng.standard_normal(shape)
+    else:
+        value = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[1:]))))
+    return torch.from_numpy(np.asarray(value, np.float32))
+
+
+def write_random_passt(path, config, seed: int = 0):
+    """A random PaSST of architecture `config` (magnet_jax.evaluation.passt.PasstConfig) saved as hear21passt's
+    released `.pt` state dict (the distillation head included)."""
+    import torch
+
+    from magnet_jax.evaluation import passt
+
+    rng = np.random.default_rng(seed)
+    shapes = {
+        **passt.expected_shapes(config),
+        "head_dist.weight": (config.num_classes, config.embed_dim),
+        "head_dist.bias": (config.num_classes,),
+    }
+    state = {k: _random_tensor(k, shape, rng) for k, shape in shapes.items()}
+    state["head.1.weight"] *= 3.0  # peaked label distributions
+    torch.save(state, str(path))
+    return path
+
+
+def write_random_clap(path, config, seed: int = 0):
+    """A random LAION-CLAP of architecture `config` (magnet_jax.evaluation.clap.ClapConfig) saved as the released
+    training checkpoint (`{"epoch", "state_dict": {"module." + key}}`), with the real STFT and mel matrices."""
+    import torch
+
+    from magnet_jax.evaluation import clap
+    from magnet_jax.evaluation.clap_audio import mel_filterbank, stft_kernels
+
+    rng = np.random.default_rng(seed)
+    front_end = dict(zip(clap.FRONT_END_KEYS, (*stft_kernels(), mel_filterbank())))
+    state = {
+        k: torch.from_numpy(np.asarray(front_end[k], np.float32)) if k in front_end else _random_tensor(k, shape, rng)
+        for k, shape in clap.expected_shapes(config).items()
+    }
+    torch.save({"epoch": 15, "name": "random-test", "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    return path

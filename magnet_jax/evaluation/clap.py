@@ -126,10 +126,19 @@ def _text_embeddings(params, ids, mask, config: ClapConfig):
 
 
 def embed_audio(
-    params, audio, sample_rate: int, *, config: ClapConfig = CLAP_MUSIC, crop_rng: np.random.RandomState | None = None
+    params,
+    audio,
+    sample_rate: int,
+    *,
+    config: ClapConfig = CLAP_MUSIC,
+    crop_rng: np.random.RandomState | None = None,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> np.ndarray:
-    """`[B, N]` mono audio -> `[B, 512]` L2-normalised CLAP audio embeddings (float32 matmuls)."""
+    """`[B, N]` mono audio -> `[B, 512]` L2-normalised CLAP audio embeddings (float32 matmuls); `sharding` places
+    the 48 kHz waveforms (rows over devices: B a multiple of their count)."""
     waveforms = clap_waveforms(audio, sample_rate, crop_rng)
+    if sharding is not None:
+        waveforms = jax.device_put(waveforms, sharding)
     with jax.default_matmul_precision("float32"):
         return np.asarray(_audio_embeddings(params["audio"], waveforms, config))
 

@@ -85,15 +85,16 @@ def kl_divergence(p_ref, p_gen, eps: float = KL_EPS) -> np.ndarray:
 # ---- statistics files and directories -------------------------------------------------------------------
 
 
-def save_statistics(path: str | os.PathLike, mu, sigma) -> Path:
-    """Writes `mu` [D], `sigma` [D, D] (float64) to an `.npz` (a temporary name, then a rename)."""
+def save_statistics(path: str | os.PathLike, mu, sigma, **arrays) -> Path:
+    """Writes `mu` [D], `sigma` [D, D] (float64) and any further named `arrays` to an `.npz` (a temporary name,
+    then a rename)."""
     path = Path(path)
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_statistics(mu, sigma, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, mu=mu, sigma=sigma, **arrays)
     os.replace(tmp, path)
     return path
 

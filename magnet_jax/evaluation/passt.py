@@ -219,12 +219,20 @@ def segment_bounds(num_samples: int, config: PasstConfig) -> list[tuple[int, int
 
 
 def passt_label_probs(
-    params, audio, sample_rate: int, *, config: PasstConfig = PASST_20S, lengths=None, batch_size: int = 16
+    params,
+    audio,
+    sample_rate: int,
+    *,
+    config: PasstConfig = PASST_20S,
+    lengths=None,
+    batch_size: int = 16,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> LabelProbs:
     """Mono clips `[B, N]` at `sample_rate` (valid lengths `lengths` `[B]`, default N) -> per-segment softmax.
 
     Rows are clip-major, segments in time order (`segment_bounds`); a clip of at most 0.15 s has none. Segments
-    of equal length run together in jitted batches of `batch_size` (padded with silent rows, dropped after).
+    of equal length run together in jitted batches of `batch_size` (padded with silent rows, dropped after);
+    `sharding` places each batch (rows over devices: `batch_size` a multiple of their count).
     """
     audio = np.asarray(audio, np.float32)
     if audio.ndim != 2:
@@ -250,6 +258,8 @@ def passt_label_probs(
             chunk = rows[start : start + batch_size]
             batch = np.zeros((batch_size, segments[chunk[0]][1].shape[-1]), np.float32)
             batch[: len(chunk)] = np.stack([segments[i][1] for i in chunk])
+            if sharding is not None:
+                batch = jax.device_put(batch, sharding)
             probs[chunk] = np.asarray(jax.nn.softmax(passt_logits(config, params, batch), axis=-1))[: len(chunk)]
     return LabelProbs(probs, np.asarray([clip for clip, _ in segments], np.int64))
 

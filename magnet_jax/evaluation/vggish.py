@@ -186,17 +186,22 @@ def _network(params, examples: jax.Array, pca: VggishPca | None) -> jax.Array:
     return embeddings if pca is None else postprocess(embeddings, pca)
 
 
-def embed_vggish(params, audio, sample_rate: int, pca: VggishPca | None = None) -> np.ndarray:
+def embed_vggish(
+    params, audio, sample_rate: int, pca: VggishPca | None = None, *, sharding: jax.sharding.Sharding | None = None
+) -> np.ndarray:
     """Mono audio `[B, N]` at `sample_rate` -> the FAD reference's VGGish embeddings `[B, W, 128]` float32.
 
     W = `vggish_windows(N, sample_rate)` (0 below 1 s). Resampling (float32, as julius) and the network run
     jitted; the normalisation and log-mel run on the host in float64, as the FAD tool computes them (a float32
     spectrogram is 4e-5 off in quiet bands). With `pca`, the embeddings are post-processed (`postprocess`) as
-    in the AudioSet release; FAD uses them without (`pca=None`).
+    in the AudioSet release; FAD uses them without (`pca=None`). `sharding` places the network's input (rows over
+    devices: B a multiple of their count); the network then runs data parallel.
     """
     examples = fad_examples(fad_normalize(np.asarray(_to_16k(audio, int(sample_rate)))))
     if examples.shape[1] == 0:
         return np.zeros((examples.shape[0], 0, EMBEDDING_SIZE), np.float32)
+    if sharding is not None:
+        examples = jax.device_put(examples, sharding)
     return np.asarray(_network(params, examples, pca))
 
 

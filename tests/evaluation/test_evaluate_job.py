@@ -1,0 +1,277 @@
+"""The evaluation job (`magnet_jax.evaluate`) end to end on real files: a random 6 s tiny MAGNeT generates from a
+MusicCaps-style CSV through the generation job, and random-weight embedders written in the released formats
+(torchvggish's full VGGish, a small hear21passt PaSST, a small LAION-CLAP checkpoint and a BPE tokenizer) score
+the samples against a synthesized reference set. The numbers are meaningless; the pipeline is the real one."""
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs.evaluate import get_config
+from data_pipelines.make_tiny_assets import make_random_lm
+from data_pipelines.synthetic_corpus import generate_corpus
+from magnet_jax import evaluate
+from magnet_jax.data.audio import AudioError, audio_files
+from magnet_jax.evaluation import clap, clap_audio, passt, scoring, vggish
+from magnet_jax.evaluation.clap_text import RobertaConfig, load_clap_tokenizer
+from magnet_jax.evaluation.metrics import StatisticsError, frechet_distance, kl_divergence, vggish_statistics
+from magnet_jax.fileio import WeightsError
+from references import clap as clap_reference
+from references.evaluation_tools import write_random_clap, write_random_passt
+
+REPO = Path(__file__).resolve().parents[2]
+SECONDS = 6.0
+SMALL_PASST = dataclasses.replace(passt.PASST_20S, embed_dim=32, depth=1, num_heads=2, time_positions=60, max_seconds=6)
+SMALL_CLAP = clap.ClapConfig(
+    audio=clap_audio.HtsatConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+    text=RobertaConfig(vocab_size=400, num_layers=1),
+)
+MUSICCAPS_HEADER = (
+    "ytid,start_s,end_s,audioset_positive_labels,aspect_list,caption,author_id,is_balanced_subset,is_audioset_eval"
+)
+METRIC_KEYS = ("fad", "kl", "kl_qp", "clap", "counts")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny):
+    """16 reference clips of 6 s at 32 kHz (one with a YouTube-style id starting with '-'), a MusicCaps-style CSV
+    of 8 of their captions, and a random tiny MAGNeT with 6 s segments."""
+    root = tmp_path_factory.mktemp("evaluate")
+    reference = root / "reference"
+    paths = generate_corpus(reference, num_clips=16, seconds=SECONDS, seed=5)
+    dashed = paths[0].with_name("-Ab3_x.wav")
+    paths[0].rename(dashed)
+    paths[0] = dashed
+    for sidecar in reference.glob("*.json"):
+        sidecar.unlink()
+    rows = [MUSICCAPS_HEADER]
+    for i, path in enumerate(paths[:8]):
+        caption = f"a synthesized piece number {i}, with chords, tempo and timbre"
+        rows.append(f'{path.stem},30,40,"/m/04rlf","[\'synth\']","{caption}",4,False,True')
+    (root / "musiccaps.csv").write_text("\n".join(rows) + "\n")
+    lm = make_random_lm(root / "lm", {k: tiny[k] for k in ("codec", "t5")}, segment_seconds=SECONDS)
+    return {"root": root, "reference": reference, "csv": root / "musiccaps.csv", "lm": lm}
+
+
+@pytest.fixture(scope="module")
+def weights(torch_vggish, tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("eval_weights")
+    captions = [r["caption"] for r in csv.DictReader(data["csv"].open())]
+    return {
+        "vggish": torch_vggish[1],
+        "passt": write_random_passt(root / "passt-s-f128-20sec-p16-s10-ap.474-swa.pt", SMALL_PASST, seed=1),
+        "clap": write_random_clap(root / clap.CHECKPOINT_NAME, SMALL_CLAP, seed=2),
+        "tokenizer": clap_reference.write_tokenizer(root / "roberta", captions * 4, 400),
+    }
+
+
+def make_config(weights, metrics="fad+kl+clap"):
+    c = get_config(f"metrics={metrics},duration={SECONDS}")
+    c.vggish.weights = str(weights["vggish"])
+    c.passt.weights = str(weights["passt"])
+    c.passt.model.update(dataclasses.asdict(SMALL_PASST))
+    c.clap.weights = str(weights["clap"])
+    c.clap.tokenizer = str(weights["tokenizer"])
+    c.clap.audio.update(dataclasses.asdict(SMALL_CLAP.audio))
+    c.clap.text.update(dataclasses.asdict(SMALL_CLAP.text))
+    c.generation.flags = ("--config.generate.decoding_steps=(2,2,2,2)", "--config.num_samples=2")
+    return c
+
+
+@pytest.fixture(scope="module")
+def generated(data, weights):
+    """The job run on the model source: it generates 16 samples (8 prompts x 2) with the generation job, then
+    scores them; (output dir, metrics)."""
+    out = data["root"] / "out"
+    result = evaluate.run(make_config(weights), str(data["csv"]), str(data["reference"]), str(data["lm"]), str(out))
+    return out, result
+
+
+def test_generates_from_a_model_and_writes_metrics_and_table(generated, data):
+    out, result = generated
+    stored = json.loads((out / evaluate.METRICS_FILE).read_text())
+    assert stored == json.loads(json.dumps(result))
+    assert result["counts"] == {
+        "prompts": 8,
+        "samples": 16,
+        "reference_files": 16,
+        "fad_windows": 16 * 11,
+        "kl_segment_pairs": 16,
+        "kl_samples_without_reference": 0,
+    }
+    assert result["fad"] > 0 and result["kl"] > 0 and result["kl_qp"] > 0 and -1 <= result["clap"] <= 1
+    table = list(csv.DictReader((out / evaluate.TABLE_FILE).open()))
+    assert len(table) == 16 and {r["prompt_id"] for r in table} >= {"-Ab3_x"}
+    assert table[0]["id"] == "yt-Ab3_x-0" and table[0]["file"] == "yt-Ab3_x-0.wav"
+    assert np.mean([float(r["clap"]) for r in table]) == pytest.approx(result["clap"], rel=1e-12)
+    assert np.mean([float(r["kl"]) for r in table]) == pytest.approx(result["kl"], rel=1e-12)
+    assert (out / "samples" / "manifest.jsonl").is_file() and (out / evaluate.REFERENCE_FILE).is_file()
+
+
+def test_metrics_equal_the_embedders_applied_directly(generated, data, weights):
+    """FAD, KL and CLAP recomputed file by file with the public embedding functions (no batching, no cache)."""
+    out, result = generated
+    samples = sorted((out / "samples").glob("*.wav"))
+    reference = data["reference"]
+    vggish_params = vggish.load_vggish(weights["vggish"])
+    ref_stats = vggish_statistics(vggish_params, reference)
+    sample_stats = vggish_statistics(vggish_params, out / "samples")
+    assert result["fad"] == pytest.approx(frechet_distance(*ref_stats, *sample_stats), rel=1e-5)
+
+    passt_params = passt.load_passt(weights["passt"], SMALL_PASST)
+    table = {r["id"]: r for r in csv.DictReader((out / evaluate.TABLE_FILE).open())}
+    kls = []
+    for path in samples:
+        ref_path = reference / f"{table[path.stem]['prompt_id']}.wav"
+        probs = [
+            passt.passt_label_probs(passt_params, scoring._read_mono([p])[0], 32_000, config=SMALL_PASST).probs
+            for p in (ref_path, path)
+        ]
+        kls.append(kl_divergence(*probs).mean())
+    assert result["kl"] == pytest.approx(np.mean(kls), rel=1e-5)
+
+    clap_params = clap.load_clap(weights["clap"], SMALL_CLAP)
+    tokenizer = load_clap_tokenizer(weights["tokenizer"])
+    _, mean = clap.clap_score_files(
+        clap_params, tokenizer, samples, [table[p.stem]["text"] for p in samples], config=SMALL_CLAP
+    )
+    assert result["clap"] == pytest.approx(mean, rel=1e-5)
+
+
+def test_reference_statistics_file_gives_the_same_metrics(generated, weights, data, tmp_path):
+    out, result = generated
+    again = evaluate.run(
+        make_config(weights, "fad+kl"),
+        str(data["csv"]),
+        str(out / evaluate.REFERENCE_FILE),
+        str(out / "samples"),
+        str(tmp_path),
+    )
+    assert again["fad"] == pytest.approx(result["fad"], rel=1e-12) and again["kl"] == pytest.approx(
+        result["kl"], rel=1e-12
+    )
+
+
+def test_resumes_after_kill_9_with_the_result_of_an_uninterrupted_run(generated, data, weights, tmp_path):
+    out, result = generated
+    config_flags = [f"--config.{k}={v}" for k, v in _flag_overrides(weights).items()]
+    command = [
+        sys.executable, "-m", "magnet_jax.evaluate", f"--config={REPO / 'configs' / 'evaluate.py'}:duration={SECONDS}",
+        *config_flags, f"--prompts={data['csv']}", f"--reference_audio={data['reference']}",
+        f"--samples={out / 'samples'}", f"--output_dir={tmp_path}", "--config.batch_size=8",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cache = tmp_path / "embeddings" / "reference" / "vggish"
+    deadline = time.monotonic() + 240
+    while not list(cache.glob("*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    done_before = len(list((tmp_path / "embeddings").rglob("*.npz")))
+    assert 0 < done_before < 16 * 2 + 16 * 3  # some files embedded, not all
+    assert not (tmp_path / evaluate.METRICS_FILE).exists()
+
+    resumed = evaluate.run(
+        make_config(weights), str(data["csv"]), str(data["reference"]), str(out / "samples"), str(tmp_path)
+    )
+    for key in METRIC_KEYS:
+        assert resumed[key] == result[key], key
+    assert (tmp_path / evaluate.TABLE_FILE).read_text() == (out / evaluate.TABLE_FILE).read_text()
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+def _flag_overrides(weights) -> dict:
+    return {
+        "vggish.weights": weights["vggish"],
+        "passt.weights": weights["passt"],
+        "passt.model.embed_dim": SMALL_PASST.embed_dim,
+        "passt.model.depth": SMALL_PASST.depth,
+        "passt.model.num_heads": SMALL_PASST.num_heads,
+        "passt.model.time_positions": SMALL_PASST.time_positions,
+        "passt.model.max_seconds": SMALL_PASST.max_seconds,
+        "clap.weights": weights["clap"],
+        "clap.tokenizer": weights["tokenizer"],
+        "clap.audio.embed_dim": SMALL_CLAP.audio.embed_dim,
+        "clap.audio.depths": "(1,1,1,1)",
+        "clap.audio.num_heads": "(1,2,2,4)",
+        "clap.text.vocab_size": SMALL_CLAP.text.vocab_size,
+        "clap.text.num_layers": SMALL_CLAP.text.num_layers,
+    }
+
+
+def test_bad_inputs_are_one_line_errors(generated, data, weights, tmp_path):
+    out, _ = generated
+    samples, csv_path, reference = str(out / "samples"), str(data["csv"]), str(data["reference"])
+
+    def fails(error, match, config=None, prompts=csv_path, ref=reference):
+        target = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        with pytest.raises(error, match=match) as info:
+            evaluate.run(config or make_config(weights), prompts, ref, samples, str(target))
+        assert "\n" not in str(info.value)
+        assert not (target / evaluate.METRICS_FILE).exists()
+
+    missing = make_config(weights)
+    missing.passt.weights = str(tmp_path / "nowhere.pt")
+    fails(scoring.EvaluationError, r"config.passt.weights=.*nowhere.pt: no such file", missing)
+    wrong = make_config(weights, "kl")
+    wrong.passt.weights = str(weights["clap"])  # a CLAP checkpoint given as PaSST weights
+    fails(WeightsError, "PaSST|passt|expected", wrong)
+    fails(scoring.EvaluationError, r"config.metrics=\['fid'\]", make_config(weights, "fid"))
+
+    empty = tmp_path / "empty_ref"
+    empty.mkdir()
+    fails(scoring.EvaluationError, "no audio files", make_config(weights, "fad"), ref=str(empty))
+    few = tmp_path / "few_ref"
+    few.mkdir()
+    for path in audio_files(reference)[:3]:
+        shutil.copy(path, few / path.name)
+    fails(StatisticsError, r"33 embeddings of dimension 128", make_config(weights, "fad"), ref=str(few))
+    broken = tmp_path / "broken_ref"
+    shutil.copytree(few, broken)
+    (broken / "zz_broken.wav").write_bytes(b"RIFF not really a wav file")
+    fails(AudioError, r"zz_broken.wav: cannot read audio", make_config(weights, "fad"), ref=str(broken))
+
+    bad_csv = tmp_path / "captions.csv"
+    bad_csv.write_text("ytid,description\nabc,some text\n")
+    fails(scoring.EvaluationError.__mro__[1], r"ytid and caption", prompts=str(bad_csv))
+    other = tmp_path / "other.csv"
+    other.write_text("ytid,caption\nnever_generated,a prompt without samples\n")
+    fails(scoring.EvaluationError, r"no sample of 1 of the 1 prompts", prompts=str(other))
+
+
+def test_cli_reports_a_missing_weight_file_in_one_line_with_status_2(data, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "magnet_jax.evaluate",
+            f"--config={REPO / 'configs' / 'evaluate.py'}:metrics=fad",
+            f"--config.vggish.weights={tmp_path / 'vggish.pth'}",
+            f"--prompts={data['csv']}",
+            f"--reference_audio={data['reference']}",
+            f"--samples={data['root'] / 'out' / 'samples'}",
+            f"--output_dir={tmp_path / 'out'}",
+        ],  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"evaluate: error: config.vggish.weights={tmp_path / 'vggish.pth'}: no such file or directory "
+        "(VGGish weights (vggish-10086976.pth))"
+    ]
+    assert not (tmp_path / "out").exists()
