@@ -21,6 +21,7 @@ import ml_collections
 
 from configs.common import parse_arg
 from magnet_jax import sharding
+from magnet_jax.evaluation import scoring
 
 SIZES = {  # dim, heads, layers (audiocraft config/model/lm/model_scale/*.yaml); tiny is for tests/quickstart
     "tiny": (64, 4, 2),
@@ -158,6 +159,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.profile_steps = 5
     c.train.init_from = ""  # converted checkpoint dir to fine-tune from ("" = scratch init)
     c.train.objective = arg.objective  # "magnet" or "hybrid" (Hybrid-MAGNeT: AR prefix + MAGNeT, delay layout)
+    # Audio metrics every eval_every steps (README "Evaluation"): generate the fixed prompt set with the EMA weights
+    # (the `generate` section's settings, seed eval_seed), score it, log split "eval_audio". () = off.
+    c.train.eval_metrics = ()  # subset of ("fad", "kl", "clap")
+    c.train.eval_prompts = ""  # captions file (.csv ytid,caption | .jsonl | .txt), a small fixed set
+    c.train.eval_reference = ""  # reference audio directory or statistics .npz (fad, kl)
+    c.train.eval_seed = 0
+    c.train.eval_audio = scoring.embedder_config()  # the embedders' weight files (the user's copies)
     c.optim.total_steps = c.train.get_ref("num_steps")
 
     # --- device mesh (data, fsdp, tensor); one ICI degree may be -1 = the rest ----------------------------

@@ -12,7 +12,8 @@ Workdir layout:
   config.json           the resolved config (process 0)
   checkpoints/<step>/   train state + input pipeline state + config (`magnet_jax.training.checkpointing`), resumed from
                         automatically when present
-  metrics.jsonl         one JSON object per logged (split, step); `tensorboard/` event files of the same scalars
+  metrics.jsonl         one JSON object per logged (split, step: train, eval, eval_audio); `tensorboard/` event files
+                        of the same scalars
   profile/              `jax.profiler` traces of steps [train.profile_start, + train.profile_steps)
   export/               params-only export (EMA weights; bfloat16 with checkpoint.export_bf16) in the
                         `magnet_jax.checkpoints.pretrained` format that generation loads, written when training
@@ -31,12 +32,15 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from magnet_jax import sharding
+from magnet_jax import api, sharding
+from magnet_jax.checkpoints.pretrained import config_from_training
 from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, EXPORT_DIR, WORKDIR_CONFIG
 from magnet_jax.checkpoints.t5_weights import load_t5
 from magnet_jax.cli import fail, one_line, parse_flags, quiet_logs
 from magnet_jax.data import input_pipeline
 from magnet_jax.data.tokenizer import TextTokenizer
+from magnet_jax.evaluation import scoring, vggish
+from magnet_jax.evaluation.captions import read_captions
 from magnet_jax.fileio import write_atomic
 from magnet_jax.models import t5
 from magnet_jax.models.lm import LMConfig
@@ -57,6 +61,67 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             os.path.join(workdir, WORKDIR_CONFIG),
             json.dumps(checkpointing.config_to_json(config), indent=2, sort_keys=True),
         )
+
+
+class AudioEvaluation:
+    """`train.eval_metrics`: the fixed prompt set `train.eval_prompts` generated with the EMA weights (the config's
+    `generate` settings, seed `train.eval_seed`) and scored with the embedders of `train.eval_audio` against
+    `train.eval_reference` (FAD, KL) and the captions (CLAP). Everything it reads is checked when it is built."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        tc = config.train
+        self.config = config
+        self.metrics = scoring.check_metrics(tc.eval_metrics, field="train.eval_metrics")
+        if not tc.eval_prompts:
+            raise SetupError(f"train.eval_metrics={list(self.metrics)}: train.eval_prompts (a captions file) is empty")
+        self.captions = read_captions(tc.eval_prompts)
+        scoring.check_weight_files(tc.eval_audio, self.metrics, prefix="train.eval_audio.")
+        if {"fad", "kl"} & set(self.metrics) and not tc.eval_reference:
+            raise SetupError(f"train.eval_metrics={list(self.metrics)}: fad and kl need train.eval_reference")
+        if "fad" in self.metrics:
+            windows = len(self.captions) * vggish.vggish_windows(
+                int(config.generate.duration * config.codec.sample_rate), config.codec.sample_rate
+            )
+            if windows <= vggish.EMBEDDING_SIZE:
+                raise SetupError(
+                    f"train.eval_prompts={tc.eval_prompts}: {len(self.captions)} samples of "
+                    f"{config.generate.duration:g} s give {windows} VGGish windows; FAD needs more than "
+                    f"{vggish.EMBEDDING_SIZE} (more prompts or longer samples)"
+                )
+        self.embedders = scoring.Embedders(tc.eval_audio, self.metrics)
+        self.reference = None
+        if {"fad", "kl"} & set(self.metrics):  # embedded once, in memory
+            ids = [c.id for c in self.captions]
+            self.reference = scoring.reference_of(
+                self.embedders, tc.eval_reference, self.metrics, ids, scoring.MemoryCache()
+            )
+        self.texts = self.embedders.embed_texts([c.text for c in self.captions]) if "clap" in self.metrics else None
+        self.model: api.MAGNeT | None = None
+
+    def __call__(self, step: int, ema_params) -> dict[str, float]:
+        """Generates the prompt set with `ema_params` and returns the configured metrics."""
+        if self.model is None:  # built once (T5, codec, mesh); later evaluations only swap the LM params
+            c = self.config
+            self.model = api.MAGNeT(
+                config_from_training(c, step=step, weights="ema", dtype=c.model.param_dtype, source="training"),
+                ema_params,
+                api.make_settings(dtype=c.model.dtype, text_length=c.conditioner.max_length),
+            )
+        else:
+            placed = jax.tree.map(lambda x: x.sharding, self.model.lm_params)
+            self.model.lm_params = jax.device_put(ema_params, placed)
+        audio = self.model.generate([c.text for c in self.captions], seed=self.config.train.eval_seed).audio[:, 0]
+        names = [c.name for c in self.captions]
+        embedded = {n: self.embedders.embed(n, audio, self.model.sample_rate, names) for n in self.embedders.names}
+        scores = {}
+        if "fad" in self.metrics:
+            scores["fad"] = scoring.fad(self.reference.statistics, embedded["vggish"], source="train.eval_prompts")
+        if "kl" in self.metrics:
+            probs = [self.reference.label_probs.get(c.id) for c in self.captions]
+            scores["kl"] = scoring.kl_scores(probs, embedded["passt"]).mean
+        if "clap" in self.metrics:
+            scores["clap"] = scoring.clap_scores(embedded["clap"], self.texts)[1]
+        return scores
 
 
 class Run:
@@ -100,6 +165,7 @@ class Run:
             self.state = self.checkpointer.restore(target, self.train_iter, config)
         self.train_step = train_lib.make_train_step(config, self.mesh, self.t5_config)
         self.eval_step = train_lib.make_eval_step(config, self.mesh, self.t5_config)
+        self.audio_eval = AudioEvaluation(config) if tc.get("eval_metrics") else None
 
     def _eval_batches(self):
         """The first `train.eval_steps` batches of the held-out split (at least one)."""
@@ -207,6 +273,11 @@ def train_and_evaluate(
                 eval_metrics = run.evaluate(state.ema_params)  # the reference validates with its EMA weights
                 writer.write(step, "eval", eval_metrics)
                 last.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+                timer = time.perf_counter()
+            if run.audio_eval is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.num_steps):
+                audio_metrics = run.audio_eval(step, state.ema_params)
+                writer.write(step, "eval_audio", audio_metrics)
+                last.update({f"eval_audio_{k}": v for k, v in audio_metrics.items()})
                 timer = time.perf_counter()
             stop = preemption.reached(step)
             if run.checkpointer.save(step, state, run.train_iter, config, force=stop or step == end):

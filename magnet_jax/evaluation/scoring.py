@@ -2,7 +2,7 @@
 disk, and FAD / KL / CLAP of generated samples against a reference set and their prompts.
 
 Shared by the evaluation job (`magnet_jax.evaluate`) and in-training evaluation (`magnet_jax.train`). Three
-embedders serve three metrics (docs/design.md §11):
+embedders serve three metrics (docs/design.md §12):
 
   fad   VGGish windows  [W, 128] per clip; Fréchet distance of the samples' statistics to the reference's
   kl    PaSST label probabilities [S, 527] per clip (one row per segment); KL(reference || sample), per segment pair
@@ -474,3 +474,32 @@ def reference_from_cache(cache: EmbeddingCache, work: Sequence[tuple[Clip, list]
     passt_clips = [clip for clip, names in work if "passt" in names]
     probs = dict(zip((c.path.stem for c in passt_clips), cache.load("passt", passt_clips)))
     return Reference(statistics, probs, len(work))
+
+
+class MemoryCache(EmbeddingCache):
+    """`EmbeddingCache`'s interface held in memory (in-training evaluation, whose workdir may be remote)."""
+
+    def __init__(self):  # noqa: D107 - nothing on disk
+        self.entries: dict[tuple[str, str], np.ndarray] = {}
+
+    def path(self, embedder: str, clip: Clip) -> Path:
+        return Path(f"<memory>/{embedder}/{clip.name}")
+
+    def get(self, embedder: str, clip: Clip) -> np.ndarray | None:
+        return self.entries.get((embedder, clip.name))
+
+    def put(self, embedder: str, clip: Clip, embedding: np.ndarray) -> None:
+        self.entries[(embedder, clip.name)] = np.asarray(embedding, np.float32)
+
+
+def reference_of(
+    embedders: Embedders, path: str | os.PathLike, metrics: Sequence[str], ids: Sequence[str], cache: EmbeddingCache
+) -> Reference:
+    """One process: the `Reference` of a statistics `.npz`, or of a directory embedded into `cache`."""
+    if Path(path).is_dir():
+        work = reference_work(path, metrics, ids)
+        embed_files(embedders, cache, work, desc="reference")
+        return reference_from_cache(cache, work, source=str(path))
+    if Path(path).suffix == ".npz" and Path(path).is_file():
+        return load_reference(path, metrics)
+    raise EvaluationError(f"reference audio {path}: expected a directory of audio files or a statistics .npz")

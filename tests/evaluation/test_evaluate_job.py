@@ -17,15 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from configs import magnet
 from configs.evaluate import get_config
 from data_pipelines.make_tiny_assets import make_random_lm
 from data_pipelines.synthetic_corpus import generate_corpus
 from magnet_jax import evaluate
+from magnet_jax.api import MAGNeT
 from magnet_jax.data.audio import AudioError, audio_files
+from magnet_jax.data.records import CodeRecord
 from magnet_jax.evaluation import clap, clap_audio, passt, scoring, vggish
 from magnet_jax.evaluation.clap_text import RobertaConfig, load_clap_tokenizer
 from magnet_jax.evaluation.metrics import StatisticsError, frechet_distance, kl_divergence, vggish_statistics
 from magnet_jax.fileio import WeightsError
+from magnet_jax.train import SetupError, train_and_evaluate
 from references import clap as clap_reference
 from references.evaluation_tools import write_random_clap, write_random_passt
 
@@ -75,8 +79,8 @@ def weights(torch_vggish, tmp_path_factory, data):
     }
 
 
-def make_config(weights, metrics="fad+kl+clap"):
-    c = get_config(f"metrics={metrics},duration={SECONDS}")
+def set_embedders(c, weights):
+    """Points an embedder section (`scoring.embedder_config`) at the random weights and their architectures."""
     c.vggish.weights = str(weights["vggish"])
     c.passt.weights = str(weights["passt"])
     c.passt.model.update(dataclasses.asdict(SMALL_PASST))
@@ -84,6 +88,11 @@ def make_config(weights, metrics="fad+kl+clap"):
     c.clap.tokenizer = str(weights["tokenizer"])
     c.clap.audio.update(dataclasses.asdict(SMALL_CLAP.audio))
     c.clap.text.update(dataclasses.asdict(SMALL_CLAP.text))
+    return c
+
+
+def make_config(weights, metrics="fad+kl+clap"):
+    c = set_embedders(get_config(f"metrics={metrics},duration={SECONDS}"), weights)
     c.generation.flags = ("--config.generate.decoding_steps=(2,2,2,2)", "--config.num_samples=2")
     return c
 
@@ -275,3 +284,99 @@ def test_cli_reports_a_missing_weight_file_in_one_line_with_status_2(data, tmp_p
         "(VGGish weights (vggish-10086976.pth))"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def training_config(tiny, data, weights, root: Path, metrics):
+    """A 2-step tiny run on random code records (the tiny codec's card) that evaluates `metrics` at step 2 on two
+    captions whose reference clips are in the reference directory."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    c = magnet.get_config("size=tiny")
+    root.mkdir(parents=True, exist_ok=True)
+    writer = ArrayRecordWriter(str(root / "codes-p00000-of-00001-s00000.array_record"), "group_size:1")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        record = CodeRecord(
+            codes=rng.integers(0, c.codec.card, size=(c.codec.n_q, 60)).astype(np.int16),
+            sample_rate=c.codec.sample_rate,
+            frame_rate=float(c.codec.frame_rate),
+            card=c.codec.card,
+            duration=1.2,
+            segment_seconds=1.0,
+            source=f"clip{i}.wav",
+            metadata={"description": f"calm piano {i}"},
+        )
+        writer.write(record.to_bytes())
+    writer.close()
+    prompts = root / "eval_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"clip_0000{i}", "text": f"calm piano {i}"}) + "\n" for i in (1, 2)))
+    c.data.train_files = str(root / "*.array_record")
+    c.data.segment_seconds = 1.0
+    c.conditioner.t5, c.codec.source = str(tiny["t5"]), str(tiny["codec"])
+    c.conditioner.max_length = 16
+    c.train.update(num_steps=2, log_every=1, eval_every=2, eval_metrics=metrics, eval_prompts=str(prompts))
+    c.train.eval_reference = str(data["reference"])
+    c.checkpoint.every_steps = 100
+    c.generate.decoding_steps = [2, 2, 2, 2]
+    set_embedders(c.train.eval_audio, weights)
+    return c, prompts
+
+
+def test_training_logs_audio_metrics_of_the_ema_weights(tiny, data, weights, tmp_path):
+    config, prompts = training_config(tiny, data, weights, tmp_path / "data", ("kl", "clap"))
+    workdir = tmp_path / "run"
+    last = train_and_evaluate(config, str(workdir))
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    audio = [line for line in lines if line["split"] == "eval_audio"]
+    assert [(line["step"], sorted(line)) for line in audio] == [(2, ["clap", "kl", "split", "step"])]
+    assert last["eval_audio_clap"] == audio[0]["clap"] and audio[0]["kl"] > 0
+    assert list((workdir / "tensorboard").glob("events.*"))
+
+    # the same numbers from the exported EMA weights through the public API and the embedders
+    model = MAGNeT.from_pretrained(str(workdir))
+    model.set_generation_params(decoding_steps=[2, 2, 2, 2])
+    audio_out = model.generate(["calm piano 1", "calm piano 2"], seed=0).audio[:, 0]
+    embedders = scoring.Embedders(config.train.eval_audio, ("kl", "clap"))
+    _, expected = scoring.clap_scores(
+        embedders.embed("clap", audio_out, model.sample_rate, ["a", "b"]),
+        embedders.embed_texts(["calm piano 1", "calm piano 2"]),
+    )
+    assert audio[0]["clap"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_training_refuses_fad_on_too_few_prompt_windows(tiny, data, weights, tmp_path):
+    config, prompts = training_config(tiny, data, weights, tmp_path / "data", ("fad",))
+    with pytest.raises(SetupError, match=r"2 samples of 1 s give 2 VGGish windows; FAD needs more than 128"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_plots_metrics_vs_decoding_steps_and_training_step(generated, tmp_path):
+    import matplotlib.image
+
+    from benchmarks import plot_metrics
+
+    out, result = generated
+    curves = plot_metrics.decoding_sweep([out])
+    assert curves == {k: [(8, result[k])] for k in ("fad", "kl", "clap")}  # decoding steps (2, 2, 2, 2)
+    assert plot_metrics.main(["--evaluations", str(out), "--out", str(tmp_path / "sweep.png")]) == 0
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text(
+        "".join(
+            json.dumps(line) + "\n"
+            for line in [
+                {"step": 10, "split": "train", "loss": 5.0},
+                {"step": 10, "split": "eval", "loss": 4.5},
+                {"step": 10, "split": "eval_audio", "clap": 0.1, "kl": 2.0},
+                {"step": 20, "split": "eval_audio", "clap": 0.2, "kl": 1.5},
+            ]
+        )
+    )
+    assert plot_metrics.training_curves(jsonl) == {
+        "loss": [(10, 4.5)],
+        "clap": [(10, 0.1), (20, 0.2)],
+        "kl": [(10, 2.0), (20, 1.5)],
+    }
+    assert plot_metrics.main(["--metrics", str(jsonl), "--out", str(tmp_path / "train.png")]) == 0
+    for name in ("sweep.png", "train.png"):
+        image = matplotlib.image.imread(tmp_path / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
