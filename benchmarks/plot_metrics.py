@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("plot_metrics: error: matplotlib is not installed (pip install matplotlib); nothing plotted", file=sys.stderr)
+        print(
+            "plot_metrics: error: matplotlib is not installed (pip install matplotlib); nothing plotted",
+            file=sys.stderr,
+        )
         return 2
     try:
         if args.metrics:

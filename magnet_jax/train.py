@@ -135,6 +135,8 @@ class Run:
                 f"train.num_steps={tc.num_steps}, train.log_every={tc.log_every} and "
                 f"train.eval_steps={tc.eval_steps} must be >= 1"
             )
+        # audio metrics: prompts, weights and reference checked (and embedded) before anything else is built
+        self.audio_eval = AudioEvaluation(config) if tc.get("eval_metrics") else None
         self.mesh = sharding.make_mesh(config.mesh)
         rules = sharding.logical_rules(config)
         # Frozen text encoder (weights placed by their logical axes) and its tokenizer for the input pipeline.
@@ -165,7 +167,6 @@ class Run:
             self.state = self.checkpointer.restore(target, self.train_iter, config)
         self.train_step = train_lib.make_train_step(config, self.mesh, self.t5_config)
         self.eval_step = train_lib.make_eval_step(config, self.mesh, self.t5_config)
-        self.audio_eval = AudioEvaluation(config) if tc.get("eval_metrics") else None
 
     def _eval_batches(self):
         """The first `train.eval_steps` batches of the held-out split (at least one)."""
