@@ -15,6 +15,7 @@ YouTube ids may start with `-`).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -78,7 +79,7 @@ def read_captions(path: str | os.PathLike) -> list[Caption]:
 
 
 def _csv_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted captions may span lines
     fields = reader.fieldnames or []
     for id_key, text_key in (("ytid", "caption"), ("id", "text")):
         if id_key in fields and text_key in fields:

@@ -28,7 +28,13 @@ from magnet_jax.data.records import CodeRecord
 from magnet_jax.evaluation import clap, clap_audio, passt, scoring, vggish
 from magnet_jax.evaluation.captions import CaptionError
 from magnet_jax.evaluation.clap_text import RobertaConfig, load_clap_tokenizer
-from magnet_jax.evaluation.metrics import StatisticsError, frechet_distance, kl_divergence, vggish_statistics
+from magnet_jax.evaluation.metrics import (
+    StatisticsError,
+    embedding_statistics,
+    frechet_distance,
+    kl_divergence,
+    vggish_embeddings,
+)
 from magnet_jax.fileio import WeightsError
 from magnet_jax.train import SetupError, train_and_evaluate
 from references import clap as clap_reference
@@ -48,18 +54,18 @@ MUSICCAPS_HEADER = (
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny):
-    """16 reference clips of 6 s at 32 kHz (one with a YouTube-style id starting with '-'), a MusicCaps-style CSV
-    of 8 of their captions, and a random tiny MAGNeT with 6 s segments."""
+    """12 reference clips of 6 s at 32 kHz (one with a YouTube-style id starting with '-'; 12 x 11 VGGish windows,
+    just above FAD's 128), a MusicCaps-style CSV of 6 of their captions, and a random tiny MAGNeT of 6 s segments."""
     root = tmp_path_factory.mktemp("evaluate")
     reference = root / "reference"
-    paths = generate_corpus(reference, num_clips=16, seconds=SECONDS, seed=5)
+    paths = generate_corpus(reference, num_clips=12, seconds=SECONDS, seed=5)
     dashed = paths[0].with_name("-Ab3_x.wav")
     paths[0].rename(dashed)
     paths[0] = dashed
     for sidecar in reference.glob("*.json"):
         sidecar.unlink()
     rows = [MUSICCAPS_HEADER]
-    for i, path in enumerate(paths[:8]):
+    for i, path in enumerate(paths[:6]):
         caption = f"a synthesized piece number {i}, with chords, tempo and timbre"
         rows.append(f'{path.stem},30,40,"/m/04rlf","[\'synth\']","{caption}",4,False,True')
     (root / "musiccaps.csv").write_text("\n".join(rows) + "\n")
@@ -99,7 +105,7 @@ def make_config(weights, metrics="fad+kl+clap"):
 
 @pytest.fixture(scope="module")
 def generated(data, weights):
-    """The job run on the model source: it generates 16 samples (8 prompts x 2) with the generation job, then
+    """The job run on the model source: it generates 12 samples (6 prompts x 2) with the generation job, then
     scores them; (output dir, metrics)."""
     out = data["root"] / "out"
     result = evaluate.run(make_config(weights), str(data["csv"]), str(data["reference"]), str(data["lm"]), str(out))
@@ -111,16 +117,16 @@ def test_generates_from_a_model_and_writes_metrics_and_table(generated, data):
     stored = json.loads((out / evaluate.METRICS_FILE).read_text())
     assert stored == json.loads(json.dumps(result))
     assert result["counts"] == {
-        "prompts": 8,
-        "samples": 16,
-        "reference_files": 16,
-        "fad_windows": 16 * 11,
-        "kl_segment_pairs": 16,
+        "prompts": 6,
+        "samples": 12,
+        "reference_files": 12,
+        "fad_windows": 12 * 11,
+        "kl_segment_pairs": 12,
         "kl_samples_without_reference": 0,
     }
     assert result["fad"] > 0 and result["kl"] > 0 and result["kl_qp"] > 0 and -1 <= result["clap"] <= 1
     table = list(csv.DictReader((out / evaluate.TABLE_FILE).open()))
-    assert len(table) == 16 and {r["prompt_id"] for r in table} >= {"-Ab3_x"}
+    assert len(table) == 12 and {r["prompt_id"] for r in table} >= {"-Ab3_x"}
     assert table[0]["id"] == "yt-Ab3_x-0" and table[0]["file"] == "yt-Ab3_x-0.wav"
     assert np.mean([float(r["clap"]) for r in table]) == pytest.approx(result["clap"], rel=1e-12)
     assert np.mean([float(r["kl"]) for r in table]) == pytest.approx(result["kl"], rel=1e-12)
@@ -128,33 +134,37 @@ def test_generates_from_a_model_and_writes_metrics_and_table(generated, data):
 
 
 def test_metrics_equal_the_embedders_applied_directly(generated, data, weights):
-    """FAD, KL and CLAP recomputed file by file with the public embedding functions (no batching, no cache)."""
+    """FAD from all files, KL and CLAP of four samples, recomputed with the public embedding functions (no cache,
+    no sharding, no pairing code of the job)."""
     out, result = generated
-    samples = sorted((out / "samples").glob("*.wav"))
-    reference = data["reference"]
+    samples = audio_files(out / "samples")
     vggish_params = vggish.load_vggish(weights["vggish"])
-    ref_stats = vggish_statistics(vggish_params, reference)
-    sample_stats = vggish_statistics(vggish_params, out / "samples")
+    ref_stats, sample_stats = (
+        embedding_statistics(vggish_embeddings(vggish_params, paths, batch_size=8))
+        for paths in (audio_files(data["reference"]), samples)
+    )
     assert result["fad"] == pytest.approx(frechet_distance(*ref_stats, *sample_stats), rel=1e-5)
 
-    passt_params = passt.load_passt(weights["passt"], SMALL_PASST)
-    table = {r["id"]: r for r in csv.DictReader((out / evaluate.TABLE_FILE).open())}
-    kls = []
-    for path in samples:
-        ref_path = reference / f"{table[path.stem]['prompt_id']}.wav"
-        probs = [
-            passt.passt_label_probs(passt_params, scoring._read_mono([p])[0], 32_000, config=SMALL_PASST).probs
-            for p in (ref_path, path)
-        ]
-        kls.append(kl_divergence(*probs).mean())
-    assert result["kl"] == pytest.approx(np.mean(kls), rel=1e-5)
+    table = list(csv.DictReader((out / evaluate.TABLE_FILE).open()))[:4]
+    mono = [scoring._read_mono([out / "samples" / row["file"]])[0][0] for row in table]
+    ref_mono = [scoring._read_mono([data["reference"] / f"{row['prompt_id']}.wav"])[0][0] for row in table]
+    probs = passt.passt_label_probs(
+        passt.load_passt(weights["passt"], SMALL_PASST),
+        np.stack(ref_mono + mono),
+        32_000,
+        config=SMALL_PASST,
+        batch_size=8,
+    ).probs  # one segment per clip
+    np.testing.assert_allclose([float(r["kl"]) for r in table], kl_divergence(probs[:4], probs[4:]), rtol=1e-5)
 
     clap_params = clap.load_clap(weights["clap"], SMALL_CLAP)
-    tokenizer = load_clap_tokenizer(weights["tokenizer"])
-    _, mean = clap.clap_score_files(
-        clap_params, tokenizer, samples, [table[p.stem]["text"] for p in samples], config=SMALL_CLAP
+    scores, _ = clap.clap_score(
+        clap.embed_audio(clap_params, np.stack(mono), 32_000, config=SMALL_CLAP),
+        clap.embed_text(
+            clap_params, load_clap_tokenizer(weights["tokenizer"]), [r["text"] for r in table], config=SMALL_CLAP
+        ),
     )
-    assert result["clap"] == pytest.approx(mean, rel=1e-5)
+    np.testing.assert_allclose([float(r["clap"]) for r in table], scores, rtol=1e-5)
 
 
 def test_reference_statistics_file_gives_the_same_metrics(generated, weights, data, tmp_path):
@@ -189,7 +199,7 @@ def test_resumes_after_kill_9_with_the_result_of_an_uninterrupted_run(generated,
     proc.wait(timeout=60)
     proc.stderr.close()
     done_before = len(list((tmp_path / "embeddings").rglob("*.npz")))
-    assert 0 < done_before < 16 + 8 + 16 * 3  # some entries cached (reference: VGGish 16, PaSST 8), not all
+    assert 0 < done_before < 12 + 6 + 12 * 3  # some entries cached (reference: VGGish 12, PaSST 6), not all
     assert not (tmp_path / evaluate.METRICS_FILE).exists()
 
     resumed = evaluate.run(
@@ -385,3 +395,25 @@ def test_plots_metrics_vs_decoding_steps_and_training_step(generated, tmp_path):
     for name in ("sweep.png", "train.png"):
         image = matplotlib.image.imread(tmp_path / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+
+
+def test_hosts_split_the_files_and_fill_one_cache(generated, data, weights, tmp_path):
+    """Process i of n embeds work items i, i+n, ...; the union is the single-process cache, which a cache pinned
+    to other weights refuses to mix with."""
+    out, _ = generated
+    embedders = scoring.Embedders(make_config(weights, "kl"), ("kl",))
+    ids = [row["ytid"] for row in csv.DictReader(data["csv"].open())]
+    work = scoring.reference_work(data["reference"], ("kl",), ids)
+    assert len(work) == 6
+    cache = scoring.EmbeddingCache(tmp_path, embedders.settings)
+    assert scoring.embed_files(embedders, cache, work, process_index=1, process_count=2) == 3
+    assert sorted(p.name for p in (tmp_path / "passt").glob("*.npz")) == sorted(f"{c.name}.npz" for c, _ in work[1::2])
+    assert scoring.embed_files(embedders, cache, work, process_index=0, process_count=2) == 3
+    assert scoring.embed_files(embedders, cache, work) == 0  # everything cached
+    single = scoring.EmbeddingCache(out / "embeddings" / "reference", embedders.settings)
+    for clip, _ in work:
+        np.testing.assert_allclose(cache.get("passt", clip), single.get("passt", clip), rtol=1e-6)
+
+    other = {"passt": {**embedders.settings["passt"], "weights": {"path": "/elsewhere/passt.pt"}}}
+    with pytest.raises(scoring.EvaluationError, match=r"other settings \(weights.*/elsewhere/passt.pt"):
+        scoring.EmbeddingCache(tmp_path, other)
