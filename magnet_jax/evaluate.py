@@ -124,7 +124,7 @@ def read_samples(samples_dir: Path, captions: Sequence[Caption]) -> list[tuple[s
 def run(
     config: ml_collections.ConfigDict,
     prompts: str,
-    reference_audio: str,
+    reference_audio: str,  # "" when only clap is computed
     samples: str,
     output_dir: str,
     *,
@@ -139,10 +139,13 @@ def run(
     metrics = scoring.check_metrics(config.metrics)
     captions = read_captions(prompts)
     scoring.check_weight_files(config, metrics)
-    reference_path = Path(reference_audio)
-    if not reference_path.is_dir() and not (reference_path.is_file() and reference_path.suffix == ".npz"):
+    needs_reference = bool({"fad", "kl"} & set(metrics))
+    reference_path = Path(reference_audio or ".")
+    if needs_reference and not (
+        reference_audio and (reference_path.is_dir() or (reference_path.is_file() and reference_path.suffix == ".npz"))
+    ):
         raise scoring.EvaluationError(
-            f"--reference_audio={reference_audio}: expected a directory of audio files or a statistics .npz"
+            f"--reference_audio={reference_audio!r}: fad and kl need a directory of audio files or a statistics .npz"
         )
     out = Path(output_dir)
     samples_dir = Path(samples)
@@ -163,7 +166,7 @@ def run(
     barrier("evaluate:prepared")
 
     reference_work = []
-    if reference_path.is_dir():
+    if needs_reference and reference_path.is_dir():
         reference_work = scoring.reference_work(reference_path, metrics, [c.id for c in captions])
         scoring.embed_files(
             embedders, caches["reference"], reference_work, process_index=rank, process_count=count, desc="reference"
@@ -180,18 +183,19 @@ def run(
     if not primary:
         return None
 
-    if reference_path.is_dir():
+    reference = scoring.Reference(None, {}, 0)
+    if needs_reference and reference_path.is_dir():
         reference = scoring.reference_from_cache(caches["reference"], reference_work, source=str(reference_path))
         if reference.statistics is not None:
             scoring.save_reference(out / REFERENCE_FILE, reference)
-    else:
+    elif needs_reference:
         reference = scoring.load_reference(reference_path, metrics)
     result, table = _score(embedders, caches["samples"], sample_list, reference, metrics)
     result["counts"].update(prompts=len(captions), samples=len(sample_list), reference_files=reference.files)
     result["settings"] = {
         "metrics": list(metrics),
         "prompts": str(Path(prompts).resolve()),
-        "reference_audio": str(reference_path.resolve()),
+        "reference_audio": str(reference_path.resolve()) if needs_reference else None,
         "samples": str(samples_dir.resolve()),
         "embedders": embedders.settings,
     }
@@ -244,13 +248,16 @@ def _write_table(path: Path, table: list[dict]) -> None:
 def main(argv: Sequence[str]) -> None:
     del argv
     quiet_logs()
-    if FLAGS.config is None or not all((FLAGS.prompts, FLAGS.reference_audio, FLAGS.samples, FLAGS.output_dir)):
-        fail("evaluate", "--config, --prompts, --reference_audio, --samples and --output_dir are required")
+    if FLAGS.config is None or not all((FLAGS.prompts, FLAGS.samples, FLAGS.output_dir)):
+        fail(
+            "evaluate",
+            "--config, --prompts, --samples and --output_dir are required (and --reference_audio for fad, kl)",
+        )
     try:
         result = run(
             FLAGS.config,
             FLAGS.prompts,
-            FLAGS.reference_audio,
+            FLAGS.reference_audio or "",
             FLAGS.samples,
             FLAGS.output_dir,
             distributed=FLAGS.distributed,
@@ -270,7 +277,7 @@ if __name__ == "__main__":
         "config", None, "config file and preset, e.g. configs/evaluate.py", lock_config=True
     )
     flags.DEFINE_string("prompts", None, "captions: MusicCaps-style .csv (ytid, caption), .jsonl or .txt")
-    flags.DEFINE_string("reference_audio", None, "directory of reference audio files, or a reference statistics .npz")
+    flags.DEFINE_string("reference_audio", None, "reference audio directory or statistics .npz (fad, kl)")
     flags.DEFINE_string("samples", None, "generation output dir (manifest.jsonl), or a model source to generate from")
     flags.DEFINE_string("output_dir", None, "directory for the embedding cache, metrics.json and samples.csv")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")

@@ -169,16 +169,19 @@ def test_metrics_equal_the_embedders_applied_directly(generated, data, weights):
 
 def test_reference_statistics_file_gives_the_same_metrics(generated, weights, data, tmp_path):
     out, result = generated
+    samples = str(out / "samples")
     again = evaluate.run(
         make_config(weights, "fad+kl"),
         str(data["csv"]),
         str(out / evaluate.REFERENCE_FILE),
-        str(out / "samples"),
-        str(tmp_path),
+        samples,
+        str(tmp_path / "a"),
     )
     assert again["fad"] == pytest.approx(result["fad"], rel=1e-12) and again["kl"] == pytest.approx(
         result["kl"], rel=1e-12
     )
+    clap_only = evaluate.run(make_config(weights, "clap"), str(data["csv"]), "", samples, str(tmp_path / "b"))
+    assert clap_only["clap"] == pytest.approx(result["clap"], rel=1e-6) and "fad" not in clap_only
 
 
 def test_resumes_after_kill_9_with_the_result_of_an_uninterrupted_run(generated, data, weights, tmp_path):
@@ -252,6 +255,7 @@ def test_bad_inputs_are_one_line_errors(generated, data, weights, tmp_path):
     wrong.passt.weights = str(weights["clap"])  # a CLAP checkpoint given as PaSST weights
     fails(WeightsError, "PaSST|passt|expected", wrong)
     fails(scoring.EvaluationError, r"config.metrics=\['fid'\]", make_config(weights, "fid"))
+    fails(scoring.EvaluationError, r"--reference_audio='': fad and kl need", make_config(weights, "kl"), ref="")
 
     empty = tmp_path / "empty_ref"
     empty.mkdir()
