@@ -30,8 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = scoring.embedder_config()
     c.metrics = tuple(m for m in arg.metrics.split("+") if m)  # checked by the job (one-line error)
     # Generation when --samples is a model source: the batch generation job runs on --prompts with this config
-    # file, `:source=<--samples>,duration=<duration>` and `preset` appended, and the extra `flags`
-    # (e.g. ("--config.batch_size=16", "--config.num_samples=2")); its output goes to <output_dir>/samples.
+    # file, `:source=<--samples>,duration=<whole seconds>` and `preset` appended, `--config.generate.duration`
+    # and the extra `flags` (e.g. ("--config.batch_size=16", "--config.num_samples=2")); its output goes to
+    # <output_dir>/samples.
     c.generation = ml_collections.ConfigDict()
     c.generation.config = ""  # "" = configs/generate.py of this installation
     c.generation.duration = float(arg.duration)

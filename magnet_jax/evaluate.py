@@ -50,7 +50,8 @@ ERRORS = (scoring.EvaluationError, CaptionError, StatisticsError, WeightsError, 
 def generation_command(config: ml_collections.ConfigDict, source: str, prompts: Path, output: Path) -> list[str]:
     """The `magnet_jax.generate` command that writes the samples of `prompts` from the model `source`."""
     config_file = config.generation.config or str(Path(__file__).resolve().parents[1] / "configs" / "generate.py")
-    preset = f"source={source},duration={config.generation.duration:g}"
+    duration = float(config.generation.duration)
+    preset = f"source={source},duration={max(1, round(duration))}"  # the preset takes whole seconds
     if config.generation.preset:
         preset += f",{config.generation.preset}"
     return [
@@ -60,6 +61,7 @@ def generation_command(config: ml_collections.ConfigDict, source: str, prompts: 
         f"--config={config_file}:{preset}",
         f"--prompts={prompts}",
         f"--output_dir={output}",
+        f"--config.generate.duration={duration:g}",
         *config.generation.flags,
     ]
 

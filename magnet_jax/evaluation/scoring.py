@@ -342,25 +342,24 @@ def embed_files(
         while end < len(todo) and end - start < embedders.batch_size and todo[end][0] == key:
             end += 1
         batch = todo[start:end]
-        audio, sample_rate = _read_mono([clip.path for _, clip, _ in batch])
-        for name in embedders.names:
-            rows = [i for i, (_, _, missing) in enumerate(batch) if name in missing]
-            if rows:
-                clips = [batch[i][1] for i in rows]
-                for clip, embedding in zip(
-                    clips, embedders.embed(name, audio[rows], sample_rate, [c.name for c in clips])
-                ):
-                    cache.put(name, clip, embedding)
+        read = [read_audio(clip.path) for _, clip, _ in batch]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (wav, rate) in enumerate(read):  # headers of compressed files can misstate the length
+            groups.setdefault((rate, wav.shape[-1]), []).append(i)
+        for (rate, _), members in groups.items():
+            audio = np.stack([read[i][0].mean(axis=0) for i in members])  # mono: the channel mean
+            for name in embedders.names:
+                rows = [k for k, i in enumerate(members) if name in batch[i][2]]
+                clips = [batch[members[k]][1] for k in rows]
+                if clips:
+                    for clip, embedding in zip(
+                        clips, embedders.embed(name, audio[rows], rate, [c.name for c in clips])
+                    ):
+                        cache.put(name, clip, embedding)
         progress.update(len(batch))
         start = end
     progress.close()
     return len(todo)
-
-
-def _read_mono(paths: Sequence[Path]) -> tuple[np.ndarray, int]:
-    """Files of one rate and length -> mono `[B, N]` float32 (channel mean) and the rate."""
-    wavs, rates = zip(*(read_audio(p) for p in paths))
-    return np.stack([w.mean(axis=0) for w in wavs]), int(rates[0])
 
 
 # ---- metrics --------------------------------------------------------------------------------------------------

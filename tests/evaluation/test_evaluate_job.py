@@ -23,7 +23,7 @@ from data_pipelines.make_tiny_assets import make_random_lm
 from data_pipelines.synthetic_corpus import generate_corpus
 from magnet_jax import evaluate
 from magnet_jax.api import MAGNeT
-from magnet_jax.data.audio import AudioError, audio_files
+from magnet_jax.data.audio import AudioError, audio_files, read_audio
 from magnet_jax.data.records import CodeRecord
 from magnet_jax.evaluation import clap, clap_audio, passt, scoring, vggish
 from magnet_jax.evaluation.captions import CaptionError
@@ -146,8 +146,8 @@ def test_metrics_equal_the_embedders_applied_directly(generated, data, weights):
     assert result["fad"] == pytest.approx(frechet_distance(*ref_stats, *sample_stats), rel=1e-5)
 
     table = list(csv.DictReader((out / evaluate.TABLE_FILE).open()))[:4]
-    mono = [scoring._read_mono([out / "samples" / row["file"]])[0][0] for row in table]
-    ref_mono = [scoring._read_mono([data["reference"] / f"{row['prompt_id']}.wav"])[0][0] for row in table]
+    mono = [read_audio(out / "samples" / row["file"])[0].mean(axis=0) for row in table]
+    ref_mono = [read_audio(data["reference"] / f"{row['prompt_id']}.wav")[0].mean(axis=0) for row in table]
     probs = passt.passt_label_probs(
         passt.load_passt(weights["passt"], SMALL_PASST),
         np.stack(ref_mono + mono),
