@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from magnet_jax import sharding
 from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, EXPORT_DIR, WORKDIR_CONFIG
 from magnet_jax.checkpoints.t5_weights import load_t5
-from magnet_jax.cli import fail, one_line, parse_flags, quiet_logs
+from magnet_jax.cli import define_distributed_flags, fail, initialize_distributed, one_line, parse_flags, quiet_logs
 from magnet_jax.data import input_pipeline
 from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.fileio import write_atomic
@@ -238,7 +238,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None or not FLAGS.workdir:
         fail("train", "--config and --workdir are required")
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        initialize_distributed("train")
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir, run_steps=FLAGS.run_steps)
     except SetupError as e:
@@ -250,7 +250,7 @@ if __name__ == "__main__":
         "config", None, "config file and preset, e.g. configs/magnet.py:size=small,duration=10", lock_config=True
     )
     flags.DEFINE_string("workdir", None, "run directory (local path or gs://...)")
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")
+    define_distributed_flags()
     flags.DEFINE_integer(
         "run_steps",
         None,
