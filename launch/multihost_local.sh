@@ -54,21 +54,21 @@ forward() { for p in "${pids[@]}"; do kill -"$1" "$p" 2> /dev/null; done; }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 
-start=$SECONDS status=0 failed_at=
-declare -A done_status
-while [ ${#done_status[@]} -lt "$n" ]; do
+start=$SECONDS status=0 failed_at= finished=0
+exited=()
+while [ "$finished" -lt "$n" ]; do
   for ((i = 0; i < n; i++)); do
-    [ -n "${done_status[$i]:-}" ] && continue
+    [ -n "${exited[$i]:-}" ] && continue
     kill -0 "${pids[$i]}" 2> /dev/null && continue
     wait "${pids[$i]}"; rc=$?
-    done_status[$i]=$rc
+    exited[$i]=$rc finished=$((finished + 1))
     if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
       status=$rc failed_at=$SECONDS
       echo "multihost_local: process $i exited with status $rc; last lines of $log_dir/process_$i.log:" >&2
       tail -n 5 "$log_dir/process_$i.log" >&2
     fi
   done
-  [ ${#done_status[@]} -ge "$n" ] && break
+  [ "$finished" -ge "$n" ] && break
   if [ -n "$failed_at" ] && [ $((SECONDS - failed_at)) -ge "$grace" ]; then
     echo "multihost_local: killing the processes still running ${grace} s after the failure" >&2
     forward KILL

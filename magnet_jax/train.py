@@ -139,13 +139,25 @@ def train_and_evaluate(
       SetupError: the config or an input it names is unusable (raised before the first step).
     """
     tc = config.train
+    preemption = checkpointing.PreemptionWatcher()
     try:
-        run = Run(config, workdir)
-        write_config(config, workdir)
+        with preemption.during_setup():
+            run = Run(config, workdir)
+            write_config(config, workdir)
     except (ValueError, TypeError, KeyError, OSError) as e:
+        preemption.close()
         raise SetupError(one_line(e)) from e
+    except checkpointing.Interrupted as e:
+        preemption.close()
+        logging.warning("train: stopped by signal %d during setup; nothing was trained", e.signum)
+        return {}
 
     start = run.resumed_from or 0
+    if preemption.reached(start):  # a multi-process job told to stop during its setup
+        preemption.close()
+        run.checkpointer.close()
+        logging.warning("train: stopped by a preemption notice during setup; nothing was trained")
+        return {}
     end = tc.num_steps if run_steps is None else min(tc.num_steps, start + run_steps)
     logging.info(
         "train: %s from step %d to %d on %d devices, mesh %s",
@@ -177,10 +189,9 @@ def train_and_evaluate(
         peak_source,
     )
     profiler = metrics.ProfileWindow(os.path.join(workdir, "profile"), tc.profile_start, tc.profile_steps)
-    preemption = checkpointing.PreemptionWatcher()
 
     state, last = run.state, {}
-    history, timed_steps, timer = [], 0, None
+    history, timed_steps, timer, in_flight = [], 0, None, None
     step = start
     try:
         while step < end:
@@ -188,6 +199,10 @@ def train_and_evaluate(
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(run.train_iter)
                 state, step_metrics = run.train_step(state, run.t5_params, batch, run.step_key)
+            # At most one step in flight: the loop never runs ahead of the devices, so a stop signal is acted on
+            # (a checkpoint of this step) within one step.
+            jax.block_until_ready(in_flight)
+            in_flight = step_metrics
             step += 1
             history.append(step_metrics)
             if timer is None:  # the first step compiles: time from its end

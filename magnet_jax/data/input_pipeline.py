@@ -6,7 +6,8 @@ Per record (a `MapDataset`, so every step is index-addressable and resumable):
   in the repeated stream) so it is the same after a restore: random crop to `seq_len` frames, metadata merge into the
   description (docs/design.md §3), tokenization (with a word-dropout key when training) padded to `max_text_len`
   → `ProcessBlocks` + `grain.experimental.ElasticIterator`: process i of n holds rows [i·B/n, (i+1)·B/n) of every
-  global batch of B (the same global batch for any n), batches `global_batch / n`, reads ahead in threads and optionally in `worker_count` processes.
+  global batch of B (the same global batch for any n), batches `global_batch / n`, reads ahead in threads and
+  optionally in `worker_count` processes.
 The iterator state is the global number of examples consumed, identical on every process: a restore resumes at
 exactly the next batch, with any number of workers or processes (`InputCheckpointSave`/`InputCheckpointRestore`).
 
