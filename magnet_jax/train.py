@@ -140,6 +140,7 @@ def train_and_evaluate(
     """
     tc = config.train
     preemption = checkpointing.PreemptionWatcher()
+    logging.info("train: setting up the run in %s", workdir)
     try:
         with preemption.during_setup():
             run = Run(config, workdir)

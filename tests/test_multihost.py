@@ -30,22 +30,23 @@ STEPS = 8
 TOLERANCE = 1e-5
 
 
-def environment(cache: Path) -> dict:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+def environment(cache: Path | None) -> dict:
+    """The jobs' environment; `cache`: a persistent compilation cache, for one-process jobs only (processes of one
+    CPU job must reach their first collective within gloo's 30 s rendezvous of each other, which a process that
+    finds its executables in a cache while another compiles does not)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if cache is not None:
+        env.update({"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+    return env
 
 
 def launch(n: int, devices: int, args: list[str], logs: Path, cache: Path, *, grace: int = 30) -> subprocess.Popen:
     """Starts `python ARGS...` as `n` processes of `devices` CPU devices each (logs in `logs/process_i.log`)."""
     command = ["bash", str(LAUNCH), str(n), "-d", str(devices), "-l", str(logs), "-t", str(JOB_TIMEOUT)]
     command += ["-g", str(grace), "--", sys.executable, *args]
-    return subprocess.Popen(command, cwd=REPO, env=environment(cache), stderr=subprocess.PIPE, text=True)
+    env = environment(cache if n == 1 else None)
+    return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -331,6 +332,61 @@ def test_a_killed_process_stops_the_others_in_one_line_within_the_heartbeat_time
     assert last.startswith("train: error: process 0: another process of the job died"), killed["log"][-2000:]
     assert "--heartbeat_timeout=10" in last
     assert "Check failure stack trace" not in killed["log"]
+
+
+# ---- stop signals on one process -------------------------------------------------------------------------
+
+
+def start_single(work, encoded, workdir: Path) -> subprocess.Popen:
+    extra = ("--config.train.num_steps=200", "--config.checkpoint.every_steps=100")
+    args = [a for a in train_args(work, encoded, workdir, *extra) if a != "--distributed"]
+    env = {**environment(work["cache"]), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def stderr_until(proc: subprocess.Popen, text: str, timeout: float = JOB_TIMEOUT) -> str:
+    """Reads the process's stderr until a line contains `text` (fails on a timeout or an early exit)."""
+    seen, deadline = [], time.monotonic() + timeout
+    for line in proc.stderr:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+        assert time.monotonic() < deadline, f"timed out waiting for {text!r}"
+    pytest.fail(f"exited before {text!r}: {''.join(seen)[-2000:]}")
+
+
+def test_sigterm_during_setup_exits_0_and_says_nothing_was_trained(work, encoded):
+    workdir = work["root"] / "stopped_in_setup"
+    proc = start_single(work, encoded, workdir)
+    try:
+        stderr_until(proc, "train: setting up the run")
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, rest[-2000:]
+    assert "during setup; nothing was trained" in rest
+    assert not (workdir / "config.json").exists() and not checkpoint_steps(workdir)
+
+
+def test_ctrl_c_saves_the_step_being_run_and_exits_0(work, encoded):
+    workdir = work["root"] / "interrupted"
+    proc = start_single(work, encoded, workdir)
+    try:
+        stderr_until(proc, "[train] step 3:")
+        at_signal = max(metric_rows(workdir))
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, rest[-2000:]
+    saved = checkpoint_steps(workdir)
+    assert len(saved) == 1 and at_signal <= saved[0] <= at_signal + 2, (at_signal, saved)
+    assert f"train: stopping at step {saved[0]} after a preemption notice" in rest
 
 
 # ---- generation ------------------------------------------------------------------------------------------
