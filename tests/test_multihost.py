@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -218,8 +219,11 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 
 def state_params(workdir: Path, step: int) -> dict:
-    restored = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
-    return restored["params"]
+    """The `params` of a checkpoint's train state, as host NumPy arrays."""
+    path, checkpointer = workdir / "checkpoints" / str(step) / "state", ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))["params"]
 
 
 def copy_checkpoint(source: Path, step: int, workdir: Path) -> None:
