@@ -90,6 +90,31 @@ def records(directory: Path) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (
+            ["-m", "magnet_jax.train", "--distributed", "--num_processes=2", "--process_id=3"],
+            {},
+            "train: error: --process_id=3: expected 0 <= process_id < num_processes=2",
+        ),
+        (
+            ["-m", "data_pipelines.encode_audio", "--distributed", "--input=in", "--output=out"],
+            {"JAX_NUM_PROCESSES": "two"},
+            "encode_audio: error: $JAX_NUM_PROCESSES='two': expected a non-negative integer",
+        ),
+    ],
+)
+def test_bad_distributed_settings_are_one_line_errors(args, env, expected, tmp_path):
+    if args[1] == "magnet_jax.train":
+        args += ["--config=configs/magnet.py:size=tiny", f"--workdir={tmp_path / 'run'}"]
+    r = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env={**environment(None), **env}, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected]
+    assert not (tmp_path / "run").exists()
+
+
 # ---- data: encode_audio and the input pipeline ----------------------------------------------------------
 
 
