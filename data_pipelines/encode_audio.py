@@ -40,6 +40,7 @@ import numpy as np
 import soundfile as sf
 from absl import logging
 
+from magnet_jax.cli import define_distributed_flags, initialize_distributed
 from magnet_jax.data import records
 from magnet_jax.data.audio import to_codec_audio
 from magnet_jax.fileio import TMP_PREFIX, atomic_file, pin_settings, write_json
@@ -604,7 +605,7 @@ def main(argv):
     from magnet_jax.fileio import WeightsError
 
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        initialize_distributed("encode_audio")
     process_index = jax.process_index() if FLAGS.process_index is None else FLAGS.process_index
     process_count = jax.process_count() if FLAGS.process_count is None else FLAGS.process_count
     try:
@@ -651,7 +652,7 @@ if __name__ == "__main__":
     flags.DEFINE_bool(
         "allow_missing_metadata", False, "encode files without a sidecar (empty description) instead of skipping them"
     )
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host job)")
+    define_distributed_flags()
     flags.DEFINE_integer("process_index", None, "override jax.process_index() (independent jobs)")
     flags.DEFINE_integer("process_count", None, "override jax.process_count() (independent jobs)")
     FLAGS = flags.FLAGS

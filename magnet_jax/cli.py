@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import warnings
+from typing import Any
 
 from absl import flags, logging
 
@@ -79,3 +80,147 @@ def quiet_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     std_logging.getLogger("jax").setLevel(std_logging.WARNING)
     warnings.filterwarnings("ignore", message=".*PyTorch was not found.*")
+
+
+# ---- multi-process jobs ---------------------------------------------------------------------------------
+
+# Flag -> environment variable read when the flag is not given (JAX itself reads JAX_COORDINATOR_ADDRESS).
+DISTRIBUTED_ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
+# Set in the job process that `supervise` starts (its parent prints the one-line message if it is lost).
+SUPERVISED_ENV = "MAGNET_JAX_SUPERVISED"
+# What JAX's runtime prints (then aborts) when the distributed service reports a dead or unreachable process.
+_RUNTIME_FATAL = "JAX distributed service detected fatal errors"
+
+
+def define_distributed_flags() -> None:
+    """The flags of every entry point that can run as one of N cooperating JAX processes."""
+    flags.DEFINE_bool("distributed", False, "run as one process of a multi-process job (jax.distributed.initialize)")
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "host:port of process 0's coordinator (default $JAX_COORDINATOR_ADDRESS; unset with --num_processes and "
+        "--process_id also unset: detected on TPU VMs, slurm and Open MPI)",
+    )
+    flags.DEFINE_integer("num_processes", None, "processes in the job (default $JAX_NUM_PROCESSES)")
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (default $JAX_PROCESS_ID)")
+    flags.DEFINE_integer(
+        "heartbeat_timeout",
+        60,
+        "seconds without a heartbeat after which a process counts as dead and the others stop (exit 1)",
+    )
+    flags.DEFINE_integer("init_timeout", 300, "seconds to wait for every process to join the job")
+
+
+def distributed_settings(prog: str) -> dict[str, Any]:
+    """The `jax.distributed.initialize` arguments of the distributed flags (or their environment variables).
+
+    Bad values are one line on stderr and exit status 2.
+    """
+    values: dict[str, Any] = {}
+    for name, env in DISTRIBUTED_ENV.items():
+        value = flags.FLAGS[name].value
+        if value is None and os.environ.get(env):
+            value = os.environ[env]
+            if name != "coordinator_address":
+                if not value.strip().isdigit():
+                    fail(prog, f"${env}={value!r}: expected a non-negative integer")
+                value = int(value)
+        values[name] = value
+    n, i = values["num_processes"], values["process_id"]
+    if n is not None and n < 1:
+        fail(prog, f"--num_processes={n}: expected >= 1")
+    if n is not None and i is not None and not 0 <= i < n:
+        fail(prog, f"--process_id={i}: expected 0 <= process_id < num_processes={n}")
+    address = values["coordinator_address"]
+    if address is not None and not re.fullmatch(r"\S+:\d+", address):
+        fail(prog, f"--coordinator_address={address!r}: expected host:port")
+    timeout, init = flags.FLAGS.heartbeat_timeout, flags.FLAGS.init_timeout
+    if timeout < 1 or init < 1:
+        fail(prog, f"--heartbeat_timeout={timeout} and --init_timeout={init}: expected >= 1 second")
+    return {
+        **values,
+        "initialization_timeout": init,
+        "heartbeat_timeout_seconds": timeout,
+        "shutdown_timeout_seconds": timeout,
+    }
+
+
+def initialize_distributed(prog: str) -> None:
+    """Joins the multi-process job the distributed flags describe (call first in `main`, before any JAX work).
+
+    The job then runs under `supervise`, so a lost peer ends this process with one line and exit status 1. With
+    more than one process the CPU backend's collectives use gloo (CPU devices of different processes cannot talk
+    otherwise; TPU and GPU computations do not use the CPU backend). A failure to join is one line, exit 2.
+    """
+    import jax
+
+    settings = distributed_settings(prog)
+    supervise(prog, settings["process_id"])
+    if settings["num_processes"] != 1 and jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**settings)
+    except (RuntimeError, ValueError, TypeError) as e:
+        fail(prog, f"cannot join the distributed job: {reason(e)}")
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: the kernel sends it SIGKILL when its parent dies (Linux; elsewhere a no-op)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(prog: str, process_id: int | None) -> None:
+    """Runs the rest of this command in a child process and returns only inside that child.
+
+    JAX's distributed runtime aborts a process whose peer died (or whose coordinator is gone), printing a native
+    stack trace. The parent passes the child's stderr through until that point, forwards SIGTERM / SIGINT to it,
+    and replaces the abort by one line (`<prog>: error: process <i>: ...`, exit 1); any other exit status is the
+    child's.
+    """
+    import signal
+    import subprocess
+    import threading
+
+    if os.environ.get(SUPERVISED_ENV):
+        return
+    child = subprocess.Popen(
+        [sys.executable, *sys.orig_argv[1:]],
+        env={**os.environ, SUPERVISED_ENV: "1"},
+        stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+    lost = threading.Event()
+
+    def copy_stderr() -> None:
+        for raw in child.stderr:
+            if _RUNTIME_FATAL.encode() in raw:
+                lost.set()
+            if not lost.is_set():
+                sys.stderr.buffer.write(raw)
+                sys.stderr.buffer.flush()
+
+    reader = threading.Thread(target=copy_stderr, daemon=True)
+    reader.start()
+    status = child.wait()
+    reader.join(timeout=10)
+    if lost.is_set():
+        who = "" if process_id is None else f" {process_id}"
+        fail(
+            prog,
+            f"process{who}: another process of the job died or the coordinator is unreachable (no heartbeat within "
+            f"--heartbeat_timeout={flags.FLAGS.heartbeat_timeout} s); stopping; rerun the job to resume",
+            status=1,
+        )
+    sys.exit(status if status >= 0 else 128 - status)

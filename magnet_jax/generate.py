@@ -30,7 +30,7 @@ from absl import logging
 
 from magnet_jax.api import MAGNeT, local_rows, row_keys
 from magnet_jax.checkpoints.sources import load_lm
-from magnet_jax.cli import fail, parse_flags, quiet_logs
+from magnet_jax.cli import define_distributed_flags, fail, initialize_distributed, parse_flags, quiet_logs
 from magnet_jax.data.audio import read_audio
 from magnet_jax.fileio import WeightsError, barrier, pin_settings, remove_temporaries, write_atomic
 
@@ -442,7 +442,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.config is None or not FLAGS.prompts or not FLAGS.output_dir:
         fail("generate", "--config, --prompts and --output_dir are required")
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        initialize_distributed("generate")
     try:
         summary = run(FLAGS.config, FLAGS.prompts, FLAGS.output_dir)
     except (JobError, WeightsError) as e:
@@ -463,6 +463,6 @@ if __name__ == "__main__":
     )
     flags.DEFINE_string("prompts", None, "prompts file: .txt (one description per line) or .jsonl")
     flags.DEFINE_string("output_dir", None, "directory for the audio files, manifest.jsonl and job.json")
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")
+    define_distributed_flags()
     FLAGS = flags.FLAGS
     app.run(main, flags_parser=lambda argv: parse_flags(argv, prog="generate"))

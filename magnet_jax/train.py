@@ -36,7 +36,7 @@ from magnet_jax import api, sharding
 from magnet_jax.checkpoints.pretrained import config_from_training
 from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, EXPORT_DIR, WORKDIR_CONFIG
 from magnet_jax.checkpoints.t5_weights import load_t5
-from magnet_jax.cli import fail, one_line, parse_flags, quiet_logs
+from magnet_jax.cli import define_distributed_flags, fail, initialize_distributed, one_line, parse_flags, quiet_logs
 from magnet_jax.data import input_pipeline
 from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.evaluation import scoring, vggish
@@ -206,13 +206,26 @@ def train_and_evaluate(
       SetupError: the config or an input it names is unusable (raised before the first step).
     """
     tc = config.train
+    preemption = checkpointing.PreemptionWatcher()
+    logging.info("train: setting up the run in %s", workdir)
     try:
-        run = Run(config, workdir)
-        write_config(config, workdir)
+        with preemption.during_setup():
+            run = Run(config, workdir)
+            write_config(config, workdir)
     except (ValueError, TypeError, KeyError, OSError) as e:
+        preemption.close()
         raise SetupError(one_line(e)) from e
+    except checkpointing.Interrupted as e:
+        preemption.close()
+        logging.warning("train: stopped by signal %d during setup; nothing was trained", e.signum)
+        return {}
 
     start = run.resumed_from or 0
+    if preemption.reached(start):  # a multi-process job told to stop during its setup
+        preemption.close()
+        run.checkpointer.close()
+        logging.warning("train: stopped by a preemption notice during setup; nothing was trained")
+        return {}
     end = tc.num_steps if run_steps is None else min(tc.num_steps, start + run_steps)
     logging.info(
         "train: %s from step %d to %d on %d devices, mesh %s",
@@ -244,10 +257,9 @@ def train_and_evaluate(
         peak_source,
     )
     profiler = metrics.ProfileWindow(os.path.join(workdir, "profile"), tc.profile_start, tc.profile_steps)
-    preemption = checkpointing.PreemptionWatcher()
 
     state, last = run.state, {}
-    history, timed_steps, timer = [], 0, None
+    history, timed_steps, timer, in_flight = [], 0, None, None
     step = start
     try:
         while step < end:
@@ -255,6 +267,10 @@ def train_and_evaluate(
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(run.train_iter)
                 state, step_metrics = run.train_step(state, run.t5_params, batch, run.step_key)
+            # At most one step in flight: the loop never runs ahead of the devices, so a stop signal is acted on
+            # (a checkpoint of this step) within one step.
+            jax.block_until_ready(in_flight)
+            in_flight = step_metrics
             step += 1
             history.append(step_metrics)
             if timer is None:  # the first step compiles: time from its end
@@ -310,7 +326,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None or not FLAGS.workdir:
         fail("train", "--config and --workdir are required")
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        initialize_distributed("train")
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir, run_steps=FLAGS.run_steps)
     except SetupError as e:
@@ -322,7 +338,7 @@ if __name__ == "__main__":
         "config", None, "config file and preset, e.g. configs/magnet.py:size=small,duration=10", lock_config=True
     )
     flags.DEFINE_string("workdir", None, "run directory (local path or gs://...)")
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")
+    define_distributed_flags()
     flags.DEFINE_integer(
         "run_steps",
         None,

@@ -5,8 +5,9 @@ Per record (a `MapDataset`, so every step is index-addressable and resumable):
   → seeded shuffle, reshuffled every epoch → repeat → one random map per record, its RNG derived from (seed, position
   in the repeated stream) so it is the same after a restore: random crop to `seq_len` frames, metadata merge into the
   description (docs/design.md §3), tokenization (with a word-dropout key when training) padded to `max_text_len`
-  → `grain.experimental.ElasticIterator`: process i takes positions i, i + n, ... of the stream, batches
-  `global_batch / n`, reads ahead in threads and optionally in `worker_count` processes.
+  → `ProcessBlocks` + `grain.experimental.ElasticIterator`: process i of n holds rows [i·B/n, (i+1)·B/n) of every
+  global batch of B (the same global batch for any n), batches `global_batch / n`, reads ahead in threads and
+  optionally in `worker_count` processes.
 The iterator state is the global number of examples consumed, identical on every process: a restore resumes at
 exactly the next batch, with any number of workers or processes (`InputCheckpointSave`/`InputCheckpointRestore`).
 
@@ -23,6 +24,7 @@ import glob
 import json
 import os
 import random
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -322,6 +324,34 @@ def make_dataset(source, config: PipelineConfig, tokenize: TokenizeFn) -> grain.
     )
 
 
+class ProcessBlocks(grain.MapDataset):
+    """The stream reordered so that process i of n holds rows [i·B/n, (i+1)·B/n) of every global batch of B.
+
+    `ElasticIterator` gives process i the stream positions i, i + n, ...; this view puts at those positions the
+    examples of process i's contiguous block, so the concatenated per-process batches are the same global batch for
+    any process count (and the global array `make_array_from_process_local_data` assembles equals the one-process
+    batch). A finite stream (eval) is cut to whole global batches, so every process reads the same number.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, global_batch_size: int, process_count: int):
+        super().__init__(parent)
+        self._batch, self._count = global_batch_size, process_count
+        length = len(parent)
+        self._length = length if length >= sys.maxsize else length - length % global_batch_size
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._batch)
+        block, offset = row % self._count, row // self._count
+        return self._parent[batch * self._batch + block * (self._batch // self._count) + offset]
+
+
 class BatchIterator(grain.DatasetIterator):
     """Per-process batches (NumPy, or global `jax.Array`s when a batch sharding is given); checkpointable with orbax.
 
@@ -349,7 +379,7 @@ class BatchIterator(grain.DatasetIterator):
             else None
         )
         self._elastic = grain.experimental.ElasticIterator(
-            dataset,
+            ProcessBlocks(dataset, config.global_batch_size, process_count),
             config.global_batch_size,
             grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True),
             read_options=grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch),

@@ -10,13 +10,15 @@ Layout of `<workdir>/checkpoints/<step>/` (step = number of completed optimizer 
 
 Saves are asynchronous (the device-to-host copy blocks, the write does not), happen every
 `checkpoint.every_steps` and on preemption, and keep the last `checkpoint.keep` checkpoints plus every
-`checkpoint.keep_every`-th step. `PreemptionWatcher` tells the train loop when to save and stop: SIGTERM in a
-single-process job, JAX's preemption sync point (all processes agree on the step) in a multi-process one.
+`checkpoint.keep_every`-th step. `PreemptionWatcher` tells the train loop when to save and stop: SIGTERM or SIGINT
+in a single-process job, JAX's preemption sync point (all processes agree on the step) in a multi-process one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -147,25 +149,59 @@ def check_model_config(saved: Mapping[str, Any], config: ml_collections.ConfigDi
         raise CheckpointError(f"{where} was written by a different model ({'; '.join(diffs)})")
 
 
+class Interrupted(BaseException):
+    """A stop signal arrived while `PreemptionWatcher.during_setup` was active (nothing was trained)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class PreemptionWatcher:
     """Tells the train loop when the job is being stopped, so it saves a checkpoint and exits cleanly.
 
-    Single process: SIGTERM (what Kubernetes, slurm `--signal=TERM@...` and preemptible VMs send) sets a flag.
-    Multi-process: JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any host and
-    `reached(step)` turns True on every host at the same step. Call `reached` once per step on every process.
+    SIGTERM (what Kubernetes, slurm `--signal=TERM@...` and preemptible VMs send) and SIGINT (Ctrl-C) stop a run:
+    - single process: the handler sets a flag that `reached(step)` returns at the next step;
+    - multi-process: JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any
+      process, and `reached(step)` turns True on every process at the same step; SIGINT is turned into a SIGTERM
+      of this process so it takes the same path.
+    Call `reached` once per step on every process. Inside `during_setup()` (single process) a signal raises
+    `Interrupted` at once instead, so a job stopped before its first step exits without waiting for the setup.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self._flag = threading.Event()
         self._previous = {}
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        self._in_setup = False
+        self._multi = jax.process_count() > 1
+        if threading.current_thread() is threading.main_thread():
             for sig in signals:
+                if self._multi and sig == signal.SIGTERM:
+                    continue  # JAX's preemption service owns SIGTERM
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):
         del frame
-        logging.warning("preemption: received signal %d; saving a checkpoint after this step", signum)
+        if self._multi:  # JAX's preemption notifier listens to SIGTERM only
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if self._in_setup:
+            raise Interrupted(signum)
+        if not self._flag.is_set():
+            logging.warning("preemption: received signal %d; saving a checkpoint at this step", signum)
         self._flag.set()
+
+    @contextlib.contextmanager
+    def during_setup(self):
+        """Within the block a stop signal raises `Interrupted` (single process; multi-process jobs see the notice
+        at their first `reached`)."""
+        self._in_setup = True
+        try:
+            if self._flag.is_set():
+                raise Interrupted(signal.SIGTERM)
+            yield
+        finally:
+            self._in_setup = False
 
     def reached(self, step: int) -> bool:
         if self._flag.is_set():
