@@ -14,7 +14,8 @@ The `generate` section starts from configs/magnet.py's `generate` section for th
 models' defaults, docs/design.md §6.2); single fields are overridden as usual (`--config.generate.top_p=0.95`,
 `--config.generate.decoding_steps='(20,10,10,10)'`).
 Rescoring and the composition-mode hybrid take causal MusicGen sources: `--config.rescorer=facebook/musicgen-small
---config.generate.rescore_weight=0.5`, `--config.ar_model=facebook/musicgen-small --config.generate.prefix_seconds=2`.
+--config.generate.rescore_weight=0.5 [--config.generate.rescore_mode=sample]`,
+`--config.ar_model=facebook/musicgen-small --config.generate.prefix_seconds=2`.
 A single-model Hybrid-MAGNeT source (trained with `train.objective="hybrid"`) takes neither: it generates its own
 first `--config.generate.prefix_seconds` with the `ar_*` sampling settings (0 = MAGNeT decoding only).
 """
@@ -50,10 +51,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     generate.update(
         duration=float(arg.duration), decoding_steps=tuple(generate["decoding_steps"])
     )  # a tuple can be overridden by a flag
-    # Rescoring weight w (paper Eq. 5, on MAGNeT's term; used only with a rescorer) and the hybrid's AR prefix
-    # (prefix_seconds 0 = off; ar_* = MusicGen's sampling defaults; by the ar_model, or by a Hybrid-MAGNeT model
-    # itself): the library defaults.
-    generate.update(rescore_weight=DecodeParams.rescore_weight, **dataclasses.asdict(PrefixParams()))
+    # Rescoring weight w (paper Eq. 5, on MAGNeT's term; used only with a rescorer), how the mixture is used
+    # (rescore_mode "rank": ranks the spans to re-mask, Fig. 4; "sample": tokens drawn from it, Eq. 5's text) and
+    # the hybrid's AR prefix (prefix_seconds 0 = off; ar_* = MusicGen's sampling defaults; by the ar_model, or by a
+    # Hybrid-MAGNeT model itself): the library defaults.
+    generate.update(
+        rescore_weight=DecodeParams.rescore_weight,
+        rescore_mode=DecodeParams.rescore_mode,
+        **dataclasses.asdict(PrefixParams()),
+    )
     c.generate = ml_collections.ConfigDict(generate)
 
     c.output = ml_collections.ConfigDict()

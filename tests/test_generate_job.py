@@ -292,7 +292,7 @@ def test_job_with_a_transformers_musicgen_rescorer_and_ar_prefix_matches_the_api
     ).save_pretrained(tmp_path / "musicgen")
     c = config.copy_and_resolve_references()
     c.rescorer = c.ar_model = str(tmp_path / "musicgen")
-    c.generate.rescore_weight, c.generate.prefix_seconds = 0.5, 0.2
+    c.generate.rescore_weight, c.generate.rescore_mode, c.generate.prefix_seconds = 0.5, "sample", 0.2
     c.num_samples = 2
     model = MAGNeT(*load_lm(c.source), c)
     assert model.rescorer is model.ar_model
@@ -303,6 +303,7 @@ def test_job_with_a_transformers_musicgen_rescorer_and_ar_prefix_matches_the_api
     records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert all(r["rescorer"] == r["ar_model"] == c.rescorer for r in records)
     assert all(r["params"]["rescore_weight"] == 0.5 and r["params"]["prefix_seconds"] == 0.2 for r in records)
+    assert all(r["params"]["rescore_mode"] == "sample" for r in records)
     expected = model.generate(["rock anthem", "rock anthem"], seed=0).codes  # sample j = row j, key (seed, j)
     codes = codes_by_id(tmp_path / "out")
     for j in range(2):
