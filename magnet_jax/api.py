@@ -426,20 +426,11 @@ class MAGNeT:
         if plan.num_windows == 1:
             return first
 
-        def continue_window(window_keys: jax.Array, context: jax.Array) -> jax.Array:
-            with nn.logical_axis_rules(self.rules):
-                return decoding.generate_codes(
-                    self.model,
-                    self.lm_params,
-                    cond,
-                    window_keys,
-                    self.decode_params,
-                    length=plan.window,
-                    prompt=context,
-                    rescorer=self.rescorer,
-                )
-
-        return windows.extend(first, continue_window, keys, plan)
+        generate_window = windows.continuation(
+            self.model, self.lm_params, cond, self.decode_params, window=plan.window, rescorer=self.rescorer
+        )
+        with nn.logical_axis_rules(self.rules):
+            return windows.extend(first, generate_window, keys, plan)
 
     def _first_window(self, cond: conditioner.TextConditioning, keys: jax.Array, prompt: np.ndarray | None):
         """Codes `[B, K, min(num_frames, window_frames)]` of the first (or only) window."""

@@ -17,6 +17,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from magnet_jax.generation import decoding
+from magnet_jax.models.conditioner import TextConditioning
+from magnet_jax.models.lm import LanguageModel
+
 WINDOW_STREAM = 0x57494E44  # fold_in tag of window keys ("WIND"), apart from the decoder's stage folds (< K)
 
 
@@ -93,6 +97,27 @@ def extend(
         last = generate_window(window_keys(row_keys, j), _tail(last, plan.context))
         pieces.append(_head(last, plan.context, plan.kept(j)))
     return jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+
+
+def continuation(
+    model: LanguageModel,
+    params,
+    cond: TextConditioning,
+    decode_params: decoding.DecodeParams,
+    *,
+    window: int,
+    rescorer=None,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The `generate_window` of `extend` for MAGNeT: `decoding.generate_codes` of `window` frames continuing the
+    prompt, with the conditioning `cond` of the first window (computed once) and the same decoding settings and
+    rescorer. Call the result under the logical-axis rules the params were sharded with."""
+
+    def generate_window(keys: jax.Array, prompt: jax.Array) -> jax.Array:
+        return decoding.generate_codes(
+            model, params, cond, keys, decode_params, length=window, prompt=prompt, rescorer=rescorer
+        )
+
+    return generate_window
 
 
 @functools.partial(jax.jit, static_argnums=1)
