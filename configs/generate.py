@@ -7,14 +7,18 @@ Preset options (the arg string after the file name):
   source:   the model: a hub id (audiocraft release, e.g. facebook/magnet-small-10secs), a converted checkpoint
             directory (`config.json` + params), an audiocraft-format directory (`state_dict.bin` +
             `compression_state_dict.bin`), or a training workdir (its newest params export)
-  duration: seconds of audio per sample (at most the model's training segment)
+  duration: the model's training segment in seconds (10 or 30 for the released music models): picks the
+            per-window defaults (first-stage decoding steps) and the default output length and extend stride
   task:     music | sound: picks the generation defaults (temperature, top-p, CFG) of configs/magnet.py
 
 The `generate` section starts from configs/magnet.py's `generate` section for that duration and task (the released
 models' defaults, docs/design.md §6.2); single fields are overridden as usual (`--config.generate.top_p=0.95`,
-`--config.generate.decoding_steps='(20,10,10,10)'`).
+`--config.generate.decoding_steps='(20,10,10,10)'`). Longer than the segment: `--config.generate.duration=120
+[--config.generate.extend_stride=5]`, windows of the segment, each continuing the last `segment - extend_stride`
+seconds of the one before (default stride: half the segment).
 Rescoring and the composition-mode hybrid take causal MusicGen sources: `--config.rescorer=facebook/musicgen-small
---config.generate.rescore_weight=0.5`, `--config.ar_model=facebook/musicgen-small --config.generate.prefix_seconds=2`.
+--config.generate.rescore_weight=0.5 [--config.generate.rescore_mode=sample]`,
+`--config.ar_model=facebook/musicgen-small --config.generate.prefix_seconds=2`.
 A single-model Hybrid-MAGNeT source (trained with `train.objective="hybrid"`) takes neither: it generates its own
 first `--config.generate.prefix_seconds` with the `ar_*` sampling settings (0 = MAGNeT decoding only).
 """
@@ -50,10 +54,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     generate.update(
         duration=float(arg.duration), decoding_steps=tuple(generate["decoding_steps"])
     )  # a tuple can be overridden by a flag
-    # Rescoring weight w (paper Eq. 5, on MAGNeT's term; used only with a rescorer) and the hybrid's AR prefix
-    # (prefix_seconds 0 = off; ar_* = MusicGen's sampling defaults; by the ar_model, or by a Hybrid-MAGNeT model
-    # itself): the library defaults.
-    generate.update(rescore_weight=DecodeParams.rescore_weight, **dataclasses.asdict(PrefixParams()))
+    generate.update(extend_stride=float(arg.duration) / 2)  # the API's default for a segment of `duration`
+    # Rescoring weight w (paper Eq. 5, on MAGNeT's term; used only with a rescorer), how the mixture is used
+    # (rescore_mode "rank": ranks the spans to re-mask, Fig. 4; "sample": tokens drawn from it, Eq. 5's text) and
+    # the hybrid's AR prefix (prefix_seconds 0 = off; ar_* = MusicGen's sampling defaults; by the ar_model, or by a
+    # Hybrid-MAGNeT model itself): the library defaults.
+    generate.update(
+        rescore_weight=DecodeParams.rescore_weight,
+        rescore_mode=DecodeParams.rescore_mode,
+        **dataclasses.asdict(PrefixParams()),
+    )
     c.generate = ml_collections.ConfigDict(generate)
 
     c.output = ml_collections.ConfigDict()

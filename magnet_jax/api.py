@@ -32,13 +32,15 @@ from magnet_jax.checkpoints.t5_weights import load_t5
 from magnet_jax.data.audio import to_codec_audio
 from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.fileio import WeightsError
-from magnet_jax.generation import decoding, hybrid
+from magnet_jax.generation import decoding, hybrid, windows
 from magnet_jax.models import conditioner, encodec, t5
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 DECODE_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.DecodeParams))
 PREFIX_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.PrefixParams))
-GENERATION_PARAMS = DECODE_PARAMS + PREFIX_PARAMS + ("duration",)
+GENERATION_PARAMS = DECODE_PARAMS + PREFIX_PARAMS + ("duration", "extend_stride")
+DECODE_CHUNK_SECONDS = 10.0  # EnCodec decodes longer outputs in windows of this (or the LM window, if longer) ...
+DECODE_CONTEXT_SECONDS = 1.0  # ... plus this much context on each side (`encodec.decode_long`)
 # What a loaded model is set up with (`MAGNeT.from_pretrained(**settings)`; the top-level fields of
 # configs/generate.py start from these).
 DEFAULT_SETTINGS = {
@@ -165,6 +167,7 @@ class MAGNeT:
             **dataclasses.asdict(decoding.PrefixParams()),
             **stored,
             "duration": self.segment_seconds,
+            "extend_stride": self.segment_seconds / 2,
         }
         self._condition = jax.jit(functools.partial(_condition, self.t5_config, self.tokenizer.pad_id))
 
@@ -236,15 +239,33 @@ class MAGNeT:
         """Code frames per sample: `int(duration * frame_rate)`, trimmed to whole spans in 'nonoverlap' mode."""
         return self.decode_params.output_length(int(self.duration * self.frame_rate))
 
+    @property
+    def window_frames(self) -> int:
+        """Frames of one window, the model's training segment (`num_frames` at duration = segment)."""
+        return self.decode_params.output_length(int(self.segment_seconds * self.frame_rate))
+
+    @property
+    def window_plan(self) -> windows.WindowPlan:
+        """How `num_frames` are generated: one window when they fit in `window_frames`, else windows that continue
+        the last `window - extend_stride` seconds of the one before (`magnet_jax.generation.windows`)."""
+        return windows.WindowPlan(
+            total=self.num_frames,
+            window=self.window_frames,
+            stride=int(float(self._params["extend_stride"]) * self.frame_rate),
+        )
+
     def set_generation_params(self, **params) -> None:
         """Changes the given generation parameters (the others keep their values).
 
         Names: decoding_steps, temperature, anneal_temp, top_p, top_k, use_sampling, max_cfg, min_cfg,
-        span_arrangement, span_scoring, span_len, rescore_weight (see `magnet_jax.generation.decoding.DecodeParams`;
-        rescore_weight is used only with a `rescorer`), prefix_seconds, ar_cfg_coef, ar_temperature, ar_top_k,
-        ar_top_p, ar_use_sampling (`magnet_jax.generation.decoding.PrefixParams`; prefix_seconds > 0 needs an `ar_model`
-        or a hybrid model, which may generate all frames autoregressively), and duration (seconds, at most the model's
-        training segment).
+        span_arrangement, span_scoring, span_len, rescore_weight, rescore_mode (see
+        `magnet_jax.generation.decoding.DecodeParams`; rescore_weight and rescore_mode are used only with a
+        `rescorer`), prefix_seconds, ar_cfg_coef, ar_temperature, ar_top_k, ar_top_p, ar_use_sampling
+        (`magnet_jax.generation.decoding.PrefixParams`; prefix_seconds > 0 needs an `ar_model` or a hybrid model,
+        which may generate all frames autoregressively), duration (seconds; longer than the model's training
+        segment = windowed generation, not with a hybrid model) and extend_stride (seconds of new audio per window
+        after the first; each window continues the last `segment - extend_stride` seconds of the one before;
+        default half the segment).
         """
         unknown = sorted(set(params) - set(GENERATION_PARAMS))
         if unknown:
@@ -261,14 +282,25 @@ class MAGNeT:
                 f"decoding_steps={list(decode_params.decoding_steps)}: expected "
                 f"{self.model.config.n_q} entries (one per codebook)"
             )
-        if not 0 < float(updated["duration"]) <= self.segment_seconds:
+        if not float(updated["duration"]) > 0:
+            raise ValueError(f"duration={updated['duration']}: expected a positive number of seconds")
+        window = decode_params.output_length(int(self.segment_seconds * self.frame_rate))
+        stride = int(float(updated["extend_stride"]) * self.frame_rate)
+        if not 0 < stride < window:
             raise ValueError(
-                f"duration={updated['duration']}: expected 0 < duration <= the model's training "
-                f"segment {self.segment_seconds:g} s"
+                f"extend_stride={updated['extend_stride']}: expected between 1 / frame rate and the "
+                f"{window / self.frame_rate:g} s window minus one frame ({stride} of {window} frames)"
             )
         num_frames = decode_params.output_length(int(float(updated["duration"]) * self.frame_rate))
         if num_frames < 1:
             raise ValueError(f"duration={updated['duration']}: shorter than one span")
+        if num_frames > window and self.objective.generates_prefix:
+            raise ValueError(
+                f"duration={updated['duration']}: longer than the model's training segment "
+                f"{self.segment_seconds:g} s; windowed generation continues audio prompts, which a "
+                f"{self.objective.title} model does not support"
+            )
+        num_frames = min(num_frames, window)  # the AR prefix lies in the first window
         if prefix_params.prefix_seconds > 0:
             if self.ar_model is None and not self.objective.generates_prefix:
                 raise ValueError(
@@ -281,24 +313,37 @@ class MAGNeT:
                     f"prefix_seconds={prefix_params.prefix_seconds}: expected between 1 and {most} of "
                     f"the {num_frames} generated frames"
                 )
-        updated["duration"] = float(updated["duration"])
+        updated["duration"], updated["extend_stride"] = float(updated["duration"]), float(updated["extend_stride"])
         self._params = updated
 
     # --- generation -----------------------------------------------------------------------------------------
 
     def generate(
-        self, descriptions: Sequence[str | None], *, seed: int = 0, prefix_seconds: float | None = None
+        self,
+        descriptions: Sequence[str | None],
+        *,
+        seed: int = 0,
+        prefix_seconds: float | None = None,
+        duration: float | None = None,
+        extend_stride: float | None = None,
     ) -> Generation:
         """Text-to-music: one sample per description (None or "" = unconditional).
 
-        `prefix_seconds` (default: the generation parameter, 0 = off) > 0: the composition-mode hybrid; the
-        `ar_model` (or a Hybrid-MAGNeT model itself) generates that many seconds, then MAGNeT decodes the rest with
-        them as a frozen prompt.
+        `prefix_seconds`, `duration`, `extend_stride` (default: the generation parameters) apply to this call only.
+        `prefix_seconds` > 0: the composition-mode hybrid; the `ar_model` (or a Hybrid-MAGNeT model itself)
+        generates that many seconds, then MAGNeT decodes the rest with them as a frozen prompt. `duration` longer
+        than the model's training segment: windowed generation, each window after the first continuing the last
+        `segment - extend_stride` seconds of the one before (`window_plan`).
         """
-        if prefix_seconds is None:
+        overrides = {
+            k: v
+            for k, v in (("prefix_seconds", prefix_seconds), ("duration", duration), ("extend_stride", extend_stride))
+            if v is not None
+        }
+        if not overrides:
             return self._generate(list(descriptions), seed, prompt=None)
         saved = self._params
-        self.set_generation_params(prefix_seconds=prefix_seconds)
+        self.set_generation_params(**overrides)
         try:
             return self._generate(list(descriptions), seed, prompt=None)
         finally:
@@ -310,7 +355,8 @@ class MAGNeT:
         """Continues audio prompts: `prompt` `[B, C, N]` or `[C, N]` at `prompt_sample_rate`.
 
         The prompt is downmixed, resampled to the codec rate and encoded (Tp = ceil(N' / hop) frames, fewer than
-        `num_frames`); its codes stay in the output, which still has `num_frames` frames in all. With
+        `window_frames`); its codes stay in the output, which still has `num_frames` frames in all (windowed when
+        `duration` is longer than the training segment). With
         `prefix_seconds` longer than the prompt, the `ar_model` first continues it up to the prefix length.
         Not available with a Hybrid-MAGNeT model.
         """
@@ -356,7 +402,9 @@ class MAGNeT:
         `prefix_frames` frames (continuing the prompt); MAGNeT then decodes the rest with them frozen. With a
         `rescorer` and `rescore_weight` < 1, span confidences mix in its probabilities. A Hybrid-MAGNeT model
         generates (`hybrid.generate_hybrid_codes`, row keys) its own `prefix_frames` with the `ar_*` sampling, then
-        decodes the rest; no prompt.
+        decodes the rest; no prompt. When `num_frames` exceed `window_frames`, the first window is generated so, and
+        the next ones continue it (`windows.extend`: MAGNeT continuation of the previous window's last frames with
+        the same text conditioning, row keys derived from `keys`; one compiled window program).
         Every process passes the same arguments.
         """
         if prompt is not None:
@@ -373,7 +421,20 @@ class MAGNeT:
         # wrong rank; the logical-axis rules are what the decoder reads at trace time.
         cond = self._condition(self.t5_params, _global(ids, self.batch_sharding), _global(mask, self.batch_sharding))
         keys = _global(keys, self.batch_sharding)
-        length = int(self.duration * self.frame_rate)
+        plan = self.window_plan
+        first = self._first_window(cond, keys, prompt)
+        if plan.num_windows == 1:
+            return first
+
+        generate_window = windows.continuation(
+            self.model, self.lm_params, cond, self.decode_params, window=plan.window, rescorer=self.rescorer
+        )
+        with nn.logical_axis_rules(self.rules):
+            return windows.extend(first, generate_window, keys, plan)
+
+    def _first_window(self, cond: conditioner.TextConditioning, keys: jax.Array, prompt: np.ndarray | None):
+        """Codes `[B, K, min(num_frames, window_frames)]` of the first (or only) window."""
+        length = int(min(self.duration, self.segment_seconds) * self.frame_rate)
         with nn.logical_axis_rules(self.rules):
             if self.objective.generates_prefix:
                 return hybrid.generate_hybrid_codes(
@@ -414,8 +475,17 @@ class MAGNeT:
             )
 
     def decode_audio(self, codes: jax.Array) -> jax.Array:
-        """Codes `[B, K, T]` -> audio `[B, 1, T * hop]` float32 (sharded as `codes`)."""
-        return encodec.decode(self.codec_config, self.codec_params, codes)
+        """Codes `[B, K, T]` -> audio `[B, 1, T * hop]` float32 (sharded as `codes`). Up to max(10 s, the LM window)
+        + 2 s the codec decodes them at once; longer codes are decoded in windows of that size, 1 s of context on
+        each side of the kept part (`encodec.decode_long`), so memory does not grow with T beyond the output."""
+        rate = self.codec_config.frame_rate
+        return encodec.decode_long(
+            self.codec_config,
+            self.codec_params,
+            codes,
+            chunk_frames=max(self.window_frames, round(DECODE_CHUNK_SECONDS * rate)),
+            context_frames=round(DECODE_CONTEXT_SECONDS * rate),
+        )
 
 
 def _condition(t5_config, pad_id: int, t5_params, ids: jax.Array, mask: jax.Array) -> conditioner.TextConditioning:

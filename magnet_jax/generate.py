@@ -334,10 +334,11 @@ def _encode_prompts(model: MAGNeT, todo: Sequence[Sample], prompts_file, errors:
                 raise ValueError(f"audio prompt {prompt.audio}: not supported with a {model.objective.title} model")
             wav, sample_rate = read_audio(prompt.audio)
             c = model.encode_audio(wav[None], sample_rate)[0]
-            if c.shape[-1] >= model.num_frames:
+            first_window = min(model.num_frames, model.window_frames)
+            if c.shape[-1] >= first_window:
                 raise ValueError(
                     f"audio prompt {prompt.audio} is {c.shape[-1] / model.frame_rate:.2f} s, not "
-                    f"shorter than the {model.num_frames / model.frame_rate:.2f} s generated"
+                    f"shorter than the {first_window / model.frame_rate:.2f} s of the first window"
                 )
         except ValueError as e:
             errors.append(f"{prompts_file}:{prompt.line}: {e}")

@@ -110,8 +110,11 @@ def test_set_generation_params_validates_names_and_values(model):
     before = model.generation_params
     with pytest.raises(ValueError, match="unknown generation parameter.*max_cfg_coef"):
         model.set_generation_params(max_cfg_coef=3.0)
-    with pytest.raises(ValueError, match="duration=2.*training segment 1 s"):
-        model.set_generation_params(duration=2.0)
+    with pytest.raises(ValueError, match="duration=0: expected a positive number of seconds"):
+        model.set_generation_params(duration=0)
+    for stride in (0.0, 1.0):  # no new frames, or no context left (the window is 48 frames)
+        with pytest.raises(ValueError, match=f"extend_stride={stride}: expected between .* of 48 frames"):
+            model.set_generation_params(extend_stride=stride)
     with pytest.raises(ValueError, match="decoding_steps=.*4 entries"):
         model.set_generation_params(decoding_steps=[2, 2])
     with pytest.raises(ValueError, match="span_arrangement"):
@@ -120,6 +123,38 @@ def test_set_generation_params_validates_names_and_values(model):
     model.set_generation_params(duration=0.5)
     assert model.num_frames == 24
     model.set_generation_params(duration=1.0)
+
+
+def test_windowed_generation_has_the_exact_length_and_starts_with_todays_window(model):
+    texts = ["a calm piano piece", "fast techno with drums"]
+    today = model.generate(texts, seed=3)
+    within = model.generate(texts, seed=3, duration=1.0, extend_stride=0.3)  # one window: today's output
+    np.testing.assert_array_equal(within.codes, today.codes)
+    np.testing.assert_array_equal(within.audio, today.audio)
+    for duration, stride, frames in ((2.6, 0.5, 129), (1.9, 0.8, 93)):  # 5 and 3 windows of 48 frames
+        out = model.generate(texts, seed=3, duration=duration, extend_stride=stride)
+        assert out.codes.shape == (2, 4, frames) and out.audio.shape == (2, 1, frames * 640)
+        np.testing.assert_array_equal(out.codes[..., :48], today.codes)  # the first window is today's
+        later = out.codes[..., 48:]
+        assert np.mean(later != out.codes[..., : later.shape[-1]]) > 0.5  # new frames, not the first window again
+        np.testing.assert_allclose(
+            out.audio, np.asarray(encodec.decode(model.codec_config, model.codec_params, out.codes)), atol=1e-5
+        )
+    alone = model.generate(texts[:1], seed=3, duration=1.9, extend_stride=0.8)
+    np.testing.assert_array_equal(alone.codes[0], out.codes[0])  # row keys hold across windows
+    assert (model.duration, model.generation_params["extend_stride"]) == (1.0, 0.5)  # per call only
+
+
+def test_windowed_continuation_keeps_the_audio_prompt(model):
+    prompt = (0.2 * np.random.default_rng(1).standard_normal((1, 1, 6400))).astype(np.float32)  # 10 frames
+    model.set_generation_params(duration=1.5)
+    try:
+        out = model.generate_continuation(prompt, 32000, ["jazz trio"], seed=1)
+    finally:
+        model.set_generation_params(duration=1.0)
+    expected = np.asarray(encodec.encode(model.codec_config, model.codec_params, prompt))
+    assert out.codes.shape == (1, 4, 75)
+    np.testing.assert_array_equal(out.codes[..., :10], expected)
 
 
 def test_defaults_come_from_the_checkpoint_config(tiny, model):
@@ -389,6 +424,8 @@ def test_hybrid_model_takes_no_companion_model_nor_audio_prompt(hybrid_source, h
         hybrid_model.generate_continuation(np.zeros((1, 1, 3200), np.float32), 32000, ["jazz trio"])
     with pytest.raises(ValueError, match="prefix_seconds=1.5: expected between 1 and 50 of the 50 generated"):
         hybrid_model.set_generation_params(prefix_seconds=1.5)
+    with pytest.raises(ValueError, match="duration=2.5: longer than the model's training segment .*Hybrid-MAGNeT"):
+        hybrid_model.set_generation_params(duration=2.5)
 
 
 def test_unknown_objective_in_config_json_is_a_one_line_error(hybrid_source, tmp_path):

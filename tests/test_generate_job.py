@@ -272,6 +272,27 @@ def test_generation_defaults_are_the_released_models(arg, steps, temperature):
         c.generate.top_q = 0.5
 
 
+def test_job_generates_beyond_the_training_window_like_the_api(config, model, tmp_path):
+    c = config.copy_and_resolve_references()
+    c.generate.duration, c.generate.extend_stride = 2.2, 0.6  # 108 frames: windows of 48, each 30 new frames
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "rock anthem", "seed": 4, "num_samples": 2}) + "\n")
+    try:
+        summary = run(c, prompts, tmp_path / "out", model=model)
+        expected = model.generate(["rock anthem", "rock anthem"], seed=4).codes  # sample j = row j, key (seed, j)
+    finally:
+        model.set_generation_params(**config.generate)
+    assert summary["finished"] == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert all(r["frames"] == 108 and r["duration"] == 108 / 50 for r in records)
+    assert all((r["params"]["duration"], r["params"]["extend_stride"]) == (2.2, 0.6) for r in records)
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["generate"]["extend_stride"] == 0.6
+    codes = codes_by_id(tmp_path / "out")
+    for j in range(2):
+        np.testing.assert_array_equal(codes[f"line00001-{j}"], expected[j])
+        assert sf.info(tmp_path / "out" / f"line00001-{j}.wav").frames == 108 * 640
+
+
 def test_job_with_a_transformers_musicgen_rescorer_and_ar_prefix_matches_the_api(config, tiny, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
@@ -292,7 +313,7 @@ def test_job_with_a_transformers_musicgen_rescorer_and_ar_prefix_matches_the_api
     ).save_pretrained(tmp_path / "musicgen")
     c = config.copy_and_resolve_references()
     c.rescorer = c.ar_model = str(tmp_path / "musicgen")
-    c.generate.rescore_weight, c.generate.prefix_seconds = 0.5, 0.2
+    c.generate.rescore_weight, c.generate.rescore_mode, c.generate.prefix_seconds = 0.5, "sample", 0.2
     c.num_samples = 2
     model = MAGNeT(*load_lm(c.source), c)
     assert model.rescorer is model.ar_model
@@ -303,6 +324,7 @@ def test_job_with_a_transformers_musicgen_rescorer_and_ar_prefix_matches_the_api
     records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert all(r["rescorer"] == r["ar_model"] == c.rescorer for r in records)
     assert all(r["params"]["rescore_weight"] == 0.5 and r["params"]["prefix_seconds"] == 0.2 for r in records)
+    assert all(r["params"]["rescore_mode"] == "sample" for r in records)
     expected = model.generate(["rock anthem", "rock anthem"], seed=0).codes  # sample j = row j, key (seed, j)
     codes = codes_by_id(tmp_path / "out")
     for j in range(2):

@@ -27,6 +27,7 @@ from magnet_jax.generation.sampling import (
     FROZEN_SCORE,
     chunk_scores,
     least_probable_span_mask,
+    sample_mixture,
     sample_tokens,
     top_units_mask,
 )
@@ -35,6 +36,7 @@ from magnet_jax.models.lm import LanguageModel, LMConfig
 
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
+RESCORE_MODES = ("rank", "sample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +54,13 @@ class DecodeParams:
     span_scoring: 'max' (1 - max prob in the chunk) or 'prod' (sum of -log prob); nonoverlap only.
     span_len: span length of the masking scheme (`config.masking.span_len`).
     rescore_weight: w of paper Eq. 5 (w on MAGNeT's term, as Eq. 5 and issue 7; the paper's Fig. 4 pseudo-code puts
-      it on the rescorer's): span confidences use `w * p_magnet + (1 - w) * p_rescorer` of each sampled token.
-      Used only when a rescorer is given; 1 = plain decoding. The paper states no value; 0.5 (the default) weighs
-      the two models equally, preferring neither without evidence.
+      it on the rescorer's): the mixture `w * p_magnet + (1 - w) * p_rescorer`. Used only when a rescorer is given;
+      1 = plain decoding. The paper states no value; 0.5 (the default) weighs the two models equally, preferring
+      neither without evidence.
+    rescore_mode: how the mixture is used (docs/design.md §7.1). 'rank' (Fig. 4's pseudo-code): tokens are sampled
+      from MAGNeT, the mixture of each sampled token's probabilities (the rescorer teacher-forced on the candidate)
+      only ranks the spans for re-masking. 'sample' (Eq. 5's text): the rescorer's distributions on the re-masked
+      input are mixed with MAGNeT's, tokens are drawn from the mixture and ranked by their mixed probability.
     """
 
     decoding_steps: tuple[int, ...] = (20, 10, 10, 10)
@@ -69,6 +75,7 @@ class DecodeParams:
     span_scoring: str = "max"
     span_len: int = 3
     rescore_weight: float = 0.5
+    rescore_mode: str = "rank"
 
     def __post_init__(self):
         steps = tuple(self.decoding_steps)
@@ -89,6 +96,8 @@ class DecodeParams:
             raise ValueError(f"temperature={self.temperature!r}: expected a value >= 0")
         if not 0.0 <= self.rescore_weight <= 1.0:
             raise ValueError(f"rescore_weight={self.rescore_weight!r}: expected a value in [0, 1] (1 = no rescoring)")
+        if self.rescore_mode not in RESCORE_MODES:
+            raise ValueError(f"rescore_mode={self.rescore_mode!r}: expected one of {RESCORE_MODES}")
 
     @classmethod
     def from_config(cls, generate_cfg: Mapping[str, Any], **overrides) -> DecodeParams:
@@ -385,13 +394,15 @@ def guided_logits_fn(
     return guided_logits
 
 
-def rescore_fn(model: LanguageModel, params, cond: TextConditioning) -> Callable:
+def rescore_fn(model: LanguageModel, params, cond: TextConditioning, *, mode: str = "rank") -> Callable:
     """Projects the rescorer's own conditioning of the B rows (conditioned only: p(z|y), no CFG) and computes its
-    cross-attention keys/values (once), and returns `fn(codes [B, K, T], stage) -> [B, T]`: the rescorer's
-    probability of each token of codebook `stage` (`musicgen.token_probs`, temperature 1).
+    cross-attention keys/values (once), and returns `fn(codes [B, K, T], stage)`: with `mode` 'rank', `[B, T]` the
+    rescorer's probability of each token of codebook `stage` (`musicgen.token_probs`, temperature 1); with 'sample',
+    `[B, T, card]` its distributions over each frame of codebook `stage` (`musicgen.frame_probs`).
 
-    `codes` are the candidate of the current step: earlier codebooks final, the stage's codebook just sampled, later
-    codebooks still the mask id (= card). MusicGen reads that id as its special "no token" id (its delay layout's
+    In 'rank' mode `codes` are the candidate of the current step: earlier codebooks final, the stage's codebook just
+    sampled, later codebooks still the mask id (= card); in 'sample' mode they are the step's input (the stage's
+    re-masked positions also the mask id). MusicGen reads that id as its special "no token" id (its delay layout's
     empty slots), the only input it knows for an absent token, so undecoded codebooks are presented as absent; the
     alternative, filling them with MAGNeT samples, would cost extra MAGNeT passes per step.
     """
@@ -400,8 +411,10 @@ def rescore_fn(model: LanguageModel, params, cond: TextConditioning) -> Callable
     cross_kv = model.apply(variables, condition, method=model.cross_key_values)
     attend = None if cond.attend is None else cond.attend.astype(bool)
 
+    probs_of = {"rank": musicgen.token_probs, "sample": musicgen.frame_probs}[mode]
+
     def rescore(codes: jax.Array, stage: jax.Array) -> jax.Array:
-        probs = musicgen.token_probs(model, params, codes, cross_kv, attend)
+        probs = probs_of(model, params, codes, cross_kv, attend)
         return jax.lax.dynamic_index_in_dim(probs, stage, axis=1, keepdims=False)
 
     return rescore
@@ -436,8 +449,11 @@ def decode_step(
       prompt_len: prompt frames Tp (traced).
       row_keys: `[B]` PRNG keys.
       mask_id: the LM's mask id (= card).
-      rescore: optional `rescore_fn`; the scores then use `rescore_weight * p + (1 - rescore_weight) * p_rescorer`
-        of each sampled token (paper Eq. 5), computed on the candidate codes after this step's sampling.
+      rescore: optional `rescore_fn` of mode `decode_params.rescore_mode`. 'rank': the scores use
+        `rescore_weight * p + (1 - rescore_weight) * p_rescorer` of each sampled token (paper Eq. 5), p_rescorer
+        computed on the candidate codes after this step's sampling. 'sample': the rescorer's distributions on this
+        step's input are mixed with MAGNeT's and tokens drawn from the mixture (`sample_mixture`), scored by their
+        mixed probability.
     """
     dp = decode_params
     x = jax.lax.dynamic_index_in_dim(state.codes, stage, axis=1, keepdims=False)  # [B, T]
@@ -454,11 +470,20 @@ def decode_step(
 
     logits = guided_logits(codes, stage, cfg_coef)
     keys = jax.vmap(lambda key: jax.random.fold_in(jax.random.fold_in(key, stage), step))(row_keys)
-    sample = functools.partial(sample_tokens, use_sampling=dp.use_sampling, top_p=dp.top_p, top_k=dp.top_k)
-    tokens, probs = jax.vmap(sample, in_axes=(0, 0, None))(keys, logits, temperature)
+    settings = dict(use_sampling=dp.use_sampling, top_p=dp.top_p, top_k=dp.top_k)
+    mix = rescore is not None and dp.rescore_mode == "sample"
+    if mix:
+        sample = functools.partial(sample_mixture, **settings)
+        other = rescore(codes, stage)  # [B, T, card] on the re-masked input
+        tokens, probs = jax.vmap(sample, in_axes=(0, 0, None, 0, None))(
+            keys, logits, temperature, other, rescore_weight
+        )
+    else:
+        sample = functools.partial(sample_tokens, **settings)
+        tokens, probs = jax.vmap(sample, in_axes=(0, 0, None))(keys, logits, temperature)
     masked = x == mask_id
     codes = nn.with_logical_constraint(codes.at[:, stage].set(jnp.where(masked, tokens, x)), ("batch", None, "length"))
-    if rescore is not None:
+    if rescore is not None and not mix:
         probs = rescore_weight * probs + (1.0 - rescore_weight) * rescore(codes, stage)
     if dp.chunked:
         scores = jnp.where(chosen, chunk_scores(probs, dp.span_len, dp.span_scoring), FROZEN_SCORE)
@@ -535,7 +560,11 @@ def _generate(
     rescorer_params,
     rescore_weight: jax.Array,
 ) -> jax.Array:
-    rescore = None if rescorer_model is None else rescore_fn(rescorer_model, rescorer_params, cond)
+    rescore = (
+        None
+        if rescorer_model is None
+        else rescore_fn(rescorer_model, rescorer_params, cond, mode=decode_params.rescore_mode)
+    )
     return decode_stages(
         guided_logits_fn(model, params, cond),
         decode_params,

@@ -180,9 +180,9 @@ def generate_rows(
     return jax.vmap(one_row)(cond.states, cond.mask, attend, keys, prompt)
 
 
-def token_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend: jax.Array | None = None) -> jax.Array:
-    """Teacher-forced probabilities of `codes` under a causal MusicGen model: one pass over their delay layout
-    (steps 0 .. T + K - 2; the last step predicts nothing), head q at step t + q giving frame t of codebook q.
+def frame_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced next-token distributions of `codes` under a causal MusicGen model: one pass over their delay
+    layout (steps 0 .. T + K - 2; the last step predicts nothing), head q at step t + q giving frame t of codebook q.
 
     Args:
       model, params: a causal `LanguageModel` and its params.
@@ -190,11 +190,17 @@ def token_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend
       cross_kv: `model.cross_key_values(condition)` of the B rows' projected conditioning (no CFG).
       attend: `[B, L]` bool cross-attention key mask, or None.
     Returns:
-      `[B, K, T]` float32: softmax (temperature 1) probability of each given token; 0 where it is the special id.
+      `[B, K, T, card]` float32: the softmax (temperature 1) over frame t of codebook q given the layout before it.
     """
-    special = model.config.mask_id
-    layout = codebook_patterns.apply_delay_pattern(codes, special)[:, :, :-1]
+    layout = codebook_patterns.apply_delay_pattern(codes, model.config.mask_id)[:, :, :-1]
     logits = model.apply({"params": params}, layout, None, attend, cross_kv=cross_kv)  # [B, K, T + K - 1, card]
-    probs = jax.nn.softmax(codebook_patterns.frame_logits(logits, codes.shape[-1]), axis=-1)
+    return jax.nn.softmax(codebook_patterns.frame_logits(logits, codes.shape[-1]), axis=-1)
+
+
+def token_probs(model: LanguageModel, params, codes: jax.Array, cross_kv, attend: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced probabilities of `codes` (arguments as `frame_probs`): `[B, K, T]` float32, the probability of
+    each given token; 0 where it is the special id."""
+    special = model.config.mask_id
+    probs = frame_probs(model, params, codes, cross_kv, attend)
     picked = jnp.take_along_axis(probs, jnp.minimum(codes, special - 1)[..., None], axis=-1)[..., 0]
     return jnp.where(codes == special, 0.0, picked)

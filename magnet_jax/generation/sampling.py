@@ -89,6 +89,46 @@ def sample_tokens(
     return tokens, jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
 
 
+def sample_mixture(
+    key: jax.Array,
+    logits: jax.Array,
+    temperature: jax.Array,
+    other: jax.Array,
+    weight: jax.Array,
+    *,
+    use_sampling: bool,
+    top_p: float,
+    top_k: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per position from the mixture `weight * p + (1 - weight) * other` (paper Eq. 5 read as the
+    distribution sampled from), p being the distribution `sample_tokens` draws from (tempered softmax, truncated by
+    top-p or top-k and renormalised).
+
+    Args:
+      logits, temperature, use_sampling, top_p, top_k: as `sample_tokens`.
+      other: `[T, V]` the second model's distributions (rows summing to 1).
+      weight: scalar w in [0, 1] (traced ok).
+    Returns:
+      tokens `[T]` int32 and their mixed confidences `weight * q + (1 - weight) * other[token]`, q being the
+      confidence `sample_tokens` would return (the tempered softmax; truncated and renormalised for top-k). Greedy
+      (use_sampling False) takes the argmax of `weight * softmax(logits / temperature) + (1 - weight) * other`.
+    """
+    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    if use_sampling and top_p == 0.0 and top_k > 0:
+        probs = top_k_probs(probs, top_k)
+    if not use_sampling:
+        tokens = jnp.argmax(weight * probs + (1.0 - weight) * other, axis=-1).astype(jnp.int32)
+    else:
+        own = jnp.where(probs >= top_p_threshold(probs, top_p), probs, 0.0) if top_p > 0.0 else probs
+        own = own / jnp.sum(own, axis=-1, keepdims=True)
+        tokens = sample_categorical(key, weight * own + (1.0 - weight) * other)
+
+    def pick(p):
+        return jnp.take_along_axis(p, tokens[..., None], axis=-1)[..., 0]
+
+    return tokens, weight * pick(probs) + (1.0 - weight) * pick(other)
+
+
 def top_units_mask(scores: jax.Array, k: jax.Array) -> jax.Array:
     """True for the `k` largest scores of `[U]` (equal scores in index order). `k` may be traced."""
     order = jnp.argsort(scores, descending=True, stable=True)

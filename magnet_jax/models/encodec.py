@@ -9,6 +9,7 @@ Public entry points (pure, jitted, `config` static):
   encode(config, params, wav [B, C, N]) -> codes [B, K, T] int32, T = ceil(N / hop)
   decode(config, params, codes [B, K, T]) -> wav [B, C, T * hop] float32
   encode_long(config, params, wav, chunk_seconds) -> codes (host numpy), in fixed-size chunks
+  decode_long(config, params, codes, chunk_frames=, context_frames=) -> wav, in overlapping fixed-size windows
 
 Audio is [B, C, N] at the API (the PyTorch layout) and channels-last [B, N, C] inside. Parameter logical axes
 (none of them is sharded: the codec is replicated): `conv_width`, `conv_in`, `conv_out` (conv kernels
@@ -446,6 +447,47 @@ def encode_long(config: EncodecConfig, params, wav, chunk_seconds: float) -> np.
         piece = np.pad(piece, ((0, 0), (0, 0), (0, chunk - piece.shape[-1])))
         pieces.append(np.asarray(encode(config, params, piece)))
     return np.concatenate(pieces, axis=-1)[..., : -(-n // hop)]
+
+
+def decode_long(
+    config: EncodecConfig, params, codes: jax.Array, *, chunk_frames: int, context_frames: int
+) -> jax.Array:
+    """Codes `[B, K, T]` -> audio `[B, C, T * hop]` float32 with the decoder's activations bounded by one window of
+    W = chunk_frames + 2 * context_frames frames, whatever T (docs/design.md §6.13).
+
+    T <= W: `decode` as is. Else the frames are cut into cores of `chunk_frames` (the last core ends at T, overlapping
+    the one before); each core is decoded inside a window of W frames that gives it `context_frames` of real codes on
+    each side where the sequence has them (windows are shifted inward at the two ends, so the first and last samples
+    see the true sequence edges as whole-sequence decoding does), and only the core's samples are kept. One compiled
+    program decodes every window. Samples near a core boundary differ slightly from whole-sequence decoding: the
+    decoder's LSTM restarts from zero at each window start and reaches the core after `context_frames` of warm-up.
+    """
+    length, window = codes.shape[-1], chunk_frames + 2 * context_frames
+    if chunk_frames < 1 or context_frames < 0:
+        raise ValueError(f"chunk_frames={chunk_frames}, context_frames={context_frames}: expected >= 1 and >= 0")
+    if length <= window:
+        return decode(config, params, codes)
+    cores = list(range(0, length - chunk_frames, chunk_frames)) + [length - chunk_frames]
+    pieces = []
+    for i, core in enumerate(cores):
+        start = min(max(core - context_frames, 0), length - window)
+        audio = _decode_core(config, params, codes, jnp.int32(start), jnp.int32(core - start), window, chunk_frames)
+        if i == len(cores) - 1:  # the last core overlaps the one before it: keep its new frames
+            audio = audio[..., (cores[i - 1] + chunk_frames - core) * config.hop_length :]
+        pieces.append(audio)
+    return jnp.concatenate(pieces, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _decode_core(
+    config: EncodecConfig, params, codes: jax.Array, start: jax.Array, offset: jax.Array, window: int, core: int
+) -> jax.Array:
+    """Decodes frames [start, start + window) of `codes` and returns the samples of frames [start + offset, start +
+    offset + core): `[B, C, core * hop]`."""
+    frames = jax.lax.dynamic_slice_in_dim(codes, start, window, axis=-1)
+    audio = EncodecModel(config).apply({"params": params}, frames, method=EncodecModel.decode)
+    hop = config.hop_length
+    return jax.lax.dynamic_slice_in_dim(audio, offset * hop, core * hop, axis=-1)
 
 
 def abstract_params(config: EncodecConfig):

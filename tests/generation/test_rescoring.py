@@ -197,6 +197,121 @@ def test_rescored_step_scores_follow_eq5(magnet, rescorer, arrangement, scoring)
     np.testing.assert_array_equal(np.asarray(step(jnp.float32(1.0), True).scores), np.asarray(plain.scores))
 
 
+def _rescorer_dists(model, params, cond, codes, stage):
+    """Independent reference of the rescorer's distributions `[B, T, card]` over codebook `stage` of `codes`."""
+    condition = model.apply({"params": params}, cond.states, cond.mask, method=model.project_condition)
+    logits = np.asarray(model.apply({"params": params}, apply_delay_pattern(codes, MASK), condition), np.float64)
+    stage_logits = logits[:, stage, stage : stage + codes.shape[-1]]
+    probs = np.exp(stage_logits - stage_logits.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def _nucleus(probs, top_p):
+    """The reference's nucleus of each row of `probs [..., V]`: descending, a token dropped when the mass before it
+    exceeds top_p; renormalised."""
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    drop = np.cumsum(ranked, axis=-1) - ranked > top_p
+    kept = np.zeros_like(probs)
+    np.put_along_axis(kept, order, np.where(drop, 0.0, ranked), axis=-1)
+    return kept / kept.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("top_p", [0.0, 0.8])
+def test_sample_mode_draws_from_the_eq5_mixture(magnet, rescorer, top_p):
+    """Many rows of one input, each with its own key: the drawn tokens' frequencies follow w * p_magnet + (1 - w) *
+    p_rescorer (chi-square bound), and are far from MAGNeT's own distribution; the scores are the mixed
+    probabilities of the drawn tokens."""
+    model, params = magnet
+    rows, length, stage, w, k, temperature, cfg = 3000, 12, 1, 0.4, 2, 1.5, 3.0
+    dp = DecodeParams(top_p=top_p, rescore_weight=w, rescore_mode="sample", span_scoring="prod")
+    rng = np.random.default_rng(1)
+    codes = np.repeat(rng.integers(0, MAGNET.card, (1, MAGNET.n_q, length)), rows, axis=0)
+    codes[:, 2:] = MASK
+    scores = np.repeat(np.array([[0.1, 0.9, 0.2, 0.8]], np.float32), rows, axis=0)  # chunks 1 and 3 re-masked
+    cond = _conditioning(1)
+    cond = TextConditioning(jnp.repeat(cond.states, rows, 0), jnp.repeat(cond.mask, rows, 0), None)
+
+    @jax.jit
+    def step(keys):
+        return decode_step(
+            guided_logits_fn(model, params, cond),
+            dp,
+            DecodeState(jnp.asarray(codes, jnp.int32), jnp.asarray(scores)),
+            stage=jnp.int32(stage),
+            step=jnp.int32(0),
+            num_masked=jnp.int32(k),
+            cfg_coef=jnp.float32(cfg),
+            temperature=jnp.float32(temperature),
+            prompt_row=jnp.full((rows, length), MASK),
+            prompt_len=jnp.int32(0),
+            row_keys=keys,
+            mask_id=MASK,
+            rescore=rescore_fn(*rescorer, cond, mode="sample"),
+            rescore_weight=jnp.float32(w),
+        )
+
+    out = step(jax.random.split(jax.random.key(11), rows))
+    drawn = np.asarray(out.codes)
+    masked = np.repeat([False, True, False, True], 3)
+    np.testing.assert_array_equal(drawn[:, :, ~masked], codes[:, :, ~masked])  # only the re-masked chunk positions
+    np.testing.assert_array_equal(drawn[:, [0, 2, 3]], codes[:, [0, 2, 3]])
+
+    inputs = codes[:1].copy()
+    inputs[:, stage, masked] = MASK
+    logits = np.asarray(
+        guided_logits_fn(model, params, TextConditioning(cond.states[:1], cond.mask[:1], None))(
+            jnp.asarray(inputs, jnp.int32), stage, cfg
+        ),
+        np.float64,
+    )[0]
+    p_magnet = np.exp(logits / temperature - (logits / temperature).max(-1, keepdims=True))
+    p_magnet /= p_magnet.sum(-1, keepdims=True)
+    own = _nucleus(p_magnet, top_p) if top_p else p_magnet
+    p_rescorer = _rescorer_dists(
+        *rescorer, TextConditioning(cond.states[:1], cond.mask[:1]), jnp.asarray(inputs), stage
+    )[0]
+    mixture = (w * own + (1 - w) * p_rescorer)[masked]  # [positions, card]
+
+    tokens = drawn[:, stage][:, masked]  # [rows, positions]
+    freq = np.stack([np.bincount(tokens[:, t], minlength=MAGNET.card) for t in range(tokens.shape[1])]) / rows
+
+    def chi2(expected):
+        cells = expected > 0
+        return rows * np.sum((freq[cells] - expected[cells]) ** 2 / expected[cells]), cells.sum() - len(expected)
+
+    stat, dof = chi2(mixture)
+    bound = dof + 6 * np.sqrt(2 * dof)  # about 6 standard deviations of a chi-square with `dof` degrees of freedom
+    assert stat < bound, (stat, dof)
+    assert np.all(freq[mixture == 0] == 0)  # tokens outside both supports are never drawn
+    assert np.abs(freq - mixture).max() < 6 * np.sqrt(0.25 / rows)
+    assert chi2(own[masked])[0] > 20 * bound  # MAGNeT's own distribution is rejected: the test has power
+
+    # Scores: the 'prod' chunk score of the drawn tokens' mixed probabilities (q = the tempered softmax).
+    mixed = (
+        w * np.take_along_axis(p_magnet[masked][None], tokens[..., None], -1)[..., 0]
+        + (1 - w) * np.take_along_axis(p_rescorer[masked][None], tokens[..., None], -1)[..., 0]
+    )
+    expected = (-np.log(mixed)).reshape(rows, 2, 3).sum(-1)
+    np.testing.assert_allclose(np.asarray(out.scores)[:, [1, 3]], expected, rtol=1e-4)
+    assert np.all(np.asarray(out.scores)[:, [0, 2]] == FROZEN_SCORE)
+
+
+def test_rank_mode_is_the_default_and_sample_mode_changes_the_tokens(magnet, rescorer):
+    model, params = magnet
+    cond = _conditioning(2)
+
+    def run(**kw):
+        dp = DecodeParams(decoding_steps=STEPS.decoding_steps, rescore_weight=0.3, **kw)
+        return np.asarray(generate_codes(model, params, cond, jax.random.key(0), dp, length=30, rescorer=rescorer))
+
+    default, rank, sample = run(), run(rescore_mode="rank"), run(rescore_mode="sample")
+    np.testing.assert_array_equal(rank, default)
+    assert np.mean(sample != rank) > 0.2 and sample.max() < MASK
+    with pytest.raises(ValueError, match="rescore_mode='mix': expected one of"):
+        DecodeParams(rescore_mode="mix")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Whole generation
 # ----------------------------------------------------------------------------------------------------------------
