@@ -34,7 +34,7 @@ from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.fileio import WeightsError
 from magnet_jax.generation import decoding, hybrid
 from magnet_jax.models import conditioner, encodec, t5
-from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.models.lm import LanguageModel, LMConfig, cast_params, init_params
 
 DECODE_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.DecodeParams))
 PREFIX_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.PrefixParams))
@@ -44,7 +44,9 @@ GENERATION_PARAMS = DECODE_PARAMS + PREFIX_PARAMS + ("duration",)
 DEFAULT_SETTINGS = {
     "t5": "",  # text encoder (hub id or dir) instead of the checkpoint's; "" = the checkpoint's
     "codec": "",  # EnCodec (hub id, dir or file) instead of the checkpoint's; "" = the checkpoint's
-    "dtype": "float32",  # LM compute dtype ("bfloat16" on accelerators); params keep their stored dtype
+    # LM compute dtype ("bfloat16" on accelerators); the LM params are cast to it once at load. Attention softmax,
+    # logits and sampling stay float32 (docs/design.md §6.13)
+    "dtype": "float32",
     # data parallel over every device of every host; `tensor` > 1 shards the LM by the rules (large models)
     "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1},
     "sharding_rules": list(sharding.DEFAULT_RULES),
@@ -117,7 +119,7 @@ class MAGNeT:
         read here)."""
         self.config = dict(config)
         source = config.get("provenance", {}).get("source", "model")
-        lm_config = LMConfig.from_config({**config["model"], "dtype": settings.dtype})
+        lm_config = _lm_config(config, settings.dtype)
         if lm_config.causal:
             raise WeightsError(f"{source}: a causal (MusicGen) model; MAGNeT generation needs a non-causal one")
         self.objective = pretrained.model_objective(config, source)
@@ -134,7 +136,10 @@ class MAGNeT:
         self.text_length = int(settings.text_length)
 
         abstract = jax.eval_shape(lambda k: init_params(self.model, k), jax.random.key(0))
-        self.lm_params = jax.device_put(lm_params, sharding.logical_shardings(abstract, self.mesh, self.rules))
+        shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
+        self.lm_params = jax.jit(cast_params, static_argnums=1, out_shardings=shardings)(
+            jax.device_put(lm_params, shardings), settings.dtype
+        )
         self.t5_source = settings.t5 or config["conditioner"]["t5"]
         self.tokenizer = TextTokenizer(self.t5_source, max_length=self.text_length)
         self.t5_config, t5_params = load_t5(self.t5_source)
@@ -172,13 +177,16 @@ class MAGNeT:
         """A causal MusicGen model (any `load_lm` source) checked against the MAGNeT LM, its params on the same mesh
         under the same logical-axis rules."""
         config, params = load_lm(source)
-        model = LanguageModel(LMConfig.from_config({**config["model"], "dtype": dtype}))
+        model = LanguageModel(_lm_config(config, dtype))
         try:
             decoding.check_companion(self.model.config, model.config, f"{what} {source}")
         except ValueError as e:
             raise WeightsError(str(e)) from None
         abstract = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
-        return model, jax.device_put(params, sharding.logical_shardings(abstract, self.mesh, self.rules))
+        shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
+        return model, jax.jit(cast_params, static_argnums=1, out_shardings=shardings)(
+            jax.device_put(params, shardings), dtype
+        )
 
     @classmethod
     def from_pretrained(cls, source: str, **settings) -> MAGNeT:
@@ -416,6 +424,11 @@ class MAGNeT:
     def decode_audio(self, codes: jax.Array) -> jax.Array:
         """Codes `[B, K, T]` -> audio `[B, 1, T * hop]` float32 (sharded as `codes`)."""
         return encodec.decode(self.codec_config, self.codec_params, codes)
+
+
+def _lm_config(config: Mapping[str, Any], dtype: str) -> LMConfig:
+    """The LM of a config.json dict computing in `dtype`, its params held in `dtype` too (`cast_params`)."""
+    return LMConfig.from_config({**config["model"], "dtype": dtype, "param_dtype": dtype})
 
 
 def _condition(t5_config, pad_id: int, t5_params, ids: jax.Array, mask: jax.Array) -> conditioner.TextConditioning:
