@@ -6,7 +6,7 @@ same decoding steps. Text conditioning is a lookup table of L tokens per descrip
 are outside the timed region on both sides). The audiocraft model is built first (its own init), its state dict is
 converted with `magnet_jax.checkpoints.lm_weights`, and the two are timed alternately in one run on this machine's
 default JAX backend and torch's CPU threads, in each of `--dtypes`: float32, and bfloat16 (ours: params cast once,
-float32 softmax / logits / sampling, docs/design.md §6.13; audiocraft: `torch.autocast` on the float32 weights).
+float32 softmax / logits / sampling, docs/design.md §11.2; audiocraft: `torch.autocast` on the float32 weights).
 
 Per (model size, dtype, batch size): JAX compile time (tracing + lowering + XLA compile, from jax.monitoring events
 of the first call; a new batch size compiles a new program), then the min and median JAX and audiocraft latencies of
