@@ -199,6 +199,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str =
     if implementation == "cudnn":
         if isinstance(mask, StageMask):
             mask = mask.dense(q.shape[2])
+        if mask is not None:  # cuDNN takes a bias over the full [T, S] (a key mask [B, 1, 1, S] included)
+            mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[2], k.shape[2]))
         out = jax.nn.dot_product_attention(
             *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), mask=mask, implementation="cudnn"
         )
@@ -291,11 +293,11 @@ class MultiHeadAttention(nn.Module):
             "key": jax.lax.dynamic_update_slice(cache["key"], k_new.astype(cache["key"].dtype), start),
             "value": jax.lax.dynamic_update_slice(cache["value"], v_new.astype(cache["value"].dtype), start),
         }
-        return self._attend(x, cache["key"], cache["value"], mask), cache
+        # A few query rows against the cache: memory-bound, a fused kernel gains nothing; always the XLA path.
+        return self._attend(x, cache["key"], cache["value"], mask, "xla"), cache
 
-    def _attend(self, x, k, v, mask):
+    def _attend(self, x, k, v, mask, implementation=None):
         q = self._heads(self.query, x)
-        out = attend(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask, resolve_implementation(self.implementation, q.dtype)
-        )
+        implementation = implementation or resolve_implementation(self.implementation, q.dtype)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation)
         return self.out(jnp.swapaxes(out, 1, 2))  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]
