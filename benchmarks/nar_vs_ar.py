@@ -38,7 +38,7 @@ from magnet_jax.generation import musicgen
 from magnet_jax.generation.decoding import DecodeParams, generate_codes
 from magnet_jax.generation.hybrid import generate_hybrid_codes
 from magnet_jax.models.conditioner import TextConditioning
-from magnet_jax.models.lm import LanguageModel, count_params, init_params
+from magnet_jax.models.lm import LanguageModel, cast_params, count_params, init_params
 
 METHODS = ("magnet", "magnet+rescore", "hybrid", "musicgen")
 _SIZE = flags.DEFINE_string("size", "256x4", f"model: <dim>x<layers> or a preset ({', '.join(BENCH_SIZES)})")
@@ -50,6 +50,7 @@ _PREFIX_SECONDS = flags.DEFINE_float("prefix_seconds", 1.0, "hybrid: seconds gen
 _COND_LENGTH = flags.DEFINE_integer("cond_length", 16, "text tokens per description")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "timed calls per point and method")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype (bfloat16 on accelerators)")
+_ATTENTION = flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"], "attention kernel (model.attention)")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/nar_vs_ar", "output path without extension")
 
 FRAME_RATE = 50
@@ -129,15 +130,20 @@ def main(argv):
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise app.UsageError(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
-    magnet_config = lm_config(_SIZE.value, dtype=_DTYPE.value)
+    magnet_config = lm_config(
+        _SIZE.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value, attention=_ATTENTION.value
+    )  # params held in the compute dtype
     ar_config = dataclasses.replace(magnet_config, causal=True)
     magnet_model, ar_model = LanguageModel(magnet_config), LanguageModel(ar_config)
     magnet_params = jax.tree.map(jnp.asarray, init_params(magnet_model, jax.random.key(0)))
     ar_params = jax.tree.map(jnp.asarray, init_params(ar_model, jax.random.key(1)))
-    magnet_params, ar_params = jax.tree.map(
-        lambda x: x.unbox() if hasattr(x, "unbox") else x,
-        (magnet_params, ar_params),
-        is_leaf=lambda x: hasattr(x, "unbox"),
+    magnet_params, ar_params = cast_params(
+        jax.tree.map(
+            lambda x: x.unbox() if hasattr(x, "unbox") else x,
+            (magnet_params, ar_params),
+            is_leaf=lambda x: hasattr(x, "unbox"),
+        ),
+        _DTYPE.value,
     )
     length = int(_DURATION.value * FRAME_RATE)
     dp = DecodeParams(decoding_steps=tuple(int(s) for s in _STEPS.value))  # rescore_weight 0.5 (the default)
@@ -151,6 +157,7 @@ def main(argv):
         "prefix_seconds": _PREFIX_SECONDS.value,
         "cond_length": _COND_LENGTH.value,
         "dtype": _DTYPE.value,
+        "attention": _ATTENTION.value,
         "repeats": _REPEATS.value,
     }
     print(

@@ -34,7 +34,7 @@ from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.fileio import WeightsError
 from magnet_jax.generation import decoding, hybrid, windows
 from magnet_jax.models import conditioner, encodec, t5
-from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+from magnet_jax.models.lm import LanguageModel, LMConfig, cast_params, init_params
 
 DECODE_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.DecodeParams))
 PREFIX_PARAMS = tuple(f.name for f in dataclasses.fields(decoding.PrefixParams))
@@ -46,7 +46,10 @@ DECODE_CONTEXT_SECONDS = 1.0  # ... plus this much context on each side (`encode
 DEFAULT_SETTINGS = {
     "t5": "",  # text encoder (hub id or dir) instead of the checkpoint's; "" = the checkpoint's
     "codec": "",  # EnCodec (hub id, dir or file) instead of the checkpoint's; "" = the checkpoint's
-    "dtype": "float32",  # LM compute dtype ("bfloat16" on accelerators); params keep their stored dtype
+    # LM compute dtype ("bfloat16" on accelerators); the LM params are cast to it once at load. Attention softmax,
+    # logits and sampling stay float32 (docs/design.md §11.2)
+    "dtype": "float32",
+    "attention": "auto",  # attention kernel (model.attention): cuDNN on GPU for 16-bit compute, else XLA; or "xla"
     # data parallel over every device of every host; `tensor` > 1 shards the LM by the rules (large models)
     "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1},
     "sharding_rules": list(sharding.DEFAULT_RULES),
@@ -115,11 +118,11 @@ class MAGNeT:
 
     def __init__(self, config: Mapping[str, Any], lm_params, settings: ml_collections.ConfigDict):
         """Builds from a config.json dict, its LM params, and `settings` (a configs/generate.py config: t5, codec,
-        dtype, mesh, sharding_rules, text_length, rescorer, ar_model; its `source` and `generate` sections are not
-        read here)."""
+        dtype, attention, mesh, sharding_rules, text_length, rescorer, ar_model; its `source` and `generate`
+        sections are not read here)."""
         self.config = dict(config)
         source = config.get("provenance", {}).get("source", "model")
-        lm_config = LMConfig.from_config({**config["model"], "dtype": settings.dtype})
+        lm_config = _lm_config(config, settings)
         if lm_config.causal:
             raise WeightsError(f"{source}: a causal (MusicGen) model; MAGNeT generation needs a non-causal one")
         self.objective = pretrained.model_objective(config, source)
@@ -136,7 +139,10 @@ class MAGNeT:
         self.text_length = int(settings.text_length)
 
         abstract = jax.eval_shape(lambda k: init_params(self.model, k), jax.random.key(0))
-        self.lm_params = jax.device_put(lm_params, sharding.logical_shardings(abstract, self.mesh, self.rules))
+        shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
+        self.lm_params = jax.jit(cast_params, static_argnums=1, out_shardings=shardings)(
+            jax.device_put(lm_params, shardings), settings.dtype
+        )
         self.t5_source = settings.t5 or config["conditioner"]["t5"]
         self.tokenizer = TextTokenizer(self.t5_source, max_length=self.text_length)
         self.t5_config, t5_params = load_t5(self.t5_source)
@@ -158,7 +164,7 @@ class MAGNeT:
         companions = {}  # source -> (LanguageModel, params): one model may serve as both, loaded once
         for what in ("rescorer", "ar_model"):
             if settings[what] and settings[what] not in companions:
-                companions[settings[what]] = self._load_companion(settings[what], settings.dtype, what)
+                companions[settings[what]] = self._load_companion(settings[what], settings, what)
         self.rescorer = companions.get(settings.rescorer)  # (causal LanguageModel, params) or None
         self.ar_model = companions.get(settings.ar_model)
         stored = {k: v for k, v in config.get("generate", {}).items() if k in DECODE_PARAMS}
@@ -171,17 +177,20 @@ class MAGNeT:
         }
         self._condition = jax.jit(functools.partial(_condition, self.t5_config, self.tokenizer.pad_id))
 
-    def _load_companion(self, source: str, dtype: str, what: str) -> tuple[LanguageModel, Any]:
+    def _load_companion(self, source: str, settings: ml_collections.ConfigDict, what: str) -> tuple[LanguageModel, Any]:
         """A causal MusicGen model (any `load_lm` source) checked against the MAGNeT LM, its params on the same mesh
         under the same logical-axis rules."""
         config, params = load_lm(source)
-        model = LanguageModel(LMConfig.from_config({**config["model"], "dtype": dtype}))
+        model = LanguageModel(_lm_config(config, settings))
         try:
             decoding.check_companion(self.model.config, model.config, f"{what} {source}")
         except ValueError as e:
             raise WeightsError(str(e)) from None
         abstract = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
-        return model, jax.device_put(params, sharding.logical_shardings(abstract, self.mesh, self.rules))
+        shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
+        return model, jax.jit(cast_params, static_argnums=1, out_shardings=shardings)(
+            jax.device_put(params, shardings), settings.dtype
+        )
 
     @classmethod
     def from_pretrained(cls, source: str, **settings) -> MAGNeT:
@@ -486,6 +495,15 @@ class MAGNeT:
             chunk_frames=max(self.window_frames, round(DECODE_CHUNK_SECONDS * rate)),
             context_frames=round(DECODE_CONTEXT_SECONDS * rate),
         )
+
+
+def _lm_config(config: Mapping[str, Any], settings: ml_collections.ConfigDict) -> LMConfig:
+    """The LM of a config.json dict computing in `settings.dtype` with its params held in it too (`cast_params`),
+    attention by `settings.attention`."""
+    dtype = settings.dtype
+    return LMConfig.from_config(
+        {**config["model"], "dtype": dtype, "param_dtype": dtype, "attention": settings.get("attention", "auto")}
+    )
 
 
 def _condition(t5_config, pad_id: int, t5_params, ids: jax.Array, mask: jax.Array) -> conditioner.TextConditioning:

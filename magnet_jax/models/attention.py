@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Initializer = Callable[..., jax.Array]
 
@@ -114,18 +116,125 @@ class Projection(nn.Module):
         return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# Query rows per block of the band computation (stages >= 1): the keys of a block are its rows +- subcodes_context.
+BAND_BLOCK = 32
+
+
+@flax.struct.dataclass
+class StageMask:
+    """The MAGNeT self-attention mask of a (traced) codebook `stage` (`stage_attention_mask`), kept symbolic so that
+    attention can skip the blocks outside the ±`subcodes_context` band at stages >= 1 (`attend`)."""
+
+    stage: jax.Array
+    subcodes_context: int = flax.struct.field(pytree_node=False)
+
+    def dense(self, length: int) -> jax.Array:
+        """The boolean `[1, 1, T, T]` mask."""
+        return stage_attention_mask(length, self.stage, subcodes_context=self.subcodes_context, causal=False)
+
+
+def resolve_implementation(implementation: str, dtype, platform: str | None = None) -> str:
+    """The attention kernel for `implementation` ('auto', 'xla', 'cudnn') on `platform` (default: JAX's default
+    backend). 'auto' picks cuDNN's fused attention on a GPU for a 16-bit compute dtype (the only dtypes it takes),
+    XLA everywhere else."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    platform = jax.default_backend() if platform is None else platform
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if platform == "gpu" and half else "xla"
+
+
+def _large_negative(dtype) -> float:
+    """The masked-logit value of `jax.nn.dot_product_attention` (so both paths agree, fully masked rows included)."""
+    return -0.7 * float(jnp.finfo(dtype).max)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention in head-major layout: `q [B, H, T, Dh]`, `k, v [B, H, S, Dh]`, boolean `mask` broadcastable
+    to `[B, H, T, S]` (True = attend) -> `[B, H, T, Dh]` (any leading axes). Scores and softmax in float32; the
+    matmuls are batched over the leading axes (B·H), a layout XLA's CPU dot runs without transposing."""
+    logits = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(q.shape[-1] ** -0.5)
+    if mask is not None:
+        logits = jnp.where(mask, logits, _large_negative(logits.dtype))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("...ts,...sd->...td", probs, v)
+
+
+def band_attention(q: jax.Array, k: jax.Array, v: jax.Array, width: int, block: int = BAND_BLOCK) -> jax.Array:
+    """`dense_attention` under the band mask |i - j| <= `width` (self-attention, `q, k, v [B, H, T, Dh]`), computing
+    only the band's blocks: query rows in blocks of `block`, each against the `block + 2 width` keys around it.
+
+    Same result as the dense masked computation (the keys outside the band get an exactly zero weight there);
+    T·(block + 2 width) scores instead of T².
+    """
+    block = max(block, 2 * width)
+    batch, heads, length, dh = q.shape
+    n = -(-length // block)
+    pad = n * block - length
+    qb = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(batch, heads, n, block, dh)
+
+    def windows(x):  # [B, H, n, block + 2 width, Dh]: keys n·block - width ... (n + 1)·block + width - 1
+        xb = jnp.pad(x, ((0, 0), (0, 0), (width, pad + block - width), (0, 0))).reshape(batch, heads, n + 1, block, dh)
+        return jnp.concatenate([xb[:, :, :-1], xb[:, :, 1:, : 2 * width]], axis=3)
+
+    rows = np.arange(n)[:, None, None] * block + np.arange(block)[None, :, None]  # query i
+    cols = np.arange(n)[:, None, None] * block - width + np.arange(block + 2 * width)[None, None, :]  # key j
+    mask = (np.abs(rows - cols) <= width) & (cols >= 0) & (cols < length)  # [n, block, block + 2 width]
+    out = dense_attention(qb, windows(k), windows(v), mask)  # [B, H, n, block, Dh]
+    return out.reshape(batch, heads, n * block, dh)[:, :, :length]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str = "xla") -> jax.Array:
+    """Attention of head-major `q [B, H, T, Dh]` over `k, v [B, H, S, Dh]` -> `[B, H, T, Dh]`.
+
+    `mask`: None, a boolean array broadcastable to `[B, H, T, S]`, or a `StageMask` (self-attention). With 'xla', a
+    `StageMask` runs the full computation at stage 0 and `band_attention` at stages >= 1, both branches of one
+    `lax.cond` on the traced stage (one program for every stage). 'cudnn': `jax.nn.dot_product_attention`'s cuDNN
+    kernel (GPU, 16-bit dtypes) with the dense mask.
+    """
+    if implementation == "cudnn":
+        if isinstance(mask, StageMask):
+            mask = mask.dense(q.shape[2])
+        if mask is not None:  # cuDNN takes a bias over the full [T, S] (a key mask [B, 1, 1, S] included)
+            mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[2], k.shape[2]))
+        out = jax.nn.dot_product_attention(
+            *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), mask=mask, implementation="cudnn"
+        )
+        return jnp.swapaxes(out, 1, 2)
+    if not isinstance(mask, StageMask):
+        return dense_attention(q, k, v, mask)
+    width, length = mask.subcodes_context, q.shape[2]
+    if width < 0:
+        return dense_attention(q, k, v, None)
+    if length <= 2 * max(BAND_BLOCK, 2 * width):  # too short for blocks to save anything
+        return dense_attention(q, k, v, mask.dense(length))
+    return jax.lax.cond(
+        jnp.asarray(mask.stage) > 0,
+        lambda q, k, v: band_attention(q, k, v, width),
+        lambda q, k, v: dense_attention(q, k, v, None),
+        q,
+        k,
+        v,
+    )
+
+
 class MultiHeadAttention(nn.Module):
     """Bias-free multi-head attention; q from `x`, k/v from `x` (self) or a context sequence (cross).
 
     Params: `query`/`key`/`value` kernels `[D, H, Dh]`, `out` kernel `[H, Dh, D]` (torch `in_proj_weight` rows
     q/k/v and `out_proj.weight`, transposed). `out` starts as the reference's gaussian init before depth scaling
-    (`lm.depthwise_rescale`).
+    (`lm.depthwise_rescale`). Queries, keys and values are computed head-major, `[B, H, T, Dh]` (`attend`).
     """
 
     dim: int
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    implementation: str = "auto"
 
     def setup(self):
         head_dim = self.dim // self.num_heads
@@ -141,27 +250,28 @@ class MultiHeadAttention(nn.Module):
         self.value = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), in_init)
         self.out = dense(self.dim, ("heads", "kv", "embed"), truncated_normal(self.dim**-0.5), in_ndim=2)
 
+    def _heads(self, proj: Projection, x: jax.Array) -> jax.Array:
+        """`x [B, T, D]` -> head-major `[B, H, T, Dh]`."""
+        return nn.with_logical_constraint(jnp.swapaxes(proj(x), 1, 2), ("batch", "act_heads", "length", "act_kv"))
+
     def key_value(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values `[B, S, H, Dh]` of `context [B, S, D]`."""
-        axes = ("batch", "length", "act_heads", "act_kv")
-        return (
-            nn.with_logical_constraint(self.key(context), axes),
-            nn.with_logical_constraint(self.value(context), axes),
-        )
+        """Keys and values `[B, H, S, Dh]` of `context [B, S, D]`."""
+        return self._heads(self.key, context), self._heads(self.value, context)
 
     def __call__(
         self,
         x: jax.Array,
         context: jax.Array | None = None,
         *,
-        mask: jax.Array | None = None,
+        mask=None,
         key_value: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """Attends from `x [B, T, D]`.
 
         Args:
           context: `[B, S, D]` source of keys/values; None = self-attention over `x`.
-          mask: boolean, broadcastable to `[B, H, T, S]`; True where attention is allowed.
+          mask: boolean, broadcastable to `[B, H, T, S]` (True where attention is allowed), or a `StageMask`
+            (self-attention of a MAGNeT stage).
           key_value: precomputed `(k, v)` from `key_value(context)`; `context` is then unused.
         Returns:
           `[B, T, D]`.
@@ -174,18 +284,20 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[jax.Array, dict]:
         """Self-attention for incremental decoding: `x [B, t, D]` are positions `index .. index + t - 1`.
 
-        Their keys/values are written into `cache = {'key', 'value'}: [B, S_max, H, Dh]` and the queries attend the
+        Their keys/values are written into `cache = {'key', 'value'}: [B, H, S_max, Dh]` and the queries attend the
         cache under `mask [1, 1, t, S_max]`. Returns `(out [B, t, D], new cache)`.
         """
         k_new, v_new = self.key_value(x)
-        start = (0, index, 0, 0)
+        start = (0, 0, index, 0)
         cache = {
             "key": jax.lax.dynamic_update_slice(cache["key"], k_new.astype(cache["key"].dtype), start),
             "value": jax.lax.dynamic_update_slice(cache["value"], v_new.astype(cache["value"].dtype), start),
         }
-        return self._attend(x, cache["key"], cache["value"], mask), cache
+        # A few query rows against the cache: memory-bound, a fused kernel gains nothing; always the XLA path.
+        return self._attend(x, cache["key"], cache["value"], mask, "xla"), cache
 
-    def _attend(self, x, k, v, mask):
-        q = nn.with_logical_constraint(self.query(x), ("batch", "length", "act_heads", "act_kv"))
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
-        return self.out(out)
+    def _attend(self, x, k, v, mask, implementation=None):
+        q = self._heads(self.query, x)
+        implementation = implementation or resolve_implementation(self.implementation, q.dtype)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation)
+        return self.out(jnp.swapaxes(out, 1, 2))  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]

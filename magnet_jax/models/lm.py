@@ -18,6 +18,7 @@ Parameter tree (D = dim, F = 4D, N layers, H heads, Dh = D / H, Dt = text-encode
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -26,7 +27,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.models.attention import MultiHeadAttention, cached_causal_mask, stage_attention_mask, truncated_normal
+from magnet_jax.models.attention import (
+    MultiHeadAttention,
+    StageMask,
+    cached_causal_mask,
+    resolve_implementation,
+    stage_attention_mask,
+    truncated_normal,
+)
 from magnet_jax.models.conditioner import ConditionProjection
 
 
@@ -47,6 +55,7 @@ class LMConfig:
     param_dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = True
+    attention: str = "auto"  # attention kernel: "auto" (by platform), "xla" or "cudnn" (`attention.attend`)
 
     @property
     def ffn_dim(self) -> int:
@@ -65,14 +74,17 @@ class LMConfig:
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"model config: unknown field(s) {', '.join(unknown)}")
-        return cls(**values)
+        config = cls(**values)
+        resolve_implementation(config.attention, config.dtype)  # validates
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# LMConfig fields that are run-time choices (compute/storage dtype, remat, layer layout), not architecture.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
+# LMConfig fields that are run-time choices (compute/storage dtype, remat, layer layout, attention kernel), not
+# architecture.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
 
 
 def config_differences(
@@ -122,8 +134,8 @@ class Block(nn.Module):
             )
 
         self.norm1, self.norm_cross, self.norm2 = norm(), norm(), norm()
-        self.self_attn = MultiHeadAttention(c.dim, c.num_heads, dtype, pdtype)
-        self.cross_attn = MultiHeadAttention(c.dim, c.num_heads, dtype, pdtype)
+        self.self_attn = MultiHeadAttention(c.dim, c.num_heads, dtype, pdtype, c.attention)
+        self.cross_attn = MultiHeadAttention(c.dim, c.num_heads, dtype, pdtype, c.attention)
         self.linear1 = dense(c.ffn_dim, ("embed", "mlp"), c.dim)
         self.linear2 = dense(c.dim, ("mlp", "embed"), c.ffn_dim)
 
@@ -197,6 +209,7 @@ class LanguageModel(nn.Module):
                 dtype=dtype,
                 param_dtype=pdtype,
                 name=f"head_{k}",
+                dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
                 kernel_init=nn.with_logical_partitioning(truncated_normal(c.dim**-0.5), ("embed", "vocab")),
             )
             for k in range(c.n_q)
@@ -207,7 +220,7 @@ class LanguageModel(nn.Module):
         return self.cond_proj(cond_states, cond_mask)
 
     def cross_key_values(self, condition: jax.Array):
-        """Per-layer cross-attention (k, v) of `condition [B, L, D]`: stacked `[N, B, L, H, Dh]` or a list.
+        """Per-layer cross-attention (k, v) of `condition [B, L, D]`: stacked `[N, B, H, L, Dh]` or a list.
 
         Computed once per batch in generation and passed to `__call__(cross_kv=...)`.
         """
@@ -249,14 +262,16 @@ class LanguageModel(nn.Module):
         x = sum(self.emb[k](codes[:, k]) for k in range(n_q))
         if cache is None:
             positions, layer_cache, index = jnp.arange(length), None, None
-            if self_mask is None:
-                self_mask = stage_attention_mask(length, stage, subcodes_context=c.subcodes_context, causal=c.causal)
+            if self_mask is None and c.causal:
+                self_mask = stage_attention_mask(length, stage, subcodes_context=c.subcodes_context, causal=True)
+            elif self_mask is None:  # symbolic: the band stages skip the blocks outside the band
+                self_mask = StageMask(jnp.asarray(stage, jnp.int32), c.subcodes_context)
         else:
             if self_mask is not None:
                 raise ValueError("self_mask and a key/value cache are exclusive (the cache path is causal)")
             index, layer_cache = cache["index"], {"key": cache["key"], "value": cache["value"]}
             positions = index + jnp.arange(length)
-            self_mask = cached_causal_mask(length, cache["key"].shape[-3], index)
+            self_mask = cached_causal_mask(length, cache["key"].shape[-2], index)
         x = x + sinusoidal_embedding(positions, c.dim, c.max_period, x.dtype)[None]
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         cross_mask = None if cond_attend is None else cond_attend[:, None, None, :]
@@ -278,23 +293,31 @@ class LanguageModel(nn.Module):
             if cache is not None:
                 new_cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
         x = self.out_norm(x)
+        # Logits accumulate and come out in float32 whatever the compute dtype.
         if head is None:
-            logits = jnp.stack([h(x) for h in self.heads], axis=1).astype(jnp.float32)
-            logits = nn.with_logical_constraint(logits, ("batch", None, "length", "act_vocab"))
+            logits = jnp.stack([h(x) for h in self.heads], axis=1)
+            logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", None, "length", "act_vocab"))
         else:  # the selected kernel only: K times fewer head FLOPs
             kernel = jax.lax.dynamic_index_in_dim(
                 jnp.stack([h.variables["params"]["kernel"] for h in self.heads]), head, keepdims=False
             )
-            logits = jnp.dot(x, kernel.astype(x.dtype)).astype(jnp.float32)
+            logits = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
             logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         if cache is None:
             return logits
         return logits, {**new_cache, "index": index + length}
 
 
+def cast_params(params, dtype):
+    """`params` with every floating-point leaf in `dtype` (done once before generation, so that no layer casts its
+    weights on every pass)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def init_cache(config: LMConfig, batch: int, max_length: int) -> dict:
-    """Empty self-attention key/value cache `{'key', 'value': [N, B, S_max, H, Dh], 'index': 0}` (causal decoding)."""
-    shape = (config.num_layers, batch, max_length, config.num_heads, config.dim // config.num_heads)
+    """Empty self-attention key/value cache `{'key', 'value': [N, B, H, S_max, Dh], 'index': 0}` (causal decoding)."""
+    shape = (config.num_layers, batch, config.num_heads, max_length, config.dim // config.num_heads)
     zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
     return {"key": zeros, "value": zeros, "index": jnp.zeros((), jnp.int32)}
 

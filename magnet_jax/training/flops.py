@@ -27,6 +27,17 @@ def forward_flops(config: LMConfig, *, batch: int, seq_len: int, cond_len: int) 
     return dense + attention
 
 
+def decode_pass_flops(config: LMConfig, *, batch: int, seq_len: int, cond_len: int) -> float:
+    """FLOPs of one MAGNeT decoding pass: `forward_flops` with one codebook's head (`LanguageModel(head=...)`),
+    the cross-attention keys/values of the text (computed once per generation) left out, attention counted dense."""
+    d = config.dim
+    heads_saved = (config.n_q - 1) * d * config.card
+    text_kv = cond_len * (config.cond_dim * d + config.num_layers * 2 * d * d)
+    return forward_flops(config, batch=batch, seq_len=seq_len, cond_len=cond_len) - 2.0 * batch * (
+        seq_len * heads_saved + text_kv
+    )
+
+
 def train_flops(config: LMConfig, *, batch: int, seq_len: int, cond_len: int) -> float:
     """FLOPs of one training step (forward + backward) over a global batch of `batch` sequences."""
     return 3.0 * forward_flops(config, batch=batch, seq_len=seq_len, cond_len=cond_len)

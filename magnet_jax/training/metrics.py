@@ -48,10 +48,13 @@ def peak_flops(device_kind: str) -> float | None:
     return next((flops for name, flops in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
 
 
-def measure_matmul_peak(devices: Sequence[jax.Device], *, size: int = 512, chain: int = 4, repeats: int = 2) -> float:
-    """FLOP/s per device of float32 `[size, size]` matmuls running on all `devices` at once (best of `repeats`)."""
+def measure_matmul_peak(
+    devices: Sequence[jax.Device], *, size: int = 512, chain: int = 4, repeats: int = 2, dtype=jnp.float32
+) -> float:
+    """FLOP/s per device of `[size, size]` matmuls in `dtype` (float32 default) running on all `devices` at once
+    (best of `repeats`)."""
     mesh = Mesh(np.asarray(devices), ("d",))
-    x = jax.device_put(jnp.full((len(devices), size, size), 1.0 / size, jnp.float32), NamedSharding(mesh, P("d")))
+    x = jax.device_put(jnp.full((len(devices), size, size), 1.0 / size, dtype), NamedSharding(mesh, P("d")))
 
     @jax.jit
     def chained(a):

@@ -11,7 +11,7 @@ import pytest
 
 from configs.magnet import get_config
 from magnet_jax.checkpoints.lm_weights import audiocraft_shapes, set_layer_layout
-from magnet_jax.models.lm import LanguageModel, LMConfig, count_params, init_params
+from magnet_jax.models.lm import LanguageModel, LMConfig, cast_params, count_params, init_params
 
 LENGTH, COND_LEN, CARD = 32, 5, 16
 
@@ -154,6 +154,20 @@ def test_bfloat16_compute_runs_close_to_float32():
     high = logits(params, codes, 1)
     assert low.dtype == jnp.float32 and bool(jnp.isfinite(low).all())
     assert float(jnp.abs(low - high).max()) < 0.05 * float(jnp.abs(high).max())
+
+
+def test_bfloat16_params_cast_once_keep_float32_logits_and_attention_softmax():
+    _, params, condition, logits = setup(tiny())
+    codes = random_codes(tiny())
+    low_params = cast_params(params, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(low_params)} == {jnp.dtype(jnp.bfloat16)}
+    config = tiny(dtype="bfloat16", param_dtype="bfloat16")
+    for stage in (0, 1):
+        low = apply(config, low_params, codes, condition.astype(jnp.bfloat16), stage)
+        high = logits(params, codes, stage)
+        assert low.dtype == jnp.float32
+        assert float(jnp.abs(low - high).max()) < 0.05 * float(jnp.abs(high).max())
+        assert float((low.argmax(-1) == high.argmax(-1)).mean()) > 0.9
 
 
 @pytest.mark.parametrize("size,expected_millions", [("small", 420.4), ("medium", 1838.7)])
