@@ -191,6 +191,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.keep_every = 0 if tiny else 50_000  # also keep every K steps (0 = off)
     c.checkpoint.async_save = True
     c.checkpoint.export_bf16 = False
+    # A step that fails verification (checksums, unreadable files, non-finite state) on resume: "fallback" skips it
+    # (one warning line, moved to checkpoints.corrupt/) and resumes from the newest step that verifies; "fail" stops.
+    c.checkpoint.on_corrupt = "fallback"
 
     # --- generation ------------------------------------------------------------------------------------
     c.generate = ml_collections.ConfigDict()

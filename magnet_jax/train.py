@@ -92,12 +92,19 @@ class Run:
         self.init_key, self.step_key, self.eval_key = jax.random.split(jax.random.key(config.seed), 3)
         abstract, self.state_shardings = train_lib.train_state_shardings(config, self.mesh)
         self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint)
-        self.resumed_from = self.checkpointer.latest_step()
-        if self.resumed_from is None:
-            self.state = train_lib.create_train_state(config, self.init_key, mesh=self.mesh)
-        else:
+        self.resumed_from, self.state = None, None
+        tried = bool(self.checkpointer.steps())
+        if tried:  # the newest step that verifies; None when none does
             target = checkpointing.sharded_target(abstract, self.state_shardings)
             self.state = self.checkpointer.restore(target, self.train_iter, config)
+        if self.state is None:
+            if tried:  # a step rejected after its restore may have moved the iterator
+                self.train_iter = input_pipeline.make_iterator(
+                    self.train_data, self.tokenizer, sharding=self.batch_sharding
+                )
+            self.state = train_lib.create_train_state(config, self.init_key, mesh=self.mesh)
+        else:
+            self.resumed_from = self.checkpointer.restored_step
         self.train_step = train_lib.make_train_step(config, self.mesh, self.t5_config)
         self.eval_step = train_lib.make_eval_step(config, self.mesh, self.t5_config)
 
@@ -241,7 +248,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir, run_steps=FLAGS.run_steps)
-    except SetupError as e:
+    except (SetupError, checkpointing.CheckpointError) as e:
         fail("train", str(e))
 
 

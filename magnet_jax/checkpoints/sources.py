@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from magnet_jax.checkpoints import pretrained
 from magnet_jax.checkpoints.lm_weights import import_lm, set_layer_layout
 from magnet_jax.cli import reason
-from magnet_jax.fileio import WeightsError
+from magnet_jax.fileio import IntegrityError, WeightsError, flatten_dict, verify_checksums
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 WORKDIR_CONFIG = "config.json"
@@ -79,11 +80,12 @@ def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
     steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
     if not steps or not (workdir / WORKDIR_CONFIG).is_file():
         raise WeightsError(f"training workdir {workdir}: no params export and no checkpoint with a config.json")
+    step, digest = newest_verified_step(checkpoints, steps)
     train_config = ml_collections.ConfigDict(json.loads((workdir / WORKDIR_CONFIG).read_text()))
     model = LanguageModel(LMConfig.from_config(train_config.model))
     abstract = nn.meta.unbox(jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0)))
     target = {"ema_params": abstract}
-    state_dir = checkpoints / str(steps[-1]) / STATE_ITEM
+    state_dir = checkpoints / str(step) / STATE_ITEM
     try:
         restored = ocp.PyTreeCheckpointer().restore(
             state_dir,
@@ -95,7 +97,22 @@ def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
         )
     except Exception as e:  # missing or truncated checkpoint files: one line
         raise WeightsError(f"{state_dir}: cannot restore the EMA params ({type(e).__name__}: {reason(e)})") from e
+    bad = [name for name, x in flatten_dict(restored["ema_params"]).items() if not np.isfinite(x).all()]
+    if bad:
+        raise WeightsError(f"{state_dir}: non-finite EMA params in {', '.join(sorted(bad)[:3])}")
     config = pretrained.config_from_training(
-        train_config, step=steps[-1], weights="ema", dtype=train_config.model.param_dtype, source=str(workdir)
+        train_config, step=step, weights="ema", dtype=train_config.model.param_dtype, source=str(workdir)
     )
+    config["provenance"]["checksum"] = digest
     return config, restored["ema_params"]
+
+
+def newest_verified_step(checkpoints: Path, steps: list[int]) -> tuple[int, str]:
+    """(step, checksum digest) of the newest step of `steps` whose files match its checksum manifest; the steps
+    that do not (a save still running, damage) are reported in one warning line each."""
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, verify_checksums(checkpoints / str(step))
+        except IntegrityError as e:
+            logging.warning("checkpoint step %d skipped: %s", step, e)
+    raise WeightsError(f"{checkpoints}: no checkpoint step verifies (steps {steps}; see the warnings above)")
