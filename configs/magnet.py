@@ -158,6 +158,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.profile_steps = 5
     c.train.init_from = ""  # converted checkpoint dir to fine-tune from ("" = scratch init)
     c.train.objective = arg.objective  # "magnet" or "hybrid" (Hybrid-MAGNeT: AR prefix + MAGNeT, delay layout)
+    # Divergence guard (magnet_jax.training.guard): stop with exit status 3 after more than this many consecutive
+    # skipped (non-finite) updates, or consecutive losses above spike_factor x the median of the last spike_window
+    # losses. 0 turns a check off.
+    c.train.max_skipped_in_a_row = 10
+    c.train.spike_factor = 3.0
+    c.train.spike_window = 200
+    c.train.max_spikes_in_a_row = 50
     c.optim.total_steps = c.train.get_ref("num_steps")
 
     # --- device mesh (data, fsdp, tensor); one ICI degree may be -1 = the rest ----------------------------
@@ -179,6 +186,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.batch_size = 8 if tiny else (576 if arg.duration <= 10 else 192)  # global batch
     c.data.shuffle_seed = 0
     c.data.worker_count = 0  # grain multiprocessing workers (0 = in-process)
+    # A record that does not decode or holds codes outside [0, codec.card): "fail" (one line naming shard and
+    # record, exit 2) or "skip" (a warning naming it, the next record takes its place, a count at the end).
+    c.data.on_bad_record = "fail"
     c.data.prefetch = 4
     c.data.merge_text_p = 0.25  # metadata merge into descriptions (docs/design.md §3); 0 disables
     c.data.drop_desc_p = 0.5

@@ -15,11 +15,13 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -212,6 +214,87 @@ def read_digest(directory: str | os.PathLike) -> str | None:
 
 def _size(path: epath.Path) -> int:
     return int(path.stat().length)
+
+
+# ---- job locks ------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class LockError(ValueError):
+    """Another job holds the directory (message is one line: who, since when, what to do)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def directory_lock(
+    directory: str | os.PathLike, *, force: bool = False, flag: str = "--force_unlock", name: str = LOCK_FILE
+) -> Iterator[None]:
+    """Holds `<directory>/<name>` (default `.lock`; JSON: host, pid, start time) while the block runs: one job per
+    directory (per lock name).
+
+    The lock is advisory: it is created with O_EXCL, so two jobs starting together cannot both take it. A lock left
+    by a process of this host that no longer runs (a kill -9) is taken over with a warning; a lock of another host
+    is respected (its process cannot be checked from here) unless `force` (the command's `flag`). Local paths only
+    (a `gs://` directory is not locked).
+
+    Raises:
+      LockError: a live process of this host, or another host, holds the directory.
+    """
+    if "://" in str(directory):
+        yield
+        return
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text(encoding="utf-8"))
+                host, pid = str(held["host"]), int(held["pid"])
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (OSError, ValueError, KeyError, TypeError):
+                held, host, pid = {}, "?", -1  # torn by a crash while it was written: stale
+            stale = host == mine["host"] and not _alive(pid) or host == "?"
+            if not (stale or force):
+                where = "this host" if host == mine["host"] else f"host {host}"
+                hint = "wait for it or stop it" if host == mine["host"] else f"pass {flag} if that job is gone"
+                raise LockError(
+                    f"{directory} is in use by another job (pid {pid} on {where}, since {held.get('since', '?')}; "
+                    f"lock file {path}); {hint}"
+                ) from None
+            logging.warning(
+                "lock: taking over %s from pid %s on host %s (%s)",
+                path,
+                pid,
+                host,
+                "forced" if not stale else "that process is gone",
+            )
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(mine, f)
+        break
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("pid") == mine["pid"]:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 def flatten_dict(tree: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:

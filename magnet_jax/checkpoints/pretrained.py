@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from magnet_jax.checkpoints.lm_weights import set_layer_layout
-from magnet_jax.checkpoints.weights import check_state_dict
+from magnet_jax.checkpoints.weights import check_finite, check_state_dict
 from magnet_jax.cli import reason
 from magnet_jax.fileio import (
     CHECKSUMS_FILE,
@@ -162,7 +162,7 @@ def load_pretrained(
     """
     path = Path(directory).expanduser()
     config = read_config(path)
-    verify(path)
+    config.setdefault("provenance", {})["checksum"] = verify(path)
     model = LMConfig.from_config(config["model"])
     dtype = jnp.dtype(dtype or model.param_dtype)
     try:
@@ -190,9 +190,7 @@ def load_pretrained(
             params = jax.tree.map(
                 lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), params, shardings
             )
-    bad = [name for name, x in flatten_dict(params).items() if not bool(jnp.all(jnp.isfinite(x)))]
-    if bad:
-        raise WeightsError(f"{path / PARAMS_DIR}: non-finite values in {', '.join(sorted(bad)[:3])}")
+    check_finite(params, where=str(path / PARAMS_DIR))
     config["model"].update(param_dtype=dtype.name, scan_layers=scan_layers)
     return config, params
 

@@ -26,7 +26,6 @@ from concurrent import futures
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,6 +35,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from magnet_jax.checkpoints.sources import CONFIG_ITEM, DATA_ITEM, STATE_ITEM
+from magnet_jax.checkpoints.weights import non_finite_leaves
 from magnet_jax.cli import reason
 from magnet_jax.data.input_pipeline import InputCheckpointRestore, InputCheckpointSave
 from magnet_jax.fileio import IntegrityError, barrier, verify_checksums, write_checksums
@@ -280,19 +280,6 @@ class Checkpointer:
         finally:
             self._sealer.shutdown(wait=True)
             self.manager.close()
-
-
-def non_finite_leaves(tree: Any) -> list[str]:
-    """Key paths of the floating-point leaves of `tree` holding a NaN or an infinity."""
-    flags = {
-        jax.tree_util.keystr(path): jnp.all(jnp.isfinite(x))
-        for path, x in jax.tree_util.tree_leaves_with_path(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    }
-    if not flags:
-        return []
-    finite = jax.device_get(flags)
-    return [name for name, ok in finite.items() if not bool(ok)]
 
 
 def _from_process_0(value: bool) -> bool:
