@@ -31,7 +31,7 @@ from absl import logging
 
 from magnet_jax.api import MAGNeT, local_rows, row_keys
 from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, load_lm
-from magnet_jax.cli import fail, parse_flags, quiet_logs
+from magnet_jax.cli import fail, one_line, parse_flags, quiet_logs
 from magnet_jax.data.audio import read_audio
 from magnet_jax.fileio import (
     LockError,
@@ -337,16 +337,6 @@ def run(
             f"{', '.join(AUDIO_FORMATS)} with a subtype soundfile writes for it (PCM_16, PCM_24, FLOAT)"
         )
     prompt_list, errors = read_prompts(prompts, seed=config.seed, num_samples=config.num_samples)
-    lock = directory_lock(out, force=force_unlock) if primary else contextlib.nullcontext()
-    try:
-        with lock:
-            return _run(config, prompts, out, model, prompt_list, errors, start)
-    except LockError as e:
-        raise JobError(str(e)) from None
-
-
-def _run(config, prompts, out: Path, model, prompt_list, errors, start) -> dict:
-    primary = jax.process_index() == 0
     if model is None:  # a training workdir: the checkpoint step an earlier run of this job used, if any
         model = MAGNeT(*load_lm(config.source, checkpoint_step=pinned_checkpoint_step(out / JOB_FILE)), config)
     try:
@@ -358,6 +348,16 @@ def _run(config, prompts, out: Path, model, prompt_list, errors, start) -> dict:
             f"config.batch_size={config.batch_size}: expected a positive multiple of "
             f"{model.batch_multiple} (the devices the batch is sharded over)"
         )
+    lock = directory_lock(out, force=force_unlock) if primary else contextlib.nullcontext()  # before any write
+    try:
+        with lock:
+            return _run_locked(config, prompts, out, model, prompt_list, errors, start)
+    except LockError as e:
+        raise JobError(str(e)) from None
+
+
+def _run_locked(config, prompts, out: Path, model: MAGNeT, prompt_list, errors, start) -> dict:
+    primary = jax.process_index() == 0
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         pin_settings(out / JOB_FILE, job_settings(config, model), error=JobError)
@@ -538,6 +538,8 @@ def main(argv: Sequence[str]) -> None:
         summary = run(FLAGS.config, FLAGS.prompts, FLAGS.output_dir, force_unlock=FLAGS.force_unlock)
     except (JobError, WeightsError) as e:
         fail("generate", str(e))
+    except OSError as e:  # a full disk or read-only output dir while writing: one line with the path
+        fail("generate", one_line(e))
     if jax.process_index() == 0:
         print(format_summary(summary))
 

@@ -14,6 +14,9 @@ Workdir layout:
                         automatically when present
   metrics.jsonl         one JSON object per logged (split, step); `tensorboard/` event files of the same scalars
   profile/              `jax.profiler` traces of steps [train.profile_start, + train.profile_steps)
+  checkpoints.corrupt/  steps that failed verification on resume, moved aside (docs/design.md §5.3.1)
+  config_changes.jsonl  config changes accepted with --allow_config_change
+  .lock                 the running trainer (host, pid); a second one exits 2
   export/               params-only export (EMA weights; bfloat16 with checkpoint.export_bf16) in the
                         `magnet_jax.checkpoints.pretrained` format that generation loads, written when training
                         completes
@@ -155,7 +158,7 @@ CONFIG_CHANGES = "config_changes.jsonl"
 
 def check_config_change(config: ml_collections.ConfigDict, workdir: str, *, allow: bool) -> None:
     """Refuses to continue a workdir whose `config.json` differs from `config` beyond `RESUMABLE_CHANGES`, unless
-    `allow`; an allowed change is appended to `<workdir>/config_changes.jsonl` (time, step folders, each field)."""
+    `allow`; an allowed change is appended to `<workdir>/config_changes.jsonl` (time; each field: [old, new])."""
     path = epath.Path(workdir) / WORKDIR_CONFIG
     if not path.exists():
         return
@@ -316,8 +319,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run_steps: int | Non
         dtype = "bfloat16" if config.checkpoint.export_bf16 else "float32"
         try:
             train_lib.export_params(state, export_dir, config, use_ema=True, dtype=dtype)
-        except WeightsError as e:
+        except WeightsError as e:  # non-finite params
             raise guard.DivergenceError(str(e)) from e
+        except Exception as e:  # orbax / tensorstore / OS errors while writing: one line naming the directory
+            raise checkpointing.saving_error(export_dir, e) from e
         logging.info("train: exported EMA params (%s) to %s", dtype, export_dir)
     return last
 
@@ -345,6 +350,8 @@ def main(argv: list[str]) -> None:
         fail("train", str(e))
     except guard.DivergenceError as e:
         fail("train", str(e), status=3)
+    except OSError as e:  # metrics, config or lock writes (a full disk, a read-only mount): one line with the path
+        fail("train", one_line(e))
 
 
 if __name__ == "__main__":

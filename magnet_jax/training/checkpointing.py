@@ -7,6 +7,8 @@ Layout of `<workdir>/checkpoints/<step>/` (step = number of completed optimizer 
   data/     the input pipeline's iterator state, one small JSON per process (`process_{i}-of-{n}.json`; its handler
             also restores onto another process count)
   config/   the resolved config as JSON; on resume its `model` section must equal the running config's
+  checksums.json  size and SHA-256 of every file above, written once orbax has finished the step; only steps that
+            verify against it (and restore to a finite state) are resumed from (`Checkpointer`)
 
 Saves are asynchronous (the device-to-host copy blocks, the write does not), happen every
 `checkpoint.every_steps` and on preemption, and keep the last `checkpoint.keep` checkpoints plus every
@@ -87,7 +89,7 @@ def step_dirs(directory: str) -> list[int]:
 def saving_error(path: Any, e: BaseException) -> CheckpointError:
     """One line for an orbax / tensorstore / OS failure while writing under `path` (disk full said so)."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
-        return CheckpointError(f"{path}: disk full (no space left on device) while saving a checkpoint")
+        return CheckpointError(f"{path}: disk full (no space left on device) while saving")
     return CheckpointError(f"{path}: saving the checkpoint failed ({type(e).__name__}: {reason(e)})")
 
 
