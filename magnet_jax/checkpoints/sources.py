@@ -31,7 +31,7 @@ from magnet_jax.checkpoints import pretrained
 from magnet_jax.checkpoints.lm_weights import import_lm, set_layer_layout
 from magnet_jax.checkpoints.weights import check_finite
 from magnet_jax.cli import reason
-from magnet_jax.fileio import IntegrityError, WeightsError, verify_checksums
+from magnet_jax.fileio import IntegrityError, WeightsError, read_digest, verify_checksums
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 WORKDIR_CONFIG = "config.json"
@@ -65,12 +65,10 @@ def load_lm(
     if is_workdir(path):
         export = path / EXPORT_DIR
         if checkpoint_step is None and (export / pretrained.CONFIG_FILE).is_file():
-            config, params = pretrained.load_pretrained(export, dtype=dtype, scan_layers=scan_layers)
-            config["provenance"]["item"] = EXPORT_DIR
-            return config, params
+            return _load_converted(export, dtype=dtype, scan_layers=scan_layers, item=EXPORT_DIR)
         config, params = _load_training_checkpoint(path, checkpoint_step)
     elif path.is_dir() and (path / pretrained.CONFIG_FILE).is_file() and (path / pretrained.PARAMS_DIR).is_dir():
-        return pretrained.load_pretrained(path, dtype=dtype, scan_layers=scan_layers)
+        return _load_converted(path, dtype=dtype, scan_layers=scan_layers, item=None)
     else:
         config, params = import_lm(str(source), scan_layers=True if scan_layers is None else scan_layers)
     if scan_layers is not None and scan_layers != config["model"]["scan_layers"]:
@@ -80,6 +78,13 @@ def load_lm(
         dtype = jnp.dtype(dtype)
         params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
         config["model"]["param_dtype"] = dtype.name
+    return config, params
+
+
+def _load_converted(path: Path, *, dtype, scan_layers, item: str | None) -> tuple[dict, dict]:
+    """A converted checkpoint (verified by `load_pretrained`), its provenance naming the files read."""
+    config, params = pretrained.load_pretrained(path, dtype=dtype, scan_layers=scan_layers)
+    config.setdefault("provenance", {}).update(item=item, checksum=read_digest(path))
     return config, params
 
 
