@@ -167,6 +167,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_reference = ""  # reference audio directory or statistics .npz (fad, kl)
     c.train.eval_seed = 0
     c.train.eval_audio = scoring.embedder_config()  # the embedders' weight files (the user's copies)
+    # Divergence guard (magnet_jax.training.guard): stop with exit status 3 after more than this many consecutive
+    # skipped (non-finite) updates, or consecutive losses above spike_factor x the median of the last spike_window
+    # losses. 0 turns a check off.
+    c.train.max_skipped_in_a_row = 10
+    c.train.spike_factor = 3.0
+    c.train.spike_window = 200
+    c.train.max_spikes_in_a_row = 50
     c.optim.total_steps = c.train.get_ref("num_steps")
 
     # --- device mesh (data, fsdp, tensor); one ICI degree may be -1 = the rest ----------------------------
@@ -188,6 +195,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.batch_size = 8 if tiny else (576 if arg.duration <= 10 else 192)  # global batch
     c.data.shuffle_seed = 0
     c.data.worker_count = 0  # grain multiprocessing workers (0 = in-process)
+    # A record that does not decode or holds codes outside [0, codec.card): "fail" (one line naming shard and
+    # record, exit 2) or "skip" (a warning naming it, the next record takes its place, a count at the end).
+    c.data.on_bad_record = "fail"
     c.data.prefetch = 4
     c.data.merge_text_p = 0.25  # metadata merge into descriptions (docs/design.md §3); 0 disables
     c.data.drop_desc_p = 0.5
@@ -200,6 +210,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.keep_every = 0 if tiny else 50_000  # also keep every K steps (0 = off)
     c.checkpoint.async_save = True
     c.checkpoint.export_bf16 = False
+    # A step that fails verification (checksums, unreadable files, non-finite state) on resume: "fallback" skips it
+    # (one warning line, moved to checkpoints.corrupt/) and resumes from the newest step that verifies; "fail" stops.
+    c.checkpoint.on_corrupt = "fallback"
 
     # --- generation ------------------------------------------------------------------------------------
     c.generate = ml_collections.ConfigDict()

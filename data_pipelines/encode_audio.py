@@ -43,7 +43,7 @@ from absl import logging
 from magnet_jax.cli import define_distributed_flags, initialize_distributed
 from magnet_jax.data import records
 from magnet_jax.data.audio import to_codec_audio
-from magnet_jax.fileio import TMP_PREFIX, atomic_file, pin_settings, write_json
+from magnet_jax.fileio import TMP_PREFIX, LockError, atomic_file, directory_lock, file_sha256, pin_settings, write_json
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # Manifest keys that are not text metadata (audiocraft's AudioMeta fields and our excerpt fields).
@@ -53,6 +53,10 @@ JOB_FILE = "encode_job.json"
 
 class EncodeJobError(ValueError):
     """The job cannot start or resume (bad input location, manifest, settings); the message is one line."""
+
+
+class EncodeJobLocked(EncodeJobError):
+    """Another job is encoding into the output dir (exit status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,24 +339,22 @@ def write_shard(path: Path, payloads: Sequence[bytes]) -> None:
 
 
 def shard_is_complete(path: Path) -> bool:
-    """A shard counts as done when its sidecar exists and the shard holds the records the sidecar lists."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
+    """A shard counts as done when its sidecar (written last) exists and the shard's bytes match the size and
+    SHA-256 the sidecar lists; a damaged, truncated or replaced shard is encoded again (with a warning)."""
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         return False
     try:
-        expected = len(json.loads(sidecar.read_text(encoding="utf-8"))["records"])
-        if expected == 0:
+        listing = json.loads(sidecar.read_text(encoding="utf-8"))
+        if not listing["records"]:
             return True  # every file of the shard was skipped: no .array_record is written
-        reader = ArrayRecordReader(str(path))
-        try:
-            found = reader.num_records()
-        finally:
-            reader.close()
-    except Exception:  # missing, truncated or garbled shard/sidecar: redo it
-        return False
-    return found == expected
+        expected = listing["shard"]
+        if path.stat().st_size == expected["size"] and file_sha256(path) == expected["sha256"]:
+            return True
+    except (OSError, ValueError, KeyError, TypeError):  # missing or garbled shard/sidecar (or an older sidecar)
+        pass
+    logging.warning("%s: does not match its sidecar %s; encoding the shard again", path, sidecar.name)
+    return False
 
 
 @dataclasses.dataclass
@@ -445,9 +447,12 @@ def encode_shard(
                 "frames": int(record.codes.shape[-1]),
             }
         )
-    write_json(path.with_suffix(".json"), {"records": listing, "skipped": skipped})
+    shard = None
     if payloads:
         write_shard(path, payloads)
+        shard = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    # The sidecar last: it marks the shard done and records its checksum (`shard_is_complete`).
+    write_json(path.with_suffix(".json"), {"records": listing, "skipped": skipped, "shard": shard})
     progress.shards_written += 1
 
 
@@ -469,6 +474,7 @@ def run(
     process_count: int = 1,
     devices=None,
     log_every: float = 10.0,
+    force_unlock: bool = False,
 ) -> dict:
     """Encodes this process's share of `input` into `output`; returns the summary (also written as JSON).
 
@@ -478,6 +484,9 @@ def run(
       batch_size: windows per device step over all local devices (rounded up to a multiple of their count).
       records_per_shard: input files per shard (skipped files leave their shard shorter).
       log_every: seconds between progress lines.
+      force_unlock: take the output dir's lock of this process index even when a job on another host holds it.
+    Raises:
+      EncodeJobLocked: another job encodes the same process index into `output`.
     """
     if not 0 < min_segment_ratio <= 1:
         raise EncodeJobError(f"--min_segment_ratio={min_segment_ratio}: expected 0 < ratio <= 1")
@@ -489,6 +498,51 @@ def run(
     items = list_inputs(input)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    try:  # one job per (output dir, process index): processes of one job write their own shards
+        with directory_lock(out, name=f".lock-p{process_index:05d}-of-{process_count:05d}", force=force_unlock):
+            return _run(
+                items,
+                out,
+                codec_source,
+                codec_config,
+                codec_params,
+                hop,
+                process_index,
+                process_count,
+                segment_seconds=segment_seconds,
+                min_segment_ratio=min_segment_ratio,
+                chunk_seconds=chunk_seconds,
+                batch_size=batch_size,
+                records_per_shard=records_per_shard,
+                read_workers=read_workers,
+                allow_missing_metadata=allow_missing_metadata,
+                devices=devices,
+                log_every=log_every,
+            )
+    except LockError as e:
+        raise EncodeJobLocked(str(e)) from None
+
+
+def _run(
+    items,
+    out,
+    codec_source,
+    codec_config,
+    codec_params,
+    hop,
+    process_index,
+    process_count,
+    *,
+    segment_seconds,
+    min_segment_ratio,
+    chunk_seconds,
+    batch_size,
+    records_per_shard,
+    read_workers,
+    allow_missing_metadata,
+    devices,
+    log_every,
+) -> dict:
     settings = Settings(
         codec=str(codec_source),
         codec_fingerprint=params_fingerprint(codec_params),
@@ -625,7 +679,11 @@ def main(argv):
             allow_missing_metadata=FLAGS.allow_missing_metadata,
             process_index=process_index,
             process_count=process_count,
+            force_unlock=FLAGS.force_unlock,
         )
+    except EncodeJobLocked as e:
+        print(f"encode_audio: {e}", file=sys.stderr)
+        sys.exit(2)
     except (EncodeJobError, WeightsError, OSError) as e:
         sys.exit(f"encode_audio: {e}")
     print(format_summary(summary))
@@ -655,6 +713,7 @@ if __name__ == "__main__":
     define_distributed_flags()
     flags.DEFINE_integer("process_index", None, "override jax.process_index() (independent jobs)")
     flags.DEFINE_integer("process_count", None, "override jax.process_count() (independent jobs)")
+    flags.DEFINE_bool("force_unlock", False, "take the output dir's lock even if a job on another host holds it")
     FLAGS = flags.FLAGS
     std_logging.getLogger("jax").setLevel(std_logging.WARNING)
     app.run(main)

@@ -149,6 +149,12 @@ def distributed_settings(prog: str) -> dict[str, Any]:
     }
 
 
+def distributed_argv() -> list[str]:
+    """This command's distributed flags as arguments, for a subprocess that runs a multi-process job of its own."""
+    names = ("distributed", *DISTRIBUTED_ENV, "heartbeat_timeout", "init_timeout")
+    return [f"--{name}={flags.FLAGS[name].value}" for name in names if flags.FLAGS[name].value is not None]
+
+
 def initialize_distributed(prog: str) -> None:
     """Joins the multi-process job the distributed flags describe (call first in `main`, before any JAX work).
 

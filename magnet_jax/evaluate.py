@@ -33,7 +33,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from magnet_jax.cli import fail, parse_flags, quiet_logs
+from magnet_jax.cli import (
+    define_distributed_flags,
+    distributed_argv,
+    fail,
+    initialize_distributed,
+    parse_flags,
+    quiet_logs,
+)
 from magnet_jax.data.audio import AudioError
 from magnet_jax.evaluation import scoring
 from magnet_jax.evaluation.captions import Caption, CaptionError, read_captions
@@ -80,7 +87,9 @@ def generate_samples(
     out.mkdir(parents=True, exist_ok=True)
     job_prompts = out / "prompts.jsonl"
     write_atomic(job_prompts, "".join(json.dumps({"id": c.name, "text": c.text}) + "\n" for c in captions))
-    command = generation_command(config, source, job_prompts, out / "samples") + (["--distributed"] * distributed)
+    command = generation_command(config, source, job_prompts, out / "samples") + (
+        distributed_argv() if distributed else []
+    )
     logging.info("evaluate: generating the samples: %s", " ".join(command))
     done = subprocess.run(command, check=False)
     if done.returncode != 0:
@@ -153,8 +162,8 @@ def run(
     samples_dir = Path(samples)
     if not (samples_dir / MANIFEST).is_file():  # a model source: generate first (before JAX starts here)
         samples_dir = generate_samples(config, samples, Path(prompts), captions, out, distributed=distributed)
-    if distributed:
-        jax.distributed.initialize()
+    if distributed:  # after the generation subprocess: it runs a multi-process job of its own
+        initialize_distributed("evaluate")
     sample_list = read_samples(samples_dir, captions)
     primary, rank, count = jax.process_index() == 0, jax.process_index(), jax.process_count()
 
@@ -282,6 +291,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("reference_audio", None, "reference audio directory or statistics .npz (fad, kl)")
     flags.DEFINE_string("samples", None, "generation output dir (manifest.jsonl), or a model source to generate from")
     flags.DEFINE_string("output_dir", None, "directory for the embedding cache, metrics.json and samples.csv")
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")
+    define_distributed_flags()
     FLAGS = flags.FLAGS
     app.run(main, flags_parser=lambda argv: parse_flags(argv, prog="evaluate"))

@@ -10,15 +10,18 @@ a user names by hub id or path is found by `resolve_file`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -113,6 +116,185 @@ def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -
         else:
             tmp.rename(final)
     barrier("atomic_directory:done")
+
+
+# ---- checksum manifests ---------------------------------------------------------------------------------
+
+CHECKSUMS_FILE = "checksums.json"
+_CHUNK = 1 << 22
+
+
+class IntegrityError(ValueError):
+    """Files do not match the checksum manifest written when they were complete (message is one line, naming the
+    file)."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 4 MiB chunks; local or remote through etils.epath)."""
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files_under(root: epath.Path, prefix: str = "") -> Iterator[tuple[str, epath.Path]]:
+    for child in sorted(root.iterdir(), key=lambda p: p.name):
+        name = f"{prefix}{child.name}"
+        if child.is_dir():
+            yield from _files_under(child, f"{name}/")
+        elif name != CHECKSUMS_FILE:
+            yield name, child
+
+
+def directory_checksums(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """`{relative path: {"size": bytes, "sha256": hex}}` of every file under `directory` (the manifest itself
+    excluded)."""
+    return {
+        name: {"size": _size(path), "sha256": file_sha256(path)} for name, path in _files_under(epath.Path(directory))
+    }
+
+
+def manifest_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """One SHA-256 over a manifest's (path, size, sha256) entries: the checksum of a whole directory."""
+    text = "".join(f"{name}\0{entry['size']}\0{entry['sha256']}\n" for name, entry in sorted(files.items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_checksums(directory: str | os.PathLike) -> str:
+    """Writes `<directory>/checksums.json` for the files now in `directory` (call once they are complete); returns
+    the directory digest (`manifest_digest`)."""
+    files = directory_checksums(directory)
+    digest = manifest_digest(files)
+    write_json(epath.Path(directory) / CHECKSUMS_FILE, {"format": 1, "digest": digest, "files": files})
+    return digest
+
+
+def verify_checksums(directory: str | os.PathLike) -> str:
+    """Checks every file of `directory` against its `checksums.json`; returns the directory digest.
+
+    Raises:
+      IntegrityError: the manifest is missing or unreadable, a listed file is missing, has another size or
+        checksum, or a file is not listed. The message names the first such file.
+    """
+    root = epath.Path(directory)
+    manifest_path = root / CHECKSUMS_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        digest = manifest["digest"]
+    except FileNotFoundError:
+        raise IntegrityError(f"{manifest_path}: missing (the write did not complete)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(f"{manifest_path}: unreadable checksum manifest ({reason(e)})") from None
+    present = dict(_files_under(root)) if root.is_dir() else {}
+    for name, entry in sorted(files.items()):
+        path = present.pop(name, None)
+        if path is None:
+            raise IntegrityError(f"{root / name}: missing (listed in {CHECKSUMS_FILE})")
+        size = _size(path)
+        if size != entry["size"]:
+            raise IntegrityError(f"{root / name}: {size} bytes, {CHECKSUMS_FILE} lists {entry['size']}")
+        if file_sha256(path) != entry["sha256"]:
+            raise IntegrityError(f"{root / name}: SHA-256 differs from {CHECKSUMS_FILE} (damaged)")
+    if present:
+        raise IntegrityError(f"{root / sorted(present)[0]}: not listed in {CHECKSUMS_FILE}")
+    if manifest_digest(files) != digest:
+        raise IntegrityError(f"{manifest_path}: its digest does not match its file list (damaged)")
+    return digest
+
+
+def read_digest(directory: str | os.PathLike) -> str | None:
+    """The digest recorded in `<directory>/checksums.json` without verifying the files (None when absent)."""
+    try:
+        return json.loads((epath.Path(directory) / CHECKSUMS_FILE).read_text())["digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _size(path: epath.Path) -> int:
+    return int(path.stat().length)
+
+
+# ---- job locks ------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class LockError(ValueError):
+    """Another job holds the directory (message is one line: who, since when, what to do)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def directory_lock(
+    directory: str | os.PathLike, *, force: bool = False, flag: str = "--force_unlock", name: str = LOCK_FILE
+) -> Iterator[None]:
+    """Holds `<directory>/<name>` (default `.lock`; JSON: host, pid, start time) while the block runs: one job per
+    directory (per lock name).
+
+    The lock is advisory: it is created with O_EXCL, so two jobs starting together cannot both take it. A lock left
+    by a process of this host that no longer runs (a kill -9) is taken over with a warning; a lock of another host
+    is respected (its process cannot be checked from here) unless `force` (the command's `flag`). Local paths only
+    (a `gs://` directory is not locked).
+
+    Raises:
+      LockError: a live process of this host, or another host, holds the directory.
+    """
+    if "://" in str(directory):
+        yield
+        return
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text(encoding="utf-8"))
+                host, pid = str(held["host"]), int(held["pid"])
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (OSError, ValueError, KeyError, TypeError):
+                held, host, pid = {}, "?", -1  # torn by a crash while it was written: stale
+            stale = host == mine["host"] and not _alive(pid) or host == "?"
+            if not (stale or force):
+                where = "this host" if host == mine["host"] else f"host {host}"
+                hint = "wait for it or stop it" if host == mine["host"] else f"pass {flag} if that job is gone"
+                raise LockError(
+                    f"{directory} is in use by another job (pid {pid} on {where}, since {held.get('since', '?')}; "
+                    f"lock file {path}); {hint}"
+                ) from None
+            logging.warning(
+                "lock: taking over %s from pid %s on host %s (%s)",
+                path,
+                pid,
+                host,
+                "forced" if not stale else "that process is gone",
+            )
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(mine, f)
+        break
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("pid") == mine["pid"]:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 def flatten_dict(tree: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:

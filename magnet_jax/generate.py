@@ -12,13 +12,14 @@ while process 0 writes the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -29,10 +30,19 @@ import tqdm
 from absl import logging
 
 from magnet_jax.api import MAGNeT, local_rows, row_keys
-from magnet_jax.checkpoints.sources import load_lm
-from magnet_jax.cli import define_distributed_flags, fail, initialize_distributed, parse_flags, quiet_logs
+from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, load_lm
+from magnet_jax.cli import define_distributed_flags, fail, initialize_distributed, one_line, parse_flags, quiet_logs
 from magnet_jax.data.audio import read_audio
-from magnet_jax.fileio import WeightsError, barrier, pin_settings, remove_temporaries, write_atomic
+from magnet_jax.fileio import (
+    LockError,
+    WeightsError,
+    barrier,
+    directory_lock,
+    file_sha256,
+    pin_settings,
+    remove_temporaries,
+    write_atomic,
+)
 
 PROMPT_KEYS = ("text", "audio", "seed", "num_samples", "id")
 MANIFEST = "manifest.jsonl"
@@ -169,10 +179,12 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 class Manifest:
-    """`manifest.jsonl`: one JSON line per finished sample, appended and fsynced after the sample's files exist.
+    """`manifest.jsonl`: one JSON line per finished sample id, written after the sample's files exist.
 
-    A line cut short by a crash (the only way a line can be incomplete) is dropped when the manifest is opened with
-    `repair` (process 0); other processes open it read-only.
+    A new id is appended (and fsynced); a sample written again (its file was missing or damaged) replaces its line
+    (the file is rewritten atomically), so there is exactly one line per id. A line cut short by a crash (the only
+    way a line can be incomplete) and the older of duplicate lines (left by an older version) are dropped when the
+    manifest is opened with `repair` (process 0); other processes open it read-only.
     """
 
     def __init__(self, path: Path, *, repair: bool):
@@ -181,8 +193,8 @@ class Manifest:
         if not path.exists():
             return
         text = path.read_text(encoding="utf-8")
-        kept = []
-        for i, line in enumerate(text.splitlines(keepends=True)):
+        lines = text.splitlines(keepends=True)
+        for i, line in enumerate(lines):
             try:
                 record = json.loads(line)
                 if not line.endswith("\n"):
@@ -190,34 +202,74 @@ class Manifest:
             except ValueError:
                 if i != text.count("\n"):  # only the last line may be torn
                     raise JobError(f"{path}:{i + 1}: not a manifest record; the output dir is damaged") from None
-                if repair:
-                    logging.warning("%s: dropping the incomplete last line (interrupted write)", path)
-                    write_atomic(path, "".join(kept).encode("utf-8"))
+                logging.warning("%s: dropping the incomplete last line (interrupted write)", path)
                 break
-            kept.append(line)
+            self.records.pop(record["id"], None)  # a later line for an id wins
             self.records[record["id"]] = record
+        if repair and len(self.records) != len(lines):
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        write_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()))
 
     def append(self, records: Sequence[dict]) -> None:
+        replaces = any(r["id"] in self.records for r in records)
+        for record in records:
+            self.records.pop(record["id"], None)
+            self.records[record["id"]] = record
+        if replaces:
+            self._rewrite()
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                self.records[record["id"]] = record
             f.flush()
             os.fsync(f.fileno())
 
 
+def same_prompt(record: Mapping, prompt: Prompt) -> bool:
+    return (record["text"], record["audio_prompt"], record["seed"]) == (prompt.text, prompt.audio, prompt.seed)
+
+
 def is_finished(sample: Sample, manifest: Manifest, output_dir: Path) -> bool:
-    """Whether the manifest lists `sample` with the same prompt and its files are all present."""
+    """Whether the manifest lists `sample` with the same prompt and its files verify: the size and SHA-256 the
+    manifest recorded (a truncated, damaged or missing file means the sample is made again)."""
     record = manifest.records.get(sample.name)
-    p = sample.prompt
-    if record is None or (record["text"], record["audio_prompt"], record["seed"]) != (p.text, p.audio, p.seed):
+    if record is None or not same_prompt(record, sample.prompt):
         return False
-    return all((output_dir / record[k]).is_file() for k in ("file", "codes_file") if record.get(k))
+    for key in ("file", "codes_file"):
+        if record.get(key):
+            path, expected = output_dir / record[key], record.get("checksums", {}).get(record[key])
+            if not path.is_file() or expected is None:
+                return False
+            if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
+                logging.warning("generate: %s does not match its manifest line (damaged); generating it again", path)
+                return False
+    return True
+
+
+def check_prompt_ids(samples: Sequence[Sample], manifest: Manifest, prompts: str | os.PathLike) -> None:
+    """Refuses a prompts file that gives an id already in the manifest another prompt (text, audio prompt, seed)."""
+    for s in samples:
+        record = manifest.records.get(s.name)
+        if record is not None and not same_prompt(record, s.prompt):
+            raise JobError(
+                f"{prompts}:{s.prompt.line}: sample {s.name!r} was generated from another prompt (text "
+                f"{record['text']!r}, audio prompt {record['audio_prompt']!r}, seed {record['seed']}); give the "
+                "changed prompt a new id or use another output directory"
+            )
+
+
+def source_pin(model: MAGNeT) -> dict:
+    """Which files of `config.source` the model was read from: `item` ("export", "checkpoints/<step>" for a
+    training workdir), `step` and `checksum` (the digest of their checksum manifest); None where unknown."""
+    provenance = model.config.get("provenance", {})
+    return {k: provenance.get(k) for k in ("item", "step", "checksum")}
 
 
 def job_settings(config: ml_collections.ConfigDict, model: MAGNeT) -> dict:
-    """What determines the output bytes (pinned in `job.json`): the config fields (batch size and mesh do not) and
-    the model's objective ("magnet" or "hybrid": how it generates)."""
+    """What determines the output bytes (pinned in `job.json`): the config fields (batch size and mesh do not), the
+    model's objective ("magnet" or "hybrid": how it generates) and the files it was read from (`source_pin`)."""
     c = json.loads(config.to_json())
     return {
         **{
@@ -225,7 +277,18 @@ def job_settings(config: ml_collections.ConfigDict, model: MAGNeT) -> dict:
             for k in ("source", "t5", "codec", "dtype", "text_length", "rescorer", "ar_model", "generate", "output")
         },
         "objective": model.objective.name,
+        "source_pin": source_pin(model),
     }
+
+
+def pinned_checkpoint_step(job_file: Path) -> int | None:
+    """The training checkpoint step an earlier run of the job was pinned to (None: not pinned to a checkpoint)."""
+    try:
+        pin = json.loads(job_file.read_text(encoding="utf-8")).get("source_pin") or {}
+    except (OSError, ValueError):
+        return None  # absent, or unreadable (pin_settings says so)
+    item = str(pin.get("item") or "")
+    return int(pin["step"]) if item.startswith(f"{CHECKPOINTS_DIR}/") and pin.get("step") is not None else None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -249,6 +312,7 @@ def run(
     output_dir: str | os.PathLike,
     *,
     model: MAGNeT | None = None,
+    force_unlock: bool = False,
 ) -> dict:
     """Generates every sample of `prompts` not yet in `output_dir`'s manifest; returns the job summary.
 
@@ -257,9 +321,11 @@ def run(
       prompts: the prompts file (`.txt` or `.jsonl`).
       output_dir: where audio, codes, `manifest.jsonl` and `job.json` go.
       model: an already loaded model (else `config.source` is loaded, also when nothing is left to do: job.json
-        records its objective).
+        records its objective); from a training workdir, the checkpoint step pinned in job.json by an earlier run.
+      force_unlock: take the output dir's lock even when a job on another host holds it.
     Raises:
-      JobError: bad prompts file, output dir or settings (malformed lines only skip themselves).
+      JobError: bad prompts file, output dir or settings, a prompt id reused for another prompt, the output dir
+        in use by another job (malformed lines only skip themselves).
       WeightsError: the model cannot be loaded.
     """
     start = time.perf_counter()
@@ -271,8 +337,8 @@ def run(
             f"{', '.join(AUDIO_FORMATS)} with a subtype soundfile writes for it (PCM_16, PCM_24, FLOAT)"
         )
     prompt_list, errors = read_prompts(prompts, seed=config.seed, num_samples=config.num_samples)
-    if model is None:
-        model = MAGNeT(*load_lm(config.source), config)
+    if model is None:  # a training workdir: the checkpoint step an earlier run of this job used, if any
+        model = MAGNeT(*load_lm(config.source, checkpoint_step=pinned_checkpoint_step(out / JOB_FILE)), config)
     try:
         model.set_generation_params(**config.generate)
     except ValueError as e:
@@ -282,6 +348,16 @@ def run(
             f"config.batch_size={config.batch_size}: expected a positive multiple of "
             f"{model.batch_multiple} (the devices the batch is sharded over)"
         )
+    lock = directory_lock(out, force=force_unlock) if primary else contextlib.nullcontext()  # before any write
+    try:
+        with lock:
+            return _run_locked(config, prompts, out, model, prompt_list, errors, start)
+    except LockError as e:
+        raise JobError(str(e)) from None
+
+
+def _run_locked(config, prompts, out: Path, model: MAGNeT, prompt_list, errors, start) -> dict:
+    primary = jax.process_index() == 0
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         pin_settings(out / JOB_FILE, job_settings(config, model), error=JobError)
@@ -291,6 +367,7 @@ def run(
     if not primary:
         manifest = Manifest(out / MANIFEST, repair=False)
     samples = [Sample(p, j) for p in prompt_list for j in range(p.num_samples)]
+    check_prompt_ids(samples, manifest, prompts)
     todo = [s for s in samples if not is_finished(s, manifest, out)]
     logging.info(
         "generate: %d prompts, %d samples, %d already done, %d malformed lines",
@@ -385,10 +462,23 @@ def _generate_all(
             timings["steady_samples"] += len(batch)
         if primary:
             manifest.append(
-                [_record(s, model, params, config, prompt_codes, seconds, len(batch), number) for s in batch]
+                [
+                    {
+                        **_record(s, model, params, config, prompt_codes, seconds, len(batch), number),
+                        "checksums": file_checksums(out, s, config),
+                    }
+                    for s in batch
+                ]
             )
         progress.update(len(batch))
     progress.close()
+
+
+def file_checksums(out: Path, s: Sample, config) -> dict[str, dict]:
+    """`{file name: {size, sha256}}` of a sample's files as written (read back by process 0 after the barrier, so
+    samples written by other hosts are covered too)."""
+    names = [f"{s.name}.{config.output.format}"] + ([f"{s.name}.npy"] if config.output.write_codes else [])
+    return {name: {"size": (out / name).stat().st_size, "sha256": file_sha256(out / name)} for name in names}
 
 
 def _record(
@@ -410,6 +500,7 @@ def _record(
         "duration": model.num_frames / model.frame_rate,
         "sample_rate": model.sample_rate,
         "model": config.source,
+        "source_pin": source_pin(model),
         "objective": model.objective.name,
         "rescorer": config.rescorer or None,
         "ar_model": config.ar_model or None,
@@ -445,9 +536,11 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.distributed:
         initialize_distributed("generate")
     try:
-        summary = run(FLAGS.config, FLAGS.prompts, FLAGS.output_dir)
+        summary = run(FLAGS.config, FLAGS.prompts, FLAGS.output_dir, force_unlock=FLAGS.force_unlock)
     except (JobError, WeightsError) as e:
         fail("generate", str(e))
+    except OSError as e:  # a full disk or read-only output dir while writing: one line with the path
+        fail("generate", one_line(e))
     if jax.process_index() == 0:
         print(format_summary(summary))
 
@@ -465,5 +558,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("prompts", None, "prompts file: .txt (one description per line) or .jsonl")
     flags.DEFINE_string("output_dir", None, "directory for the audio files, manifest.jsonl and job.json")
     define_distributed_flags()
+    flags.DEFINE_bool("force_unlock", False, "take the output dir's lock even if a job on another host holds it")
     FLAGS = flags.FLAGS
     app.run(main, flags_parser=lambda argv: parse_flags(argv, prog="generate"))

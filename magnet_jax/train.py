@@ -15,6 +15,9 @@ Workdir layout:
   metrics.jsonl         one JSON object per logged (split, step: train, eval, eval_audio); `tensorboard/` event files
                         of the same scalars
   profile/              `jax.profiler` traces of steps [train.profile_start, + train.profile_steps)
+  checkpoints.corrupt/  steps that failed verification on resume, moved aside (docs/design.md §5.3.1)
+  config_changes.jsonl  config changes accepted with --allow_config_change
+  .lock                 the running trainer (host, pid); a second one exits 2
   export/               params-only export (EMA weights; bfloat16 with checkpoint.export_bf16) in the
                         `magnet_jax.checkpoints.pretrained` format that generation loads, written when training
                         completes
@@ -22,6 +25,7 @@ Workdir layout:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -38,13 +42,14 @@ from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, EXPORT_DIR, WORKDIR_
 from magnet_jax.checkpoints.t5_weights import load_t5
 from magnet_jax.cli import define_distributed_flags, fail, initialize_distributed, one_line, parse_flags, quiet_logs
 from magnet_jax.data import input_pipeline
+from magnet_jax.data.records import RecordError
 from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.evaluation import scoring, vggish
 from magnet_jax.evaluation.captions import read_captions
-from magnet_jax.fileio import write_atomic
+from magnet_jax.fileio import LockError, WeightsError, directory_lock, flatten_dict, write_atomic
 from magnet_jax.models import t5
 from magnet_jax.models.lm import LMConfig
-from magnet_jax.training import checkpointing, flops, metrics, train_lib
+from magnet_jax.training import checkpointing, flops, guard, metrics, train_lib
 
 # Per-interval values that are not averaged: the schedule's learning rate and the skipped-steps counter.
 LAST_VALUE_METRICS = ("lr", "skipped_steps")
@@ -159,12 +164,19 @@ class Run:
         self.init_key, self.step_key, self.eval_key = jax.random.split(jax.random.key(config.seed), 3)
         abstract, self.state_shardings = train_lib.train_state_shardings(config, self.mesh)
         self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint)
-        self.resumed_from = self.checkpointer.latest_step()
-        if self.resumed_from is None:
-            self.state = train_lib.create_train_state(config, self.init_key, mesh=self.mesh)
-        else:
+        self.resumed_from, self.state = None, None
+        tried = bool(self.checkpointer.steps())
+        if tried:  # the newest step that verifies; None when none does
             target = checkpointing.sharded_target(abstract, self.state_shardings)
             self.state = self.checkpointer.restore(target, self.train_iter, config)
+        if self.state is None:
+            if tried:  # a step rejected after its restore may have moved the iterator
+                self.train_iter = input_pipeline.make_iterator(
+                    self.train_data, self.tokenizer, sharding=self.batch_sharding
+                )
+            self.state = train_lib.create_train_state(config, self.init_key, mesh=self.mesh)
+        else:
+            self.resumed_from = self.checkpointer.restored_step
         self.train_step = train_lib.make_train_step(config, self.mesh, self.t5_config)
         self.eval_step = train_lib.make_eval_step(config, self.mesh, self.t5_config)
 
@@ -190,8 +202,67 @@ class Run:
         )
 
 
+# Config fields a resumed run may change without --allow_config_change: the length of the run (the schedule's
+# total follows it), logging, evaluation and profiling cadence, checkpoint cadence and retention, input speed.
+RESUMABLE_CHANGES = (
+    "train.num_steps",
+    "optim.total_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_steps",
+    "train.profile_start",
+    "train.profile_steps",
+    "checkpoint.every_steps",
+    "checkpoint.keep",
+    "checkpoint.keep_every",
+    "checkpoint.async_save",
+    "checkpoint.on_corrupt",
+    "data.worker_count",
+    "data.prefetch",
+)
+CONFIG_CHANGES = "config_changes.jsonl"
+
+
+def check_config_change(config: ml_collections.ConfigDict, workdir: str, *, allow: bool) -> None:
+    """Refuses to continue a workdir whose `config.json` differs from `config` beyond `RESUMABLE_CHANGES`, unless
+    `allow`; an allowed change is appended to `<workdir>/config_changes.jsonl` (time; each field: [old, new])."""
+    path = epath.Path(workdir) / WORKDIR_CONFIG
+    if not path.exists():
+        return
+    try:
+        stored = flatten_dict(json.loads(path.read_text()), sep=".")
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{path}: unreadable ({one_line(e)}); restore it or start another workdir") from e
+    current = flatten_dict(checkpointing.config_to_json(config), sep=".")
+    diffs = {
+        k: [stored.get(k), current.get(k)]
+        for k in sorted(set(stored) | set(current))
+        if stored.get(k) != current.get(k) and k not in RESUMABLE_CHANGES
+    }
+    if not diffs:
+        return
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
+    if not allow:
+        raise SetupError(
+            f"{workdir} was trained with another config ({listed}); rerun with the same config, pass "
+            "--allow_config_change to continue with the new one (recorded in config_changes.jsonl), or use another "
+            "workdir"
+        )
+    logging.warning("train: continuing %s with a changed config (%s)", workdir, listed)
+    if jax.process_index() == 0:
+        log = epath.Path(workdir) / CONFIG_CHANGES
+        previous = log.read_text() if log.exists() else ""
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": diffs}
+        write_atomic(log, previous + json.dumps(entry) + "\n")
+
+
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, run_steps: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    run_steps: int | None = None,
+    allow_config_change: bool = False,
+    force_unlock: bool = False,
 ) -> dict[str, float]:
     """Trains (resuming from `workdir` when it holds a checkpoint) until `config.train.num_steps`.
 
@@ -200,11 +271,25 @@ def train_and_evaluate(
       workdir: run directory (see the module docstring for its layout).
       run_steps: stop after this many steps in this invocation, checkpointing first (e.g. to fit a job's time
         limit); the schedule still spans `train.num_steps`. None = run to the end.
+      allow_config_change: continue a workdir whose config differs beyond `RESUMABLE_CHANGES` (recorded).
+      force_unlock: take the workdir's lock even when another host holds it.
     Returns:
       The last logged train metrics (and `eval_*` of the last evaluation).
     Raises:
-      SetupError: the config or an input it names is unusable (raised before the first step).
+      SetupError: the config or an input it names is unusable, the workdir is locked or was trained with another
+        config (raised before the first step).
+      guard.DivergenceError: the run diverged (nothing is saved or exported from the diverged state).
     """
+    lock = directory_lock(workdir, force=force_unlock) if jax.process_index() == 0 else contextlib.nullcontext()
+    try:
+        with lock:
+            check_config_change(config, workdir, allow=allow_config_change)
+            return _train(config, workdir, run_steps)
+    except LockError as e:  # raised only when taking the lock
+        raise SetupError(str(e)) from None
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, run_steps: int | None) -> dict[str, float]:
     tc = config.train
     preemption = checkpointing.PreemptionWatcher()
     logging.info("train: setting up the run in %s", workdir)
@@ -261,6 +346,7 @@ def train_and_evaluate(
     state, last = run.state, {}
     history, timed_steps, timer, in_flight = [], 0, None, None
     step = start
+    divergence = guard.DivergenceGuard(tc, skipped_before=int(jax.device_get(state.skipped_steps)))
     try:
         while step < end:
             profiler.step(step, state)
@@ -284,6 +370,7 @@ def train_and_evaluate(
                 if timed_steps:
                     last.update(throughput((time.perf_counter() - timer) / timed_steps))
                 writer.write(step, "train", last)
+                divergence.observe(step - len(history) + 1, history)  # raises before anything is saved
                 history, timed_steps = [], 0
                 timer = time.perf_counter()
             if run.eval_data is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.num_steps):
@@ -308,10 +395,22 @@ def train_and_evaluate(
         run.checkpointer.close()
         writer.close()
 
+    skipped = getattr(run.train_iter, "bad_records", None)
+    if skipped is not None and skipped.skipped:
+        logging.warning(
+            "data: skipped %d bad record(s) in this run: %s",
+            len(skipped.skipped),
+            "; ".join(f"{where}: {why}" for where, why in skipped.skipped.items()),
+        )
     export_dir = os.path.join(workdir, EXPORT_DIR)
     if step == tc.num_steps and not epath.Path(export_dir).exists():
         dtype = "bfloat16" if config.checkpoint.export_bf16 else "float32"
-        train_lib.export_params(state, export_dir, config, use_ema=True, dtype=dtype)
+        try:
+            train_lib.export_params(state, export_dir, config, use_ema=True, dtype=dtype)
+        except WeightsError as e:  # non-finite params
+            raise guard.DivergenceError(str(e)) from e
+        except Exception as e:  # orbax / tensorstore / OS errors while writing: one line naming the directory
+            raise checkpointing.saving_error(export_dir, e) from e
         logging.info("train: exported EMA params (%s) to %s", dtype, export_dir)
     return last
 
@@ -328,9 +427,19 @@ def main(argv: list[str]) -> None:
     if FLAGS.distributed:
         initialize_distributed("train")
     try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir, run_steps=FLAGS.run_steps)
-    except SetupError as e:
+        train_and_evaluate(
+            FLAGS.config,
+            FLAGS.workdir,
+            run_steps=FLAGS.run_steps,
+            allow_config_change=FLAGS.allow_config_change,
+            force_unlock=FLAGS.force_unlock,
+        )
+    except (SetupError, checkpointing.CheckpointError, RecordError) as e:
         fail("train", str(e))
+    except guard.DivergenceError as e:
+        fail("train", str(e), status=3)
+    except OSError as e:  # metrics, config or lock writes (a full disk, a read-only mount): one line with the path
+        fail("train", one_line(e))
 
 
 if __name__ == "__main__":
@@ -345,4 +454,11 @@ if __name__ == "__main__":
         "stop after this many steps in this invocation (checkpoint first); the "
         "schedule still spans config.train.num_steps",
     )
+    flags.DEFINE_bool(
+        "allow_config_change",
+        False,
+        "continue a workdir whose config.json differs (beyond run length, logging and checkpoint cadence); the "
+        "change is recorded in config_changes.jsonl",
+    )
+    flags.DEFINE_bool("force_unlock", False, "take the workdir's lock even if a job on another host holds it")
     app.run(main, flags_parser=lambda argv: parse_flags(argv, prog="train"))

@@ -24,11 +24,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from magnet_jax.checkpoints.lm_weights import set_layer_layout
-from magnet_jax.checkpoints.weights import check_state_dict
+from magnet_jax.checkpoints.weights import check_finite, check_state_dict
 from magnet_jax.cli import reason
-from magnet_jax.fileio import WeightsError, atomic_directory, flatten_dict
+from magnet_jax.fileio import (
+    CHECKSUMS_FILE,
+    IntegrityError,
+    WeightsError,
+    atomic_directory,
+    flatten_dict,
+    verify_checksums,
+    write_checksums,
+)
 from magnet_jax.models import objectives
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
@@ -111,6 +120,7 @@ def save_pretrained(directory: str | Path, params: Mapping, config: Mapping, *, 
                 checkpointer.save(tmp / PARAMS_DIR, params)
             if jax.process_index() == 0:
                 (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+                write_checksums(tmp)  # after every file is complete; verified by `load_pretrained`
     except FileExistsError as e:
         raise WeightsError(str(e)) from None
 
@@ -152,6 +162,7 @@ def load_pretrained(
     """
     path = Path(directory).expanduser()
     config = read_config(path)
+    verify(path)
     model = LMConfig.from_config(config["model"])
     dtype = jnp.dtype(dtype or model.param_dtype)
     try:
@@ -179,5 +190,23 @@ def load_pretrained(
             params = jax.tree.map(
                 lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), params, shardings
             )
+    check_finite(params, where=str(path / PARAMS_DIR))
     config["model"].update(param_dtype=dtype.name, scan_layers=scan_layers)
     return config, params
+
+
+def verify(directory: str | Path) -> str | None:
+    """Checks a converted checkpoint's files against the `checksums.json` written with it; returns its digest
+    (None for a directory written before checksums were recorded, which is accepted with a warning).
+
+    Raises:
+      WeightsError: a file is missing, damaged or not listed (one line naming it).
+    """
+    path = Path(directory).expanduser()
+    if not (path / CHECKSUMS_FILE).is_file():
+        logging.warning("%s: no %s (written by an older version); its files are not verified", path, CHECKSUMS_FILE)
+        return None
+    try:
+        return verify_checksums(path)
+    except IntegrityError as e:
+        raise WeightsError(str(e)) from None

@@ -25,11 +25,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from magnet_jax.checkpoints import pretrained
 from magnet_jax.checkpoints.lm_weights import import_lm, set_layer_layout
+from magnet_jax.checkpoints.weights import check_finite
 from magnet_jax.cli import reason
-from magnet_jax.fileio import WeightsError
+from magnet_jax.fileio import IntegrityError, WeightsError, read_digest, verify_checksums
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 WORKDIR_CONFIG = "config.json"
@@ -44,22 +46,29 @@ def is_workdir(path: Path) -> bool:
     return (path / CHECKPOINTS_DIR).is_dir() or (path / EXPORT_DIR).is_dir()
 
 
-def load_lm(source: str | Path, *, dtype: Any = None, scan_layers: bool | None = None) -> tuple[dict, dict]:
+def load_lm(
+    source: str | Path, *, dtype: Any = None, scan_layers: bool | None = None, checkpoint_step: int | None = None
+) -> tuple[dict, dict]:
     """Any LM source -> (config.json dict, host params).
+
+    `config["provenance"]` says which files were read: `checksum` (the digest of their checksum manifest, when
+    they have one), and for a training workdir `item` ("export" or "checkpoints/<step>") and `step`.
 
     Args:
       dtype: cast the params (e.g. "bfloat16"); None keeps the stored dtype (`config.model.param_dtype` follows).
       scan_layers: re-layout the transformer layers (stacked vs per layer); None keeps the stored layout (released
         weights: stacked).
+      checkpoint_step: a training workdir's checkpoint step to read (a job pinned to it), instead of its export or
+        newest verified step.
     """
     path = Path(source).expanduser()
     if is_workdir(path):
         export = path / EXPORT_DIR
-        if (export / pretrained.CONFIG_FILE).is_file():
-            return pretrained.load_pretrained(export, dtype=dtype, scan_layers=scan_layers)
-        config, params = _load_training_checkpoint(path)
+        if checkpoint_step is None and (export / pretrained.CONFIG_FILE).is_file():
+            return _load_converted(export, dtype=dtype, scan_layers=scan_layers, item=EXPORT_DIR)
+        config, params = _load_training_checkpoint(path, checkpoint_step)
     elif path.is_dir() and (path / pretrained.CONFIG_FILE).is_file() and (path / pretrained.PARAMS_DIR).is_dir():
-        return pretrained.load_pretrained(path, dtype=dtype, scan_layers=scan_layers)
+        return _load_converted(path, dtype=dtype, scan_layers=scan_layers, item=None)
     else:
         config, params = import_lm(str(source), scan_layers=True if scan_layers is None else scan_layers)
     if scan_layers is not None and scan_layers != config["model"]["scan_layers"]:
@@ -72,18 +81,34 @@ def load_lm(source: str | Path, *, dtype: Any = None, scan_layers: bool | None =
     return config, params
 
 
-def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
-    """EMA params of the newest checkpoint of a run without a params export yet (still training), and the config
-    its export will have."""
+def _load_converted(path: Path, *, dtype, scan_layers, item: str | None) -> tuple[dict, dict]:
+    """A converted checkpoint (verified by `load_pretrained`), its provenance naming the files read."""
+    config, params = pretrained.load_pretrained(path, dtype=dtype, scan_layers=scan_layers)
+    config.setdefault("provenance", {}).update(item=item, checksum=read_digest(path))
+    return config, params
+
+
+def _load_training_checkpoint(workdir: Path, step: int | None = None) -> tuple[dict, dict]:
+    """EMA params of checkpoint `step` (default: the newest that verifies) of a run without a params export yet
+    (still training), and the config its export will have."""
     checkpoints = workdir / CHECKPOINTS_DIR
     steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
     if not steps or not (workdir / WORKDIR_CONFIG).is_file():
         raise WeightsError(f"training workdir {workdir}: no params export and no checkpoint with a config.json")
+    if step is None:
+        step, digest = newest_verified_step(checkpoints, steps)
+    elif step not in steps:
+        raise WeightsError(f"training workdir {workdir}: checkpoint step {step} is gone (steps now: {steps})")
+    else:
+        try:
+            digest = verify_checksums(checkpoints / str(step))
+        except IntegrityError as e:
+            raise WeightsError(f"training workdir {workdir}: checkpoint step {step} does not verify: {e}") from None
     train_config = ml_collections.ConfigDict(json.loads((workdir / WORKDIR_CONFIG).read_text()))
     model = LanguageModel(LMConfig.from_config(train_config.model))
     abstract = nn.meta.unbox(jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0)))
     target = {"ema_params": abstract}
-    state_dir = checkpoints / str(steps[-1]) / STATE_ITEM
+    state_dir = checkpoints / str(step) / STATE_ITEM
     try:
         restored = ocp.PyTreeCheckpointer().restore(
             state_dir,
@@ -95,7 +120,20 @@ def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
         )
     except Exception as e:  # missing or truncated checkpoint files: one line
         raise WeightsError(f"{state_dir}: cannot restore the EMA params ({type(e).__name__}: {reason(e)})") from e
+    check_finite(restored["ema_params"], where=f"{state_dir} (EMA params)")
     config = pretrained.config_from_training(
-        train_config, step=steps[-1], weights="ema", dtype=train_config.model.param_dtype, source=str(workdir)
+        train_config, step=step, weights="ema", dtype=train_config.model.param_dtype, source=str(workdir)
     )
+    config["provenance"].update(checksum=digest, item=f"{CHECKPOINTS_DIR}/{step}")
     return config, restored["ema_params"]
+
+
+def newest_verified_step(checkpoints: Path, steps: list[int]) -> tuple[int, str]:
+    """(step, checksum digest) of the newest step of `steps` whose files match its checksum manifest; the steps
+    that do not (a save still running, damage) are reported in one warning line each."""
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, verify_checksums(checkpoints / str(step))
+        except IntegrityError as e:
+            logging.warning("checkpoint step %d skipped: %s", step, e)
+    raise WeightsError(f"{checkpoints}: no checkpoint step verifies (steps {steps}; see the warnings above)")

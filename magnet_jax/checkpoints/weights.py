@@ -13,10 +13,30 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from magnet_jax.cli import reason
 from magnet_jax.fileio import WeightsError
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    """Key paths (`['params']['w']`) of the floating-point leaves of `tree` (host or sharded device arrays) that
+    hold a NaN or an infinity; one device fetch for the whole tree."""
+    flags = {
+        jax.tree_util.keystr(path): jnp.all(jnp.isfinite(x))
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    }
+    return [name for name, ok in jax.device_get(flags).items() if not bool(ok)]
+
+
+def check_finite(tree: Any, *, where: str) -> None:
+    """Raises WeightsError naming (up to three of) the leaves of `tree` with non-finite values."""
+    bad = non_finite_leaves(tree)
+    if bad:
+        raise WeightsError(f"{where}: non-finite values in {', '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""))
 
 
 def load_safetensors(path: str | os.PathLike, *, what: str) -> dict[str, np.ndarray]:

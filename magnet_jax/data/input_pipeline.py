@@ -33,6 +33,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from magnet_jax.data.records import CodeRecord, RecordError, read_header
@@ -65,6 +66,7 @@ class PipelineConfig:
     worker_count: int = 0
     read_threads: int = 4
     prefetch: int = 4
+    on_bad_record: str = "fail"  # a record that does not decode or holds codes outside [0, card): "fail" | "skip"
 
     @classmethod
     def from_config(cls, cfg, *, train: bool = True) -> PipelineConfig:
@@ -87,6 +89,7 @@ class PipelineConfig:
             split="train" if train else "eval",
             worker_count=data.worker_count,
             prefetch=data.prefetch,
+            on_bad_record=data.get("on_bad_record", "fail"),
         )
 
 
@@ -167,9 +170,61 @@ def open_source(files: str, split: str = "train"):
 
 def as_record(element, where: str = "record") -> CodeRecord:
     """A source element (record bytes, or a TFDS example dict) as a `CodeRecord`."""
+    if isinstance(element, CodeRecord):
+        return element
     if isinstance(element, (bytes, bytearray, memoryview)):
         return CodeRecord.from_bytes(bytes(element), where=where)
     return CodeRecord.from_example(element)
+
+
+ON_BAD_RECORD = ("fail", "skip")
+
+
+class BadRecords:
+    """What a pipeline does with a record that cannot be used: one that does not decode (damaged bytes, CRC), was
+    written for another codebook size, or holds codes outside `[0, card)`.
+
+    `on_bad_record='fail'`: a RecordError naming the shard and record. `'skip'`: a warning line naming it, and the
+    next usable record of the source takes its place (so batches keep their size and a resumed run sees the same
+    stream); `skipped` maps each place skipped in this process to the reason (grain workers log their own).
+    """
+
+    def __init__(self, source, config: PipelineConfig):
+        if config.on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(f"data.on_bad_record={config.on_bad_record!r}: expected one of {', '.join(ON_BAD_RECORD)}")
+        self.source, self.card, self.skip = source, config.card, config.on_bad_record == "skip"
+        self.files = config.files
+        self.skipped: dict[str, str] = {}
+
+    def locate(self, index: int) -> str:
+        return self.source.locate(index) if isinstance(self.source, CodesSource) else f"{self.files} record {index}"
+
+    def __call__(self, index: int, element) -> CodeRecord:
+        """Record `index` of the source (`element`), checked; its substitute when it is bad and `skip` is on."""
+        for offset in range(len(self.source)):
+            i = (index + offset) % len(self.source)
+            try:
+                return self._check(i, element if offset == 0 else self.source[i])
+            except RecordError as e:
+                if not self.skip:
+                    raise RecordError(f"{e} (data.on_bad_record='fail'; set 'skip' to skip such records)") from None
+                where = self.locate(i)
+                if where not in self.skipped:
+                    self.skipped[where] = str(e)
+                    logging.warning("data: skipping a bad record (data.on_bad_record='skip'): %s", e)
+        raise RecordError(f"data files {self.files!r}: no usable record among {len(self.source)}")
+
+    def _check(self, index: int, element) -> CodeRecord:
+        where = self.locate(index)
+        record = as_record(element, where=where)
+        if record.card != self.card:
+            raise RecordError(f"{where}: record written for card {record.card}, the config's codec has {self.card}")
+        codes = np.asarray(record.codes)
+        if codes.size and (codes.min() < 0 or codes.max() >= self.card):
+            raise RecordError(
+                f"{where} ({record.source}): codes outside [0, {self.card}) (min {codes.min()}, max {codes.max()})"
+            )
+        return record
 
 
 def check_source(source, config: PipelineConfig) -> None:
@@ -305,9 +360,12 @@ def pad_tokens(tokens: Mapping[str, np.ndarray], length: int, where: str = "reco
 # ---- datasets and iterators ---------------------------------------------------------------------------
 
 
-def make_dataset(source, config: PipelineConfig, tokenize: TokenizeFn) -> grain.MapDataset:
-    """The per-example `MapDataset` (before the per-process slice and batching)."""
-    ds = grain.MapDataset.source(source)
+def make_dataset(
+    source, config: PipelineConfig, tokenize: TokenizeFn, bad_records: BadRecords | None = None
+) -> grain.MapDataset:
+    """The per-example `MapDataset` (before the per-process slice and batching); every record goes through
+    `bad_records` (a new `BadRecords` when None) at its place in the source, before shuffling."""
+    ds = grain.MapDataset.source(source).map_with_index(bad_records or BadRecords(source, config))
     if config.train:
         ds = ds.shuffle(seed=config.seed).repeat()
     return ds.random_map(
@@ -431,14 +489,17 @@ def make_iterator(
         process_index, process_count = jax.process_index(), jax.process_count()
     source = open_source(config.files, config.split)
     check_source(source, config)
-    return BatchIterator(
-        make_dataset(source, config, tokenize),
+    bad_records = BadRecords(source, config)
+    iterator = BatchIterator(
+        make_dataset(source, config, tokenize, bad_records),
         config,
         num_records=len(source),
         process_index=process_index,
         process_count=process_count,
         sharding=sharding,
     )
+    iterator.bad_records = bad_records  # the skip report of this process
+    return iterator
 
 
 # ---- checkpointing ------------------------------------------------------------------------------------

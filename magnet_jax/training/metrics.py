@@ -139,13 +139,40 @@ class MetricWriter:
             return
         self._jsonl.parent.mkdir(parents=True, exist_ok=True)
         if self._jsonl.exists():
-            self._lines = [line for line in self._jsonl.read_text().splitlines(keepends=True) if line.strip()]
+            self._lines = self._readable_lines()
             if resume_step is not None:
                 self._lines = [line for line in self._lines if json.loads(line)["step"] <= resume_step]
-                self._rewrite()
+            self._rewrite()
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(epath.Path(logdir) / "tensorboard"))
+        tb_dir = epath.Path(logdir) / "tensorboard"
+        if resume_step is not None and tb_dir.is_dir():  # rebuilt from the JSONL lines kept: no step twice
+            for events in tb_dir.glob("events.out.tfevents.*"):
+                events.unlink()
+        self._tb = SummaryWriter(str(tb_dir))
+        if resume_step is not None:
+            for line in self._lines:
+                row = json.loads(line)
+                for key, value in row.items():
+                    if key not in ("step", "split"):
+                        self._tb.add_scalar(f"{row['split']}/{key}", value, row["step"])
+            self._tb.flush()
+
+    def _readable_lines(self) -> list[str]:
+        """The JSONL lines, each ending in a newline; a line that does not parse (a crash mid-write tears the last
+        one) is dropped with a warning naming it."""
+        kept = []
+        for number, line in enumerate(self._jsonl.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                int(row["step"]), str(row["split"])
+            except (ValueError, KeyError, TypeError) as e:
+                logging.warning("metrics: dropping line %d of %s (%s): %.80r", number, self._jsonl, e, line)
+                continue
+            kept.append(line + "\n")
+        return kept
 
     def _rewrite(self) -> None:
         tmp = self._jsonl.parent / f".{self._jsonl.name}.tmp"

@@ -8,9 +8,10 @@ One train step, all inside one jitted function: frozen T5 on the text (no gradie
 batch), the condition projection and the `attend` mask, the objective's draw (a stage s for the whole batch, span
 masks; for Hybrid-MAGNeT also a per-sample prefix boundary), the LM at stage s, cross-entropy on the objective's
 tokens; gradients accumulated over `optim.grad_accum_steps` microbatches (`lax.scan`; sums of cross-entropy and of
-token counts, so k microbatches equal one big batch); clipping + AdamW / D-Adaptation; a step whose gradients are
-not finite leaves params and optimizer state unchanged and increments `skipped_steps`; the reference's EMA every
-`optim.ema_every` steps. Parameters are float32 (master weights); `model.dtype='bfloat16'` computes in bfloat16.
+token counts, so k microbatches equal one big batch); clipping + AdamW / D-Adaptation; a step whose loss, gradients
+or updated params are not finite leaves params and optimizer state unchanged and increments `skipped_steps`; the
+reference's EMA every `optim.ema_every` steps. Parameters are float32 (master weights); `model.dtype='bfloat16'`
+computes in bfloat16.
 
 Metrics (float32 scalars): loss (mean cross-entropy over the objective's tokens), ppl, loss_stage{s} / ppl_stage{s}
 (NaN for the stages not trained this step; `metrics.summarize` skips NaN), stage, mask_fraction, grad_norm (before
@@ -34,6 +35,7 @@ import optax
 from magnet_jax import sharding
 from magnet_jax.checkpoints.pretrained import config_from_training, save_pretrained
 from magnet_jax.checkpoints.sources import load_lm
+from magnet_jax.checkpoints.weights import check_finite
 from magnet_jax.fileio import WeightsError
 from magnet_jax.models import conditioner, objectives, t5
 from magnet_jax.models.lm import LanguageModel, LMConfig, config_differences, init_params
@@ -258,9 +260,10 @@ def _train_step(
     grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
     loss = sums["ce"] / count
 
-    finite = all_finite(grads) & jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = _select(finite, optax.apply_updates(state.params, updates), state.params)
+    applied = optax.apply_updates(state.params, updates)
+    finite = all_finite(grads) & jnp.isfinite(loss) & all_finite(applied)
+    params = _select(finite, applied, state.params)
     opt_state = _select(finite, opt_state, state.opt_state)
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     ema = ema_update(state.ema_params, params, state.step, decay=config.optim.ema_decay, every=config.optim.ema_every)
@@ -381,6 +384,7 @@ def export_params(state: TrainState, directory: str, config, *, use_ema: bool = 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"export dtype={dtype!r}: expected 'float32' or 'bfloat16'")
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), state.ema_params if use_ema else state.params)
+    check_finite(params, where=f"refusing to export to {directory}")  # a diverged state is never exported
     save_pretrained(
         directory,
         params,

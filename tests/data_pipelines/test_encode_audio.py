@@ -355,3 +355,42 @@ def test_cli_encodes_a_directory_and_reports_errors_in_one_line(corpus, tmp_path
         bad = subprocess.run(base + args, cwd=REPO, env=env, capture_output=True, text=True)
         assert bad.returncode == 1
         assert bad.stderr.strip().splitlines()[-1].startswith(message), bad.stderr[-2000:]
+
+
+def test_a_damaged_record_inside_a_finished_shard_is_found_by_its_checksum_and_the_shard_redone(corpus, tmp_path):
+    out = tmp_path / "out"
+    run_job(corpus[0].parent, out)
+    shard = out / "codes-p00000-of-00001-s00001.array_record"
+    original = shard.read_bytes()
+    assert json.loads(shard.with_suffix(".json").read_text())["shard"]["size"] == len(original)
+    damaged = bytearray(original)
+    damaged[len(damaged) // 3] ^= 0x40  # inside a record's codes: the record count is unchanged
+    shard.write_bytes(bytes(damaged))
+    assert shard_record_count(shard) == 2  # what a count-only resume check accepted
+
+    summary = run_job(corpus[0].parent, out)
+    assert summary["shards_resumed"] == 2 and summary["shards_written"] == 1
+    assert shard.read_bytes() == original
+
+
+def shard_record_count(path) -> int:
+    reader = ArrayRecordReader(str(path))
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
+
+
+def test_a_second_encode_job_on_the_same_output_is_refused(corpus, tmp_path):
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".lock-p00000-of-00001"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "since": "now"}))
+    with pytest.raises(ea.EncodeJobLocked, match=rf"{out} is in use by another job \(pid {os.getppid()} on this"):
+        run_job(corpus[0].parent, out)
+    assert not list(out.glob("*.array_record"))
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "since": "then"}))  # died
+    assert run_job(corpus[0].parent, out)["encoded"] == 5
+    assert not lock.exists()
