@@ -40,6 +40,7 @@ import numpy as np
 import soundfile as sf
 from absl import logging
 
+from magnet_jax.cli import quiet_logs
 from magnet_jax.data import records
 from magnet_jax.data.audio import to_codec_audio
 from magnet_jax.fileio import TMP_PREFIX, atomic_file, pin_settings, write_json
@@ -598,6 +599,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv):
     del argv
+    quiet_logs()
     import jax
 
     from magnet_jax.checkpoints.encodec_weights import load_encodec

@@ -31,6 +31,7 @@ from configs.magnet import get_config
 from magnet_jax.checkpoints.encodec_weights import HF_CONFIG, HF_WEIGHTS, state_dict_from_params
 from magnet_jax.checkpoints.pretrained import save_pretrained
 from magnet_jax.checkpoints.t5_weights import write_random_t5
+from magnet_jax.cli import quiet_logs
 from magnet_jax.data.audio import to_codec_audio
 from magnet_jax.models import encodec
 from magnet_jax.models.encodec import EncodecConfig
@@ -146,6 +147,7 @@ def make_random_lm(
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    quiet_logs()
     try:
         paths = make_assets(FLAGS.corpus, FLAGS.output, seed=FLAGS.seed)
     except (ValueError, OSError) as e:

@@ -16,7 +16,7 @@ Workdir layout:
   profile/              `jax.profiler` traces of steps [train.profile_start, + train.profile_steps)
   export/               params-only export (EMA weights; bfloat16 with checkpoint.export_bf16) in the
                         `magnet_jax.checkpoints.pretrained` format that generation loads, written when training
-                        completes
+                        completes (rewritten when a run is continued to a larger train.num_steps)
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ import time
 import jax
 import ml_collections
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
 
 from magnet_jax import sharding
-from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, EXPORT_DIR, WORKDIR_CONFIG
+from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, EXPORT_DIR, WORKDIR_CONFIG, export_step
 from magnet_jax.checkpoints.t5_weights import load_t5
 from magnet_jax.cli import fail, one_line, parse_flags, quiet_logs
 from magnet_jax.data import input_pipeline
 from magnet_jax.data.tokenizer import TextTokenizer
-from magnet_jax.fileio import write_atomic
+from magnet_jax.fileio import absolute_path, check_writable, local_source, write_atomic
 from magnet_jax.models import t5
 from magnet_jax.models.lm import LMConfig
 from magnet_jax.training import checkpointing, flops, metrics, train_lib
@@ -57,6 +56,19 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             os.path.join(workdir, WORKDIR_CONFIG),
             json.dumps(checkpointing.config_to_json(config), indent=2, sort_keys=True),
         )
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> None:
+    """Makes the config's user-given paths absolute in place (`~` and relative ones; hub ids and URLs are kept), so
+    checkpoints, config.json and the export name them from any working directory."""
+    for section, key, resolve in (
+        ("data", "train_files", absolute_path),
+        ("data", "eval_files", absolute_path),
+        ("conditioner", "t5", local_source),
+        ("codec", "source", local_source),
+        ("train", "init_from", local_source),
+    ):
+        config[section][key] = resolve(config[section][key])
 
 
 class Run:
@@ -139,7 +151,10 @@ def train_and_evaluate(
       SetupError: the config or an input it names is unusable (raised before the first step).
     """
     tc = config.train
+    workdir = absolute_path(workdir)
     try:
+        check_writable(workdir, what="--workdir")
+        resolve_paths(config)
         run = Run(config, workdir)
         write_config(config, workdir)
     except (ValueError, TypeError, KeyError, OSError) as e:
@@ -200,7 +215,7 @@ def train_and_evaluate(
                 last = metrics.summarize(history, last=LAST_VALUE_METRICS)
                 if timed_steps:
                     last.update(throughput((time.perf_counter() - timer) / timed_steps))
-                writer.write(step, "train", last)
+                writer.write(step, "train", last, note=metrics.progress_note(step, end, last.get("step_time")))
                 history, timed_steps = [], 0
                 timer = time.perf_counter()
             if run.eval_data is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.num_steps):
@@ -221,9 +236,9 @@ def train_and_evaluate(
         writer.close()
 
     export_dir = os.path.join(workdir, EXPORT_DIR)
-    if step == tc.num_steps and not epath.Path(export_dir).exists():
+    if step == tc.num_steps and export_step(workdir) != step:  # none yet, or of a run since continued
         dtype = "bfloat16" if config.checkpoint.export_bf16 else "float32"
-        train_lib.export_params(state, export_dir, config, use_ema=True, dtype=dtype)
+        train_lib.export_params(state, export_dir, config, use_ema=True, dtype=dtype, overwrite=True)
         logging.info("train: exported EMA params (%s) to %s", dtype, export_dir)
     return last
 

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from magnet_jax.checkpoints.lm_weights import set_layer_layout
 from magnet_jax.checkpoints.weights import check_state_dict
 from magnet_jax.cli import reason
-from magnet_jax.fileio import WeightsError, atomic_directory, flatten_dict
+from magnet_jax.fileio import WeightsError, absolute_path, atomic_directory, flatten_dict
 from magnet_jax.models import objectives
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
@@ -106,7 +106,7 @@ def save_pretrained(directory: str | Path, params: Mapping, config: Mapping, *, 
     model_objective(config, f"save_pretrained({directory})")
     _check_params(params, model, f"save_pretrained({directory})")
     try:
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
+        with atomic_directory(absolute_path(directory), overwrite=overwrite) as tmp:
             with ocp.StandardCheckpointer() as checkpointer:
                 checkpointer.save(tmp / PARAMS_DIR, params)
             if jax.process_index() == 0:
@@ -150,7 +150,7 @@ def load_pretrained(
       shardings: a tree of `jax.sharding.Sharding` matching the returned params: sharded device arrays on any mesh /
         host count (each device reads only its shard when no re-layout is needed). None: host NumPy arrays.
     """
-    path = Path(directory).expanduser()
+    path = Path(absolute_path(directory))  # orbax takes absolute paths only
     config = read_config(path)
     model = LMConfig.from_config(config["model"])
     dtype = jnp.dtype(dtype or model.param_dtype)

@@ -3,8 +3,9 @@
   load_lm(source) -> (config.json dict, host params)
 
 `source` is
-  * a training workdir (`magnet_jax.train`; layout below): its params export, else the EMA params of its newest
-    checkpoint (a run still training), with the config.json its export will have;
+  * a training workdir (`magnet_jax.train`; layout below): its params export, or the EMA params of its newest
+    checkpoint when that is newer than the export or there is none (a run still training or continued past its
+    export; logged), with the config.json its export will have;
   * a converted checkpoint directory (`magnet_jax.checkpoints.pretrained`);
   * released weights: a hub id, directory or file in audiocraft's (`state_dict.bin`) or transformers' (MusicGen)
     format, converted on the fly (`magnet_jax.checkpoints.lm_weights`).
@@ -25,11 +26,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 from magnet_jax.checkpoints import pretrained
 from magnet_jax.checkpoints.lm_weights import import_lm, set_layer_layout
 from magnet_jax.cli import reason
-from magnet_jax.fileio import WeightsError
+from magnet_jax.fileio import WeightsError, local_source
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 WORKDIR_CONFIG = "config.json"
@@ -41,7 +44,33 @@ STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
 
 
 def is_workdir(path: Path) -> bool:
-    return (path / CHECKPOINTS_DIR).is_dir() or (path / EXPORT_DIR).is_dir()
+    """A training workdir: it has checkpoints or an export, or (a run stopped before its first save) a config.json
+    holding a training config (with `train` and `optim` sections)."""
+    if (path / CHECKPOINTS_DIR).is_dir() or (path / EXPORT_DIR).is_dir():
+        return True
+    try:
+        config = json.loads((path / WORKDIR_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"train", "optim"} <= set(config)
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """The steps of a training workdir's checkpoints, ascending (finished saves only: orbax's temporary
+    `<step>.orbax-checkpoint-tmp` directories are not digits)."""
+    checkpoints = epath.Path(workdir) / CHECKPOINTS_DIR
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
+
+
+def export_step(workdir: str | Path) -> int | None:
+    """The training step of a workdir's params export (its config.json provenance), None without an export."""
+    config = epath.Path(workdir) / EXPORT_DIR / pretrained.CONFIG_FILE
+    if not config.is_file():
+        return None
+    try:
+        return int(json.loads(config.read_text())["provenance"]["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{config}: no provenance.step ({reason(e)})") from e
 
 
 def load_lm(source: str | Path, *, dtype: Any = None, scan_layers: bool | None = None) -> tuple[dict, dict]:
@@ -52,12 +81,20 @@ def load_lm(source: str | Path, *, dtype: Any = None, scan_layers: bool | None =
       scan_layers: re-layout the transformer layers (stacked vs per layer); None keeps the stored layout (released
         weights: stacked).
     """
-    path = Path(source).expanduser()
+    path = Path(local_source(source))
     if is_workdir(path):
-        export = path / EXPORT_DIR
-        if (export / pretrained.CONFIG_FILE).is_file():
-            return pretrained.load_pretrained(export, dtype=dtype, scan_layers=scan_layers)
-        config, params = _load_training_checkpoint(path)
+        exported, steps = export_step(path), checkpoint_steps(path)
+        if exported is not None and (not steps or exported >= steps[-1]):
+            return pretrained.load_pretrained(path / EXPORT_DIR, dtype=dtype, scan_layers=scan_layers)
+        if exported is not None:
+            logging.warning(
+                "training workdir %s: its export is of step %d, its newest checkpoint of step %d; using the "
+                "checkpoint's EMA params",
+                path,
+                exported,
+                steps[-1],
+            )
+        config, params = _load_training_checkpoint(path, steps)
     elif path.is_dir() and (path / pretrained.CONFIG_FILE).is_file() and (path / pretrained.PARAMS_DIR).is_dir():
         return pretrained.load_pretrained(path, dtype=dtype, scan_layers=scan_layers)
     else:
@@ -72,11 +109,10 @@ def load_lm(source: str | Path, *, dtype: Any = None, scan_layers: bool | None =
     return config, params
 
 
-def _load_training_checkpoint(workdir: Path) -> tuple[dict, dict]:
-    """EMA params of the newest checkpoint of a run without a params export yet (still training), and the config
-    its export will have."""
+def _load_training_checkpoint(workdir: Path, steps: list[int]) -> tuple[dict, dict]:
+    """EMA params of the newest of a run's checkpoints `steps` (a run without an up-to-date params export), and the
+    config its export will have."""
     checkpoints = workdir / CHECKPOINTS_DIR
-    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
     if not steps or not (workdir / WORKDIR_CONFIG).is_file():
         raise WeightsError(f"training workdir {workdir}: no params export and no checkpoint with a config.json")
     train_config = ml_collections.ConfigDict(json.loads((workdir / WORKDIR_CONFIG).read_text()))
