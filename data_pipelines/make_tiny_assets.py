@@ -94,16 +94,20 @@ def hf_config(config: EncodecConfig) -> dict:
     }
 
 
-def make_codec(
-    directory: str | os.PathLike, config: EncodecConfig, calibration_wav: np.ndarray, *, seed: int = 0
-) -> Path:
-    """Writes a random codec with codebooks fitted on `calibration_wav` `[B, 1, N]` (loadable by `load_encodec`)."""
-    params = encodec.init_encodec(config, seed, calibration_wav)
+def write_codec(directory: str | os.PathLike, config: EncodecConfig, params) -> Path:
+    """Writes codec `params` in the transformers layout (config.json + model.safetensors, for `load_encodec`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_from_params(config, params), str(directory / HF_WEIGHTS))
     (directory / HF_CONFIG).write_text(json.dumps(hf_config(config), indent=2) + "\n")
     return directory
+
+
+def make_codec(
+    directory: str | os.PathLike, config: EncodecConfig, calibration_wav: np.ndarray, *, seed: int = 0
+) -> Path:
+    """Writes a random codec with codebooks fitted on `calibration_wav` `[B, 1, N]` (loadable by `load_encodec`)."""
+    return write_codec(directory, config, encodec.init_encodec(config, seed, calibration_wav))
 
 
 def make_assets(corpus: str | os.PathLike, output: str | os.PathLike, *, seed: int = 0) -> dict[str, Path]:
