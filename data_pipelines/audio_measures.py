@@ -6,7 +6,7 @@ asks for, read back from the audio.
   snr_db(reference, estimate) -> float          10 log10(|x|^2 / |x - y|^2)
   mel_distance(reference, estimate, sr) -> float mean |log10 mel_x - log10 mel_y| over a few STFT sizes
   measure(wav, sr) -> Properties                tonic pitch class (chroma vs key profiles), tempo (onset-envelope
-                                                autocorrelation), drums (noise-like share of onset energy),
+                                                autocorrelation), drums (flat, loud treble),
                                                 brightness (spectral centroid)
   adherence(spec, properties) -> dict[str, bool] which of a `synthetic_corpus.ClipSpec`'s properties were found
 
@@ -131,13 +131,15 @@ def tempo(wav: np.ndarray, sample_rate: int) -> float:
 
 
 def has_drums(wav: np.ndarray, sample_rate: int) -> bool:
-    """Noise-like content: the spectral flatness of 4–12 kHz frames is high where synthetic drums hit."""
+    """Noise-like treble: synthetic drums (hi-hats, snares) put broadband noise into 8–15 kHz. True when that band
+    holds more than 10^-1.8 of the mean spectral power and over 10 % of its frames are spectrally flat (flatness
+    > 0.3; tonal timbres give near-zero flatness there)."""
     spec = power_spectrogram(wav, 1024, 512)
     freqs = np.fft.rfftfreq(1024, 1.0 / sample_rate)
-    high = spec[:, (freqs >= 4000) & (freqs <= 12000)] + 1e-12
+    high = spec[:, (freqs >= 8000) & (freqs <= 15000)] + 1e-12
     flatness = np.exp(np.log(high).mean(1)) / high.mean(1)
-    loud = high.mean(1) > 1e-3 * spec.mean(1).max()
-    return bool(np.mean(flatness[loud] > 0.3) > 0.05) if loud.any() else False
+    loud = np.log10(high.mean() / (spec.mean() + 1e-12)) > -1.8
+    return bool(loud and np.mean(flatness > 0.3) > 0.1)
 
 
 def centroid(wav: np.ndarray, sample_rate: int) -> float:
@@ -153,3 +155,30 @@ def measure(wav: np.ndarray, sample_rate: int) -> Properties:
     wav = np.asarray(wav, np.float64).reshape(-1)
     tonic, mode = key_of(chroma(wav, sample_rate))
     return Properties(tonic, mode, tempo(wav, sample_rate), has_drums(wav, sample_rate), centroid(wav, sample_rate))
+
+
+BRIGHT_TIMBRES, SOFT_TIMBRES = ("sawtooth", "square"), ("sine",)  # "bright ..." / "soft ..." in the descriptions
+BRIGHT_HZ = 900.0  # spectral centroid splitting them (corpus clips: sawtooth ~1250 Hz, sine ~600 Hz)
+
+
+def key_signature(tonic: int, mode: str) -> int:
+    """The pitch class of the major key with the same notes (a minor key and its relative major share it)."""
+    return tonic % 12 if mode == "major" else (tonic + 3) % 12
+
+
+def adherence(spec, properties: Properties) -> dict[str, bool]:
+    """Which prompted properties of `spec` (a `synthetic_corpus.ClipSpec`) `properties` show.
+
+    key:        the same key signature (tonic, or its relative major / minor: both use the same notes)
+    tempo:      within 10 % of the prompted BPM, or of its double or half (beat-level octave errors)
+    drums:      drums present exactly when prompted
+    brightness: centroid above `BRIGHT_HZ` for a bright timbre, below for a soft one (other timbres: absent)
+    """
+    out = {
+        "key": key_signature(spec.tonic, spec.mode) == key_signature(properties.tonic, properties.mode),
+        "tempo": min(abs(properties.bpm - spec.bpm * f) / (spec.bpm * f) for f in (0.5, 1.0, 2.0)) <= 0.1,
+        "drums": properties.drums == spec.drums,
+    }
+    if spec.timbre in BRIGHT_TIMBRES + SOFT_TIMBRES:
+        out["brightness"] = (properties.centroid_hz > BRIGHT_HZ) == (spec.timbre in BRIGHT_TIMBRES)
+    return out
