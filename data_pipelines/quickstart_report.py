@@ -138,18 +138,19 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
 
 
 def spectrogram_sheet(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-    """Log-mel images (low frequencies at the bottom) of `rows` of clips, side by side: RGB `[H, W, 3]`."""
+    """Log-mel images of `rows` of clips side by side (low frequencies at the bottom; each image spans the top 50 dB
+    of its own power), white separators: RGB uint8 `[H, W, 3]`."""
     images = []
     for clips in rows:
         mels = [audio_measures.log_mel(c, SAMPLE_RATE, 1024, 64).T[::-1] for c in clips]
         width = max(m.shape[1] for m in mels)
-        cells = [np.pad(np.clip((m + 5) / 5, 0, 1), ((0, 0), (0, width - m.shape[1])), constant_values=0) for m in mels]
-        gap = np.ones((64, 4))
+        cells = [np.pad(np.clip((m - m.max() + 5) / 5, 0, 1), ((0, 0), (0, width - m.shape[1]))) for m in mels]
+        gap = np.full((64, 4), np.nan)
         images.append(np.concatenate([c for cell in cells for c in (cell, gap)][:-1], axis=1))
-    gap = np.ones((4, images[0].shape[1]))
+    gap = np.full((4, images[0].shape[1]), np.nan)
     sheet = np.concatenate([c for img in images for c in (img, gap)][:-1], axis=0)
-    rgb = _colour(sheet)
-    rgb[sheet == 1.0] = 255  # white separators
+    rgb = _colour(np.nan_to_num(sheet))
+    rgb[np.isnan(sheet)] = 255
     return np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1)
 
 
@@ -207,8 +208,8 @@ def format_report(report: dict) -> str:
     if report["eval_loss_last"] is not None:
         lines.append(
             f"held-out loss {report['eval_loss_first']:.3f} -> {report['eval_loss_last']:.3f} (step "
-            f"{report['eval_step_last']}); unigram entropy of the codes {min(entropy):.3f}-{max(entropy):.3f} "
-            f"nats, uniform {report['uniform_entropy']:.3f}"
+            f"{report['eval_step_last']}); unigram entropy of the codes {np.mean(entropy):.3f} nats (per codebook "
+            f"{min(entropy):.3f}-{max(entropy):.3f}), uniform {report['uniform_entropy']:.3f}"
         )
     return "\n".join(lines)
 

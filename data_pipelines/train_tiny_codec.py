@@ -211,7 +211,7 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("output", None, "directory for the trained codec", required=True)
-    flags.DEFINE_integer("steps", 2000, "training steps (both phases)")
+    flags.DEFINE_integer("steps", 1500, "training steps (both phases)")
     flags.DEFINE_integer("ae_steps", 400, "autoencoder steps before the quantizer is switched on")
     flags.DEFINE_integer("batch_size", 8, "crops per step")
     flags.DEFINE_float("segment_seconds", 0.5, "crop length")
