@@ -4,14 +4,19 @@
 #   bash launch/quickstart.sh
 #
 # 1. creates a virtual environment (quickstart_out/venv, pinned by constraints.txt; reused when it is up to date),
-# 2. synthesizes a small music corpus (chord progressions on synth timbres, with matching descriptions),
-# 3. creates a tiny text encoder (random T5 + a tokenizer trained on the descriptions) and a tiny EnCodec (random
-#    convs, codebooks fitted on the corpus), the "embedded default": nothing is downloaded, nothing is pretrained,
-# 4. encodes the corpus into EnCodec codes (ArrayRecord shards),
-# 5. trains the tiny MAGNeT (configs/magnet.py size=tiny, 4 s segments) on CPU,
-# 6. runs the batch generation job on a few prompts (one continues an audio prompt) and prints where the WAVs are.
-# About 10 minutes on 2 CPU cores. The samples show that every stage runs end to end; a model this small, trained
-# for minutes on a random codec, does not make music. With the hub reachable, released weights generate instead:
+# 2. synthesizes a small music corpus (chord progressions on synth timbres, with matching descriptions) and a
+#    held-out one for the eval split,
+# 3. creates a tiny text encoder (random T5 + a tokenizer trained on the descriptions) and copies the tiny EnCodec
+#    trained on synthetic music (data_pipelines/tiny_codec, made by data_pipelines/train_tiny_codec.py with a fixed
+#    seed), the "embedded default": nothing is downloaded,
+# 4. encodes both corpora into EnCodec codes (ArrayRecord shards),
+# 5. trains the tiny MAGNeT (configs/magnet.py size=tiny, 4 s segments) on CPU, evaluating on the held-out codes,
+# 6. runs the batch generation job on prompts drawn like the corpus descriptions (one continues an audio prompt),
+#    and the same prompts on an untrained tiny MAGNeT,
+# 7. checks the samples objectively (data_pipelines/quickstart_report.py): key, tempo, drums and brightness measured
+#    from the audio with plain DSP, next to the corpus rendering of each prompt and the untrained model, the
+#    held-out loss next to the codes' unigram entropy, and a spectrogram sheet (spectrograms.png).
+# With the hub reachable, released weights generate instead:
 #   python -m magnet_jax.generate --config=configs/generate.py:source=facebook/magnet-small-10secs \
 #       --prompts=quickstart_out/prompts.jsonl --output_dir=quickstart_out/samples_magnet_small
 #
