@@ -36,7 +36,7 @@ from magnet_jax.generation.decoding import DecodeParams, PrefixParams
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = parse_arg(arg, source="facebook/magnet-small-10secs", duration=10, task="music")
+    arg = parse_arg(arg, source="facebook/magnet-small-10secs", duration=10.0, task="music")
     if arg.duration <= 0:
         raise ValueError(f"duration={arg.duration}: expected a positive number of seconds")
     base = magnet.get_config(f"size=tiny,duration={arg.duration},task={arg.task}")

@@ -76,7 +76,7 @@ TEXT_ENCODERS = {  # hub id / dir, d_model
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = parse_arg(arg, size="small", duration=10, task="music", objective="magnet")
+    arg = parse_arg(arg, size="small", duration=10.0, task="music", objective="magnet")
     if arg.size not in SIZES:
         raise ValueError(f"size={arg.size!r}: expected one of {', '.join(SIZES)}")
     if arg.task not in ("music", "sound"):
@@ -216,7 +216,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- generation ------------------------------------------------------------------------------------
     c.generate = ml_collections.ConfigDict()
-    first = int(20 * arg.duration / 10)
+    first = max(1, int(20 * arg.duration / 10))
     c.generate.decoding_steps = [first, 10, 10, 10]
     c.generate.temperature = 3.0 if arg.task == "music" else 3.5
     c.generate.anneal_temp = True

@@ -40,7 +40,7 @@ import numpy as np
 import soundfile as sf
 from absl import logging
 
-from magnet_jax.cli import define_distributed_flags, initialize_distributed
+from magnet_jax.cli import define_distributed_flags, initialize_distributed, quiet_logs
 from magnet_jax.data import records
 from magnet_jax.data.audio import to_codec_audio
 from magnet_jax.fileio import TMP_PREFIX, LockError, atomic_file, directory_lock, file_sha256, pin_settings, write_json
@@ -653,6 +653,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv):
     del argv
+    quiet_logs()
     import jax
 
     from magnet_jax.checkpoints.encodec_weights import load_encodec

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,9 +29,10 @@ import soundfile as sf
 from safetensors.numpy import save_file
 
 from configs.magnet import get_config
-from magnet_jax.checkpoints.encodec_weights import HF_CONFIG, HF_WEIGHTS, state_dict_from_params
+from magnet_jax.checkpoints.encodec_weights import HF_CONFIG, HF_WEIGHTS, load_encodec, state_dict_from_params
 from magnet_jax.checkpoints.pretrained import save_pretrained
 from magnet_jax.checkpoints.t5_weights import write_random_t5
+from magnet_jax.cli import quiet_logs
 from magnet_jax.data.audio import to_codec_audio
 from magnet_jax.models import encodec
 from magnet_jax.models.encodec import EncodecConfig
@@ -93,11 +95,8 @@ def hf_config(config: EncodecConfig) -> dict:
     }
 
 
-def make_codec(
-    directory: str | os.PathLike, config: EncodecConfig, calibration_wav: np.ndarray, *, seed: int = 0
-) -> Path:
-    """Writes a random codec with codebooks fitted on `calibration_wav` `[B, 1, N]` (loadable by `load_encodec`)."""
-    params = encodec.init_encodec(config, seed, calibration_wav)
+def write_codec(directory: str | os.PathLike, config: EncodecConfig, params) -> Path:
+    """Writes codec `params` in the transformers layout (config.json + model.safetensors, for `load_encodec`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_from_params(config, params), str(directory / HF_WEIGHTS))
@@ -105,8 +104,21 @@ def make_codec(
     return directory
 
 
-def make_assets(corpus: str | os.PathLike, output: str | os.PathLike, *, seed: int = 0) -> dict[str, Path]:
-    """The tiny preset's text encoder and codec, built from the corpus: `{"t5": dir, "codec": dir}`."""
+def make_codec(
+    directory: str | os.PathLike, config: EncodecConfig, calibration_wav: np.ndarray, *, seed: int = 0
+) -> Path:
+    """Writes a random codec with codebooks fitted on `calibration_wav` `[B, 1, N]` (loadable by `load_encodec`)."""
+    return write_codec(directory, config, encodec.init_encodec(config, seed, calibration_wav))
+
+
+def make_assets(
+    corpus: str | os.PathLike, output: str | os.PathLike, *, seed: int = 0, codec: str | os.PathLike | None = None
+) -> dict[str, Path]:
+    """The tiny preset's text encoder and codec, built from the corpus: `{"t5": dir, "codec": dir}`.
+
+    `codec`: a trained tiny codec directory (`data_pipelines.train_tiny_codec`) copied to `<output>/codec` instead
+    of creating a random one.
+    """
     tiny = get_config("size=tiny")
     output = Path(output)
     codec_config = EncodecConfig.from_config(tiny.codec)
@@ -114,10 +126,26 @@ def make_assets(corpus: str | os.PathLike, output: str | os.PathLike, *, seed: i
         "t5": write_random_t5(
             output / "t5", corpus=corpus_descriptions(corpus), d_model=tiny.conditioner.t5_dim, seed=seed
         ),
-        "codec": make_codec(
-            output / "codec", codec_config, calibration_audio(corpus, codec_config.sample_rate), seed=seed
+        "codec": (
+            copy_codec(codec, output / "codec", codec_config)
+            if codec
+            else make_codec(
+                output / "codec", codec_config, calibration_audio(corpus, codec_config.sample_rate), seed=seed
+            )
         ),
     }
+
+
+def copy_codec(source: str | os.PathLike, directory: str | os.PathLike, config: EncodecConfig) -> Path:
+    """Copies a trained codec (config.json + model.safetensors) after checking it is the tiny preset's codec."""
+    loaded, _ = load_encodec(source)
+    if loaded != config:
+        raise ValueError(f"codec {source}: not the tiny preset's codec ({loaded} != {config})")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (HF_CONFIG, HF_WEIGHTS):
+        shutil.copyfile(Path(source) / name, directory / name)
+    return directory
 
 
 def make_random_lm(
@@ -146,8 +174,13 @@ def make_random_lm(
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    quiet_logs()
     try:
-        paths = make_assets(FLAGS.corpus, FLAGS.output, seed=FLAGS.seed)
+        paths = make_assets(FLAGS.corpus, FLAGS.output, seed=FLAGS.seed, codec=FLAGS.codec or None)
+        if FLAGS.untrained_lm_seconds > 0:
+            paths["untrained_lm"] = make_random_lm(
+                Path(FLAGS.output) / "untrained_lm", paths, segment_seconds=FLAGS.untrained_lm_seconds, seed=FLAGS.seed
+            )
     except (ValueError, OSError) as e:
         sys.exit(f"make_tiny_assets: {e}")
     for name, path in paths.items():
@@ -162,5 +195,7 @@ if __name__ == "__main__":
     )
     flags.DEFINE_string("output", None, "directory for t5/ and codec/", required=True)
     flags.DEFINE_integer("seed", 0, "seed of the random weights")
+    flags.DEFINE_string("codec", "", "a trained tiny codec directory to use (default: a random codec)")
+    flags.DEFINE_float("untrained_lm_seconds", 0.0, "also write untrained_lm/, an untrained tiny LM of this segment")
     FLAGS = flags.FLAGS
     app.run(main)

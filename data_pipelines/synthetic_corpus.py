@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from magnet_jax.cli import quiet_logs
 from magnet_jax.fileio import atomic_file, write_json
 
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -288,6 +289,7 @@ def generate_corpus(
 
 def main(argv):
     del argv
+    quiet_logs()
     try:
         paths = generate_corpus(
             FLAGS.output,

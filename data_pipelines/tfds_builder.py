@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from magnet_jax.cli import quiet_logs
 from magnet_jax.data.records import CodeRecord, RecordError
 
 
@@ -109,6 +110,7 @@ def build(data_dir: str, splits: Mapping[str, str]) -> Path:
 
 def main(argv):
     del argv
+    quiet_logs()
     splits = {}
     for spec in FLAGS.split:
         name, sep, files = spec.partition(":")

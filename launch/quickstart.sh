@@ -4,14 +4,19 @@
 #   bash launch/quickstart.sh
 #
 # 1. creates a virtual environment (quickstart_out/venv, pinned by constraints.txt; reused when it is up to date),
-# 2. synthesizes a small music corpus (chord progressions on synth timbres, with matching descriptions),
-# 3. creates a tiny text encoder (random T5 + a tokenizer trained on the descriptions) and a tiny EnCodec (random
-#    convs, codebooks fitted on the corpus), the "embedded default": nothing is downloaded, nothing is pretrained,
-# 4. encodes the corpus into EnCodec codes (ArrayRecord shards),
-# 5. trains the tiny MAGNeT (configs/magnet.py size=tiny, 4 s segments) on CPU,
-# 6. runs the batch generation job on a few prompts (one continues an audio prompt) and prints where the WAVs are.
-# About 10 minutes on 2 CPU cores. The samples show that every stage runs end to end; a model this small, trained
-# for minutes on a random codec, does not make music. With the hub reachable, released weights generate instead:
+# 2. synthesizes a small music corpus (chord progressions on synth timbres, with matching descriptions) and a
+#    held-out one for the eval split,
+# 3. creates a tiny text encoder (random T5 + a tokenizer trained on the descriptions) and copies the tiny EnCodec
+#    trained on synthetic music (data_pipelines/tiny_codec, made by data_pipelines/train_tiny_codec.py with a fixed
+#    seed), the "embedded default": nothing is downloaded,
+# 4. encodes both corpora into EnCodec codes (ArrayRecord shards),
+# 5. trains the tiny MAGNeT (configs/magnet.py size=tiny, 4 s segments) on CPU, evaluating on the held-out codes,
+# 6. runs the batch generation job on prompts drawn like the corpus descriptions (one continues an audio prompt),
+#    and the same prompts on an untrained tiny MAGNeT,
+# 7. checks the samples objectively (data_pipelines/quickstart_report.py): key, tempo, drums and brightness measured
+#    from the audio with plain DSP, next to the corpus rendering of each prompt and the untrained model, the
+#    held-out loss next to the codes' unigram entropy, and a spectrogram sheet (spectrograms.png).
+# With the hub reachable, released weights generate instead:
 #   python -m magnet_jax.generate --config=configs/generate.py:source=facebook/magnet-small-10secs \
 #       --prompts=quickstart_out/prompts.jsonl --output_dir=quickstart_out/samples_magnet_small
 #
@@ -23,6 +28,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-quickstart_out}
 STEPS=${STEPS:-300}
 CLIPS=${CLIPS:-64}
+EVAL_CLIPS=16
 SECONDS_PER_CLIP=4
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # absolute: the trained model's config.json names its text encoder and codec by path
@@ -49,43 +55,41 @@ install() {  # the runtime install of tests/run.sh (no test extras); skipped for
   fi
 }
 
-write_prompts() {
-  "$VENV/bin/python" - "$OUT" <<'EOF'
-import json, sys
-from pathlib import Path
-import soundfile as sf
-out = Path(sys.argv[1])
-wav, sr = sf.read(out / "corpus" / "clip_00000.wav", dtype="float32")
-sf.write(out / "prompt_intro.wav", wav[: int(1.5 * sr)], sr)  # 1.5 s of a corpus clip to continue
-prompts = [
-    {"text": "A slow calm ambient piece: sustained chords on a soft sine-wave synth in C major at 80 BPM, no drums.",
-     "seed": 1, "num_samples": 2},
-    {"text": "A fast energetic electronic piece: arpeggios on a bright sawtooth synth with a steady drum beat.",
-     "seed": 2, "num_samples": 2},
-    {"text": "A mid-tempo funk piece: a bass line under sustained chords on an electric organ.", "seed": 3},
-    {"text": "Continue this clip with a simple melody.", "audio": "prompt_intro.wav", "seed": 4, "id": "continuation"},
-]
-(out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-EOF
-}
-
 py() { "$VENV/bin/python" "$@"; }
 
+corpus() {  # training clips (seed 0) and held-out clips (seed 1) for the eval split
+  py -m data_pipelines.synthetic_corpus --output="$OUT/corpus" --num_clips="$CLIPS" --seconds=$SECONDS_PER_CLIP --seed=0
+  py -m data_pipelines.synthetic_corpus --output="$OUT/corpus_eval" --num_clips="$EVAL_CLIPS" \
+    --seconds=$SECONDS_PER_CLIP --seed=1
+}
+
+encode() {
+  py -m data_pipelines.encode_audio --input="$OUT/corpus" --output="$OUT/codes" --codec="$OUT/assets/codec" \
+    --segment_seconds=$SECONDS_PER_CLIP --chunk_seconds=$SECONDS_PER_CLIP
+  py -m data_pipelines.encode_audio --input="$OUT/corpus_eval" --output="$OUT/codes_eval" \
+    --codec="$OUT/assets/codec" --segment_seconds=$SECONDS_PER_CLIP --chunk_seconds=$SECONDS_PER_CLIP
+}
+
 step "environment ($VENV)" install
-step "synthetic corpus ($CLIPS clips)" py -m data_pipelines.synthetic_corpus --output="$OUT/corpus" \
-  --num_clips="$CLIPS" --seconds=$SECONDS_PER_CLIP --seed=0
-step "tiny T5 + codec (local, random)" py -m data_pipelines.make_tiny_assets --corpus="$OUT/corpus" \
-  --output="$OUT/assets"
-step "encode corpus to codes" py -m data_pipelines.encode_audio --input="$OUT/corpus" --output="$OUT/codes" \
-  --codec="$OUT/assets/codec" --segment_seconds=$SECONDS_PER_CLIP --chunk_seconds=$SECONDS_PER_CLIP
+step "synthetic corpus ($CLIPS + $EVAL_CLIPS clips)" corpus
+step "tiny T5 + trained codec (local)" py -m data_pipelines.make_tiny_assets --corpus="$OUT/corpus" \
+  --output="$OUT/assets" --codec=data_pipelines/tiny_codec --untrained_lm_seconds=$SECONDS_PER_CLIP
+step "encode corpus to codes" encode
 step "train tiny MAGNeT ($STEPS steps)" py -m magnet_jax.train \
   --config=configs/magnet.py:size=tiny,duration=$SECONDS_PER_CLIP --workdir="$OUT/workdir" \
-  --config.data.train_files="$OUT/codes/*.array_record" --config.train.num_steps="$STEPS" \
-  --config.conditioner.t5="$OUT/assets/t5" --config.codec.source="$OUT/assets/codec"
-step "prompts" write_prompts
+  --config.data.train_files="$OUT/codes/*.array_record" --config.data.eval_files="$OUT/codes_eval/*.array_record" \
+  --config.train.num_steps="$STEPS" --config.train.eval_every=$(( STEPS / 3 > 0 ? STEPS / 3 : 1 )) \
+  --config.train.log_every=$(( STEPS / 10 > 0 ? STEPS / 10 : 1 )) --config.optim.lr=3e-3 \
+  --config.optim.warmup_steps=$(( STEPS / 10 )) --config.conditioner.t5="$OUT/assets/t5" \
+  --config.codec.source="$OUT/assets/codec"
+step "prompts" py -m data_pipelines.quickstart_report --mode=prompts --output="$OUT" --seconds=$SECONDS_PER_CLIP
 step "generate" py -m magnet_jax.generate \
   --config=configs/generate.py:source="$OUT/workdir",duration=$SECONDS_PER_CLIP --config.batch_size=4 \
   --prompts="$OUT/prompts.jsonl" --output_dir="$OUT/samples"
+step "generate (untrained model, for comparison)" py -m magnet_jax.generate \
+  --config=configs/generate.py:source="$OUT/assets/untrained_lm",duration=$SECONDS_PER_CLIP --config.batch_size=4 \
+  --prompts="$OUT/prompts.jsonl" --output_dir="$OUT/samples_untrained"
+step "objective check" py -m data_pipelines.quickstart_report --mode=check --output="$OUT"
 
 echo
 echo "== timings"

@@ -31,7 +31,7 @@ from magnet_jax.checkpoints.sources import load_lm
 from magnet_jax.checkpoints.t5_weights import load_t5
 from magnet_jax.data.audio import to_codec_audio
 from magnet_jax.data.tokenizer import TextTokenizer
-from magnet_jax.fileio import WeightsError
+from magnet_jax.fileio import WeightsError, local_source
 from magnet_jax.generation import decoding, hybrid, windows
 from magnet_jax.models import conditioner, encodec, t5
 from magnet_jax.models.lm import LanguageModel, LMConfig, cast_params, init_params
@@ -59,6 +59,13 @@ DEFAULT_SETTINGS = {
     "ar_model": "",  # generates the first generate.prefix_seconds (composition-mode hybrid); may equal rescorer
 }
 SETTINGS = tuple(DEFAULT_SETTINGS)
+SOURCE_SETTINGS = ("t5", "codec", "rescorer", "ar_model")  # model sources: local paths are made absolute
+
+
+def resolve_sources(settings) -> None:
+    """Makes the local paths among `settings`' model sources absolute in place (hub ids are kept)."""
+    for key in SOURCE_SETTINGS:
+        settings[key] = local_source(settings[key])
 
 
 def make_settings(**overrides) -> ml_collections.ConfigDict:
@@ -91,6 +98,25 @@ def row_keys(seeds_and_indices: Sequence[tuple[int, int]]) -> np.ndarray:
             for seed, index in seeds_and_indices
         ]
     ).astype(np.uint32)
+
+
+def check_descriptions(descriptions: str | Sequence[str | None] | None, n: int | None = None) -> list[str | None]:
+    """The descriptions of a call as a list: a single string is one description; each must be a string or None
+    (ValueError otherwise, and when `n` is given and the count differs)."""
+    if isinstance(descriptions, str):
+        descriptions = [descriptions]
+    elif descriptions is None or not isinstance(descriptions, Sequence):
+        raise ValueError(
+            f"descriptions: expected a string or a list of strings / None, got {type(descriptions).__name__}"
+        )
+    descriptions = list(descriptions)
+    bad = [(i, d) for i, d in enumerate(descriptions) if d is not None and not isinstance(d, str)]
+    if bad:
+        i, d = bad[0]
+        raise ValueError(f"descriptions[{i}]={d!r}: expected a string or None, got {type(d).__name__}")
+    if n is not None and len(descriptions) != n:
+        raise ValueError(f"{len(descriptions)} descriptions for {n} prompts")
+    return descriptions
 
 
 def _global(x: np.ndarray, sharding_: jax.sharding.Sharding) -> jax.Array:
@@ -208,7 +234,9 @@ class MAGNeT:
             training workdir; same codebooks, card and text-encoder width as the MAGNeT model. A Hybrid-MAGNeT
             model (config.json "objective": "hybrid") takes neither: it generates its own prefix.
         """
-        return cls(*load_lm(source), make_settings(**settings))
+        settings = make_settings(**settings)
+        resolve_sources(settings)
+        return cls(*load_lm(local_source(source)), settings)
 
     # --- properties -----------------------------------------------------------------------------------------
 
@@ -329,14 +357,15 @@ class MAGNeT:
 
     def generate(
         self,
-        descriptions: Sequence[str | None],
+        descriptions: str | Sequence[str | None],
         *,
         seed: int = 0,
         prefix_seconds: float | None = None,
         duration: float | None = None,
         extend_stride: float | None = None,
     ) -> Generation:
-        """Text-to-music: one sample per description (None or "" = unconditional).
+        """Text-to-music: one sample per description (None or "" = unconditional; a single string is one
+        description).
 
         `prefix_seconds`, `duration`, `extend_stride` (default: the generation parameters) apply to this call only.
         `prefix_seconds` > 0: the composition-mode hybrid; the `ar_model` (or a Hybrid-MAGNeT model itself)
@@ -344,22 +373,28 @@ class MAGNeT:
         than the model's training segment: windowed generation, each window after the first continuing the last
         `segment - extend_stride` seconds of the one before (`window_plan`).
         """
+        descriptions = check_descriptions(descriptions)
         overrides = {
             k: v
             for k, v in (("prefix_seconds", prefix_seconds), ("duration", duration), ("extend_stride", extend_stride))
             if v is not None
         }
         if not overrides:
-            return self._generate(list(descriptions), seed, prompt=None)
+            return self._generate(descriptions, seed, prompt=None)
         saved = self._params
         self.set_generation_params(**overrides)
         try:
-            return self._generate(list(descriptions), seed, prompt=None)
+            return self._generate(descriptions, seed, prompt=None)
         finally:
             self._params = saved
 
     def generate_continuation(
-        self, prompt, prompt_sample_rate: int, descriptions: Sequence[str | None] | None = None, *, seed: int = 0
+        self,
+        prompt,
+        prompt_sample_rate: int,
+        descriptions: str | Sequence[str | None] | None = None,
+        *,
+        seed: int = 0,
     ) -> Generation:
         """Continues audio prompts: `prompt` `[B, C, N]` or `[C, N]` at `prompt_sample_rate`.
 
@@ -374,9 +409,10 @@ class MAGNeT:
         wav = wav[None] if wav.ndim == 2 else wav
         if wav.ndim != 3 or wav.shape[-1] == 0:
             raise ValueError(f"prompt: expected audio [B, C, N] or [C, N], got shape {np.shape(prompt)}")
-        descriptions = [None] * wav.shape[0] if descriptions is None else list(descriptions)
-        if len(descriptions) != wav.shape[0]:
-            raise ValueError(f"{len(descriptions)} descriptions for {wav.shape[0]} prompts")
+        if not np.isfinite(wav).all():
+            raise ValueError(f"prompt: {np.size(wav) - np.isfinite(wav).sum()} samples are NaN or infinite")
+        n = wav.shape[0]
+        descriptions = [None] * n if descriptions is None else check_descriptions(descriptions, n)
         return self._generate(descriptions, seed, prompt=self.encode_audio(wav, prompt_sample_rate))
 
     def _generate(self, descriptions: list, seed: int, prompt: np.ndarray | None) -> Generation:

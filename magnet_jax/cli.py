@@ -77,6 +77,7 @@ def quiet_logs() -> None:
     found" notice, and JAX's INFO logs."""
     logging.get_absl_handler().addFilter(_QuietLibraryLogs())
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     std_logging.getLogger("jax").setLevel(std_logging.WARNING)
     warnings.filterwarnings("ignore", message=".*PyTorch was not found.*")

@@ -19,7 +19,7 @@ from absl import app, flags
 from magnet_jax.checkpoints import lm_weights, pretrained
 from magnet_jax.checkpoints.sources import load_lm
 from magnet_jax.cli import fail, parse_flags, quiet_logs
-from magnet_jax.fileio import WeightsError
+from magnet_jax.fileio import WeightsError, absolute_path, check_writable, local_source
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,9 +40,15 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing --dst")
 def convert(
     src: str, dst: str, *, to: str = "jax", dtype: str | None = None, scan_layers: bool = True, overwrite: bool = False
 ) -> Path:
-    """Converts `src` into `dst`; returns `dst`. Raises WeightsError on bad input (nothing written)."""
-    if Path(dst).expanduser().exists() and not overwrite:
+    """Converts `src` into `dst` (paths relative to the working directory or `~`); returns `dst`, absolute. Raises
+    WeightsError on bad input (nothing written)."""
+    src, dst = local_source(src), absolute_path(dst)
+    if Path(dst).exists() and not overwrite:
         raise WeightsError(f"{dst} already exists (pass --overwrite to replace it)")
+    try:  # before the weights load
+        check_writable(dst, what="--dst")
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
     if to == "jax":
         config, params = load_lm(src, dtype=dtype, scan_layers=scan_layers)
         pretrained.save_pretrained(dst, params, config, overwrite=overwrite)

@@ -4,7 +4,9 @@ keeps them (a path, a directory, a hub id), and multi-host barriers.
 Every output of the package goes through here: single files (`atomic_file`, `write_atomic`), directories
 (`atomic_directory`) and the settings a job pins in its output directory (`pin_settings`). Temporary names start
 with `TMP_PREFIX` and carry the host and process id, so processes sharing a file system never collide. Every input
-a user names by hub id or path is found by `resolve_file`.
+a user names by hub id or path is found by `resolve_file`. Paths a user types are made absolute once, where they
+enter (`absolute_path` for outputs and data, `local_source` for what may also be a hub id), and outputs are checked
+writable before any work (`check_writable`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 import socket
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,45 @@ def barrier(name: str) -> None:
     """Waits until every process reaches the barrier `name` (no-op with one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def absolute_path(path: str | os.PathLike) -> str:
+    """A path a user gave, resolved once where it enters the program: `~` expanded, a relative path joined to the
+    working directory (orbax and the config.json of a run need absolute ones). URLs (`gs://...`) and "" are kept."""
+    text = os.fspath(path)
+    if not text or "://" in text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def local_source(source: str | os.PathLike) -> str:
+    """A model source a user gave (path or hub id): `absolute_path` when it names a local file or directory (or is
+    written as a path: starting with `~`, `.` or `/`); a hub id (`facebook/magnet-small-10secs`) is kept."""
+    text = os.fspath(source)
+    if text.startswith(("~", ".", "/")) or (text and os.path.exists(os.path.expanduser(text))):
+        return absolute_path(text)
+    return text
+
+
+def check_writable(path: str | os.PathLike, *, what: str, exist_ok: bool = True) -> None:
+    """Raises a one-line ValueError when the directory `path` cannot be written: it is an existing file, it exists
+    and `exist_ok` is False, or its nearest existing ancestor is not a writable directory. Creates nothing; remote
+    paths are not checked."""
+    if "://" in os.fspath(path):
+        return
+    path = Path(absolute_path(path))
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{what} {path}: exists and is not a directory")
+        if not exist_ok:
+            raise ValueError(f"{what} {path}: already exists")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {parent} is not writable")
 
 
 def temporary_name(path: Path) -> Path:
@@ -382,23 +424,49 @@ def local_file(path: str | os.PathLike, *, what: str) -> Path:
     return Path(path).expanduser()
 
 
+_HUB_PROBES: dict[str, str | None] = {}  # hub endpoint -> why it cannot be reached (None: it can)
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None: "HF_HUB_OFFLINE is set", or a failed TCP connect (3 s
+    timeout, once per process) to the endpoint, so an offline machine fails in seconds instead of retrying for
+    minutes. With a proxy configured the connect is left to huggingface_hub."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    endpoint = constants.ENDPOINT
+    if endpoint not in _HUB_PROBES:
+        url = urllib.parse.urlsplit(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=3).close()
+            _HUB_PROBES[endpoint] = None
+        except OSError as e:
+            _HUB_PROBES[endpoint] = f"{url.hostname}:{port} is unreachable ({reason(e)})"
+    return _HUB_PROBES[endpoint]
+
+
 def _download(repo_id: str, filename: str, *, what: str) -> Path:
+    """`filename` of hub repository `repo_id`, from the local cache only when the hub cannot be reached."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError as e:  # pragma: no cover - huggingface_hub is a runtime dependency
         raise WeightsError(f"{what}: huggingface_hub is needed to download {repo_id}: {e}") from e
+    offline = hub_unreachable()
+    hint = (
+        f"the hub cannot be used: {offline}" if offline else "offline or unreachable"
+    ) + f"; pass a local directory holding {filename} instead"
+    if offline != "HF_HUB_OFFLINE is set":
+        hint += " (with HF_HUB_OFFLINE=1 nothing is looked up on the network)"
     try:
-        return Path(hf_hub_download(repo_id, filename))
-    except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE) or unreachable, and not in the local cache
-        raise WeightsError(
-            f"{what}: could not fetch {filename} from hub id {repo_id!r} (offline or unreachable, not cached); "
-            f"pass a local directory holding {filename} instead"
-        ) from e
+        return Path(hf_hub_download(repo_id, filename, local_files_only=offline is not None))
+    except LocalEntryNotFoundError as e:  # offline or unreachable, and not in the local cache
+        raise WeightsError(f"{what}: {filename} of hub id {repo_id!r} is not in the local cache ({hint})") from e
     except (RepositoryNotFoundError, EntryNotFoundError) as e:
         raise WeightsError(f"{what}: hub repository {repo_id} has no {filename} ({type(e).__name__})") from e
-    except Exception as e:  # offline mode, no network, proxy errors: all one message
-        raise WeightsError(
-            f"{what}: could not fetch {filename} from hub id {repo_id!r} (offline or unreachable: {reason(e)}); "
-            f"pass a local directory holding {filename} instead"
-        ) from e
+    except Exception as e:  # no network, proxy errors: all one message
+        raise WeightsError(f"{what}: could not fetch {filename} from hub id {repo_id!r} ({reason(e)}; {hint})") from e

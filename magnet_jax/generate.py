@@ -29,16 +29,19 @@ import soundfile as sf
 import tqdm
 from absl import logging
 
-from magnet_jax.api import MAGNeT, local_rows, row_keys
+from magnet_jax.api import MAGNeT, local_rows, resolve_sources, row_keys
 from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, load_lm
 from magnet_jax.cli import define_distributed_flags, fail, initialize_distributed, one_line, parse_flags, quiet_logs
 from magnet_jax.data.audio import read_audio
 from magnet_jax.fileio import (
     LockError,
     WeightsError,
+    absolute_path,
     barrier,
+    check_writable,
     directory_lock,
     file_sha256,
+    local_source,
     pin_settings,
     remove_temporaries,
     write_atomic,
@@ -329,14 +332,20 @@ def run(
       WeightsError: the model cannot be loaded.
     """
     start = time.perf_counter()
-    out, primary = Path(output_dir), jax.process_index() == 0
+    out, primary = Path(absolute_path(output_dir)), jax.process_index() == 0
+    config.source = local_source(config.source)  # pinned in job.json: the same model from any working directory
+    resolve_sources(config)
     fmt, subtype = config.output.format, config.output.subtype
     if fmt not in AUDIO_FORMATS or not sf.check_format(AUDIO_FORMATS[fmt], subtype):
         raise JobError(
             f"config.output.format={fmt!r} / subtype={subtype!r}: expected format one of "
             f"{', '.join(AUDIO_FORMATS)} with a subtype soundfile writes for it (PCM_16, PCM_24, FLOAT)"
         )
-    prompt_list, errors = read_prompts(prompts, seed=config.seed, num_samples=config.num_samples)
+    prompt_list, errors = read_prompts(absolute_path(prompts), seed=config.seed, num_samples=config.num_samples)
+    try:  # before the model loads: a bad output dir is found in seconds
+        check_writable(out, what="--output_dir")
+    except ValueError as e:
+        raise JobError(str(e)) from None
     if model is None:  # a training workdir: the checkpoint step an earlier run of this job used, if any
         model = MAGNeT(*load_lm(config.source, checkpoint_step=pinned_checkpoint_step(out / JOB_FILE)), config)
     try:

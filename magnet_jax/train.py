@@ -20,7 +20,7 @@ Workdir layout:
   .lock                 the running trainer (host, pid); a second one exits 2
   export/               params-only export (EMA weights; bfloat16 with checkpoint.export_bf16) in the
                         `magnet_jax.checkpoints.pretrained` format that generation loads, written when training
-                        completes
+                        completes (rewritten when a run is continued to a larger train.num_steps)
 """
 
 from __future__ import annotations
@@ -33,12 +33,11 @@ import time
 import jax
 import ml_collections
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
 
 from magnet_jax import api, sharding
 from magnet_jax.checkpoints.pretrained import config_from_training
-from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, EXPORT_DIR, WORKDIR_CONFIG
+from magnet_jax.checkpoints.sources import CHECKPOINTS_DIR, EXPORT_DIR, WORKDIR_CONFIG, export_step
 from magnet_jax.checkpoints.t5_weights import load_t5
 from magnet_jax.cli import define_distributed_flags, fail, initialize_distributed, one_line, parse_flags, quiet_logs
 from magnet_jax.data import input_pipeline
@@ -46,7 +45,16 @@ from magnet_jax.data.records import RecordError
 from magnet_jax.data.tokenizer import TextTokenizer
 from magnet_jax.evaluation import scoring, vggish
 from magnet_jax.evaluation.captions import read_captions
-from magnet_jax.fileio import LockError, WeightsError, directory_lock, flatten_dict, write_atomic
+from magnet_jax.fileio import (
+    LockError,
+    WeightsError,
+    absolute_path,
+    check_writable,
+    directory_lock,
+    flatten_dict,
+    local_source,
+    write_atomic,
+)
 from magnet_jax.models import t5
 from magnet_jax.models.lm import LMConfig
 from magnet_jax.training import checkpointing, flops, guard, metrics, train_lib
@@ -127,6 +135,21 @@ class AudioEvaluation:
         if "clap" in self.metrics:
             scores["clap"] = scoring.clap_scores(embedded["clap"], self.texts)[1]
         return scores
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> None:
+    """Makes the config's user-given paths absolute in place (`~` and relative ones; hub ids and URLs are kept), so
+    checkpoints, config.json and the export name them from any working directory."""
+    for section, key, resolve in (
+        ("data", "train_files", absolute_path),
+        ("data", "eval_files", absolute_path),
+        ("conditioner", "t5", local_source),
+        ("codec", "source", local_source),
+        ("train", "init_from", local_source),
+        ("train", "eval_prompts", absolute_path),
+        ("train", "eval_reference", absolute_path),
+    ):
+        config[section][key] = resolve(config[section][key])
 
 
 class Run:
@@ -280,6 +303,12 @@ def train_and_evaluate(
         config (raised before the first step).
       guard.DivergenceError: the run diverged (nothing is saved or exported from the diverged state).
     """
+    workdir = absolute_path(workdir)
+    try:
+        check_writable(workdir, what="--workdir")
+        resolve_paths(config)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise SetupError(one_line(e)) from e
     lock = directory_lock(workdir, force=force_unlock) if jax.process_index() == 0 else contextlib.nullcontext()
     try:
         with lock:
@@ -369,7 +398,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run_steps: int | Non
                 last = metrics.summarize(history, last=LAST_VALUE_METRICS)
                 if timed_steps:
                     last.update(throughput((time.perf_counter() - timer) / timed_steps))
-                writer.write(step, "train", last)
+                writer.write(step, "train", last, note=metrics.progress_note(step, end, last.get("step_time")))
                 divergence.observe(step - len(history) + 1, history)  # raises before anything is saved
                 history, timed_steps = [], 0
                 timer = time.perf_counter()
@@ -403,10 +432,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run_steps: int | Non
             "; ".join(f"{where}: {why}" for where, why in skipped.skipped.items()),
         )
     export_dir = os.path.join(workdir, EXPORT_DIR)
-    if step == tc.num_steps and not epath.Path(export_dir).exists():
+    if step == tc.num_steps and export_step(workdir) != step:  # none yet, or of a run since continued
         dtype = "bfloat16" if config.checkpoint.export_bf16 else "float32"
         try:
-            train_lib.export_params(state, export_dir, config, use_ema=True, dtype=dtype)
+            train_lib.export_params(state, export_dir, config, use_ema=True, dtype=dtype, overwrite=True)
         except WeightsError as e:  # non-finite params
             raise guard.DivergenceError(str(e)) from e
         except Exception as e:  # orbax / tensorstore / OS errors while writing: one line naming the directory

@@ -106,6 +106,25 @@ def test_continuation_prompt_must_be_shorter_than_the_output(model):
         model.generate_continuation(np.zeros((1, 1, 3200), np.float32), 32000, ["x", "y"])
 
 
+def test_a_string_is_one_description_and_other_types_are_refused(model):
+    one = model.generate("a calm piano piece", seed=3)
+    assert one.codes.shape[0] == 1
+    np.testing.assert_array_equal(one.codes, model.generate(["a calm piano piece"], seed=3).codes)
+    with pytest.raises(ValueError, match=r"descriptions\[0\]=42: expected a string or None, got int"):
+        model.generate([42])
+    with pytest.raises(ValueError, match="descriptions: expected a string or a list"):
+        model.generate(None)
+
+
+def test_continuation_refuses_a_non_finite_prompt(model):
+    prompt = np.zeros((1, 1, 8000), np.float32)
+    prompt[0, 0, 10] = np.nan
+    with pytest.raises(ValueError, match="prompt: 1 samples are NaN or infinite"):
+        model.generate_continuation(prompt, 32000, ["a calm piano piece"])
+    with pytest.raises(ValueError, match="descriptions\\[0\\]=b'x'"):
+        model.generate_continuation(np.zeros((1, 8000), np.float32), 32000, [b"x"])
+
+
 def test_set_generation_params_validates_names_and_values(model):
     before = model.generation_params
     with pytest.raises(ValueError, match="unknown generation parameter.*max_cfg_coef"):
@@ -211,10 +230,19 @@ def test_training_workdir_gives_its_newest_checkpoint_ema_params_then_its_export
     for path, value in flatten_dict(jax.device_get(state.params)).items():
         np.testing.assert_array_equal(flatten_dict(exported)[path], value, err_msg=path)
 
+    # The run is continued past its export (a checkpoint of step 8, no new export yet): the newer checkpoint wins.
+    ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
+    ckpt.save(8, state.replace(step=state.step + 3), None, config, force=True)
+    ckpt.close()
+    newer_config, newer = sources.load_lm(str(workdir))
+    assert newer_config["provenance"]["step"] == 8
+    for path, value in flatten_dict(jax.device_get(state.ema_params)).items():
+        np.testing.assert_array_equal(flatten_dict(newer)[path], value, err_msg=path)
+
 
 @pytest.mark.parametrize(
     "source,fragment",
-    [("facebook/magnet-small-10secs", "offline or unreachable"), ("/nonexistent/model_dir", "/nonexistent/model_dir")],
+    [("facebook/magnet-small-10secs", "HF_HUB_OFFLINE is set"), ("/nonexistent/model_dir", "/nonexistent/model_dir")],
 )
 def test_unavailable_source_is_a_one_line_error(source, fragment):
     with pytest.raises(WeightsError, match=fragment) as e:

@@ -48,7 +48,7 @@ def test_model_section_builds_lm_config_with_reference_parameter_count():
     [
         ("size=huge", "size='huge'"),
         ("sise=small", "unknown preset option 'sise'"),
-        ("duration=ten", "expected int"),
+        ("duration=ten", "expected float"),
         ("task=speech", "task='speech'"),
     ],
 )
@@ -64,3 +64,10 @@ def test_locked_config_rejects_unknown_field_and_wrong_type():
         c.model.dimm = 3
     with pytest.raises(TypeError):
         c.model.dim = "wide"
+
+
+def test_fractional_duration_works_in_both_presets():
+    from configs import generate
+
+    assert get_config("size=tiny,duration=2.5").data.seq_len == 125
+    assert generate.get_config("source=x,duration=2.5").generate.duration == 2.5

@@ -33,6 +33,7 @@ from magnet_jax.fileio import (
     CHECKSUMS_FILE,
     IntegrityError,
     WeightsError,
+    absolute_path,
     atomic_directory,
     flatten_dict,
     verify_checksums,
@@ -115,7 +116,7 @@ def save_pretrained(directory: str | Path, params: Mapping, config: Mapping, *, 
     model_objective(config, f"save_pretrained({directory})")
     _check_params(params, model, f"save_pretrained({directory})")
     try:
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
+        with atomic_directory(absolute_path(directory), overwrite=overwrite) as tmp:
             with ocp.StandardCheckpointer() as checkpointer:
                 checkpointer.save(tmp / PARAMS_DIR, params)
             if jax.process_index() == 0:
@@ -160,7 +161,7 @@ def load_pretrained(
       shardings: a tree of `jax.sharding.Sharding` matching the returned params: sharded device arrays on any mesh /
         host count (each device reads only its shard when no re-layout is needed). None: host NumPy arrays.
     """
-    path = Path(directory).expanduser()
+    path = Path(absolute_path(directory))  # orbax takes absolute paths only
     config = read_config(path)
     verify(path)
     model = LMConfig.from_config(config["model"])

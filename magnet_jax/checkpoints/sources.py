@@ -3,8 +3,9 @@
   load_lm(source) -> (config.json dict, host params)
 
 `source` is
-  * a training workdir (`magnet_jax.train`; layout below): its params export, else the EMA params of its newest
-    checkpoint (a run still training), with the config.json its export will have;
+  * a training workdir (`magnet_jax.train`; layout below): its params export, or the EMA params of its newest
+    verified checkpoint when that is newer than the export or there is none (a run still training or continued past
+    its export; logged), with the config.json its export will have;
   * a converted checkpoint directory (`magnet_jax.checkpoints.pretrained`);
   * released weights: a hub id, directory or file in audiocraft's (`state_dict.bin`) or transformers' (MusicGen)
     format, converted on the fly (`magnet_jax.checkpoints.lm_weights`).
@@ -26,12 +27,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from magnet_jax.checkpoints import pretrained
 from magnet_jax.checkpoints.lm_weights import import_lm, set_layer_layout
 from magnet_jax.checkpoints.weights import check_finite
 from magnet_jax.cli import reason
-from magnet_jax.fileio import IntegrityError, WeightsError, read_digest, verify_checksums
+from magnet_jax.fileio import IntegrityError, WeightsError, local_source, read_digest, verify_checksums
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 
 WORKDIR_CONFIG = "config.json"
@@ -43,7 +45,33 @@ STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
 
 
 def is_workdir(path: Path) -> bool:
-    return (path / CHECKPOINTS_DIR).is_dir() or (path / EXPORT_DIR).is_dir()
+    """A training workdir: it has checkpoints or an export, or (a run stopped before its first save) a config.json
+    holding a training config (with `train` and `optim` sections)."""
+    if (path / CHECKPOINTS_DIR).is_dir() or (path / EXPORT_DIR).is_dir():
+        return True
+    try:
+        config = json.loads((path / WORKDIR_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"train", "optim"} <= set(config)
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """The steps of a training workdir's checkpoints, ascending (finished saves only: orbax's temporary
+    `<step>.orbax-checkpoint-tmp` directories are not digits)."""
+    checkpoints = epath.Path(workdir) / CHECKPOINTS_DIR
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
+
+
+def export_step(workdir: str | Path) -> int | None:
+    """The training step of a workdir's params export (its config.json provenance), None without an export."""
+    config = epath.Path(workdir) / EXPORT_DIR / pretrained.CONFIG_FILE
+    if not config.is_file():
+        return None
+    try:
+        return int(json.loads(config.read_text())["provenance"]["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{config}: no provenance.step ({reason(e)})") from e
 
 
 def load_lm(
@@ -61,12 +89,20 @@ def load_lm(
       checkpoint_step: a training workdir's checkpoint step to read (a job pinned to it), instead of its export or
         newest verified step.
     """
-    path = Path(source).expanduser()
+    path = Path(local_source(source))
     if is_workdir(path):
-        export = path / EXPORT_DIR
-        if checkpoint_step is None and (export / pretrained.CONFIG_FILE).is_file():
-            return _load_converted(export, dtype=dtype, scan_layers=scan_layers, item=EXPORT_DIR)
-        config, params = _load_training_checkpoint(path, checkpoint_step)
+        exported, steps = export_step(path), checkpoint_steps(path)
+        if checkpoint_step is None and exported is not None and (not steps or exported >= steps[-1]):
+            return _load_converted(path / EXPORT_DIR, dtype=dtype, scan_layers=scan_layers, item=EXPORT_DIR)
+        if checkpoint_step is None and exported is not None:
+            logging.warning(
+                "training workdir %s: its export is of step %d, its newest checkpoint of step %d; using the "
+                "newest verified checkpoint's EMA params",
+                path,
+                exported,
+                steps[-1],
+            )
+        config, params = _load_training_checkpoint(path, steps, checkpoint_step)
     elif path.is_dir() and (path / pretrained.CONFIG_FILE).is_file() and (path / pretrained.PARAMS_DIR).is_dir():
         return _load_converted(path, dtype=dtype, scan_layers=scan_layers, item=None)
     else:
@@ -88,11 +124,10 @@ def _load_converted(path: Path, *, dtype, scan_layers, item: str | None) -> tupl
     return config, params
 
 
-def _load_training_checkpoint(workdir: Path, step: int | None = None) -> tuple[dict, dict]:
-    """EMA params of checkpoint `step` (default: the newest that verifies) of a run without a params export yet
-    (still training), and the config its export will have."""
+def _load_training_checkpoint(workdir: Path, steps: list[int], step: int | None = None) -> tuple[dict, dict]:
+    """EMA params of checkpoint `step` (default: the newest of `steps` that verifies) of a run without an
+    up-to-date params export (still training, or continued past its export), and the config its export will have."""
     checkpoints = workdir / CHECKPOINTS_DIR
-    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
     if not steps or not (workdir / WORKDIR_CONFIG).is_file():
         raise WeightsError(f"training workdir {workdir}: no params export and no checkpoint with a config.json")
     if step is None:

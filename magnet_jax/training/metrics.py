@@ -121,8 +121,29 @@ def summarize(history: Sequence[Mapping[str, Any]], *, last: Sequence[str] = ())
     return out
 
 
+# The metrics of the log line (when present); every metric goes to metrics.jsonl and TensorBoard.
+LOG_KEYS = ("loss", "ppl", "grad_norm", "lr", "step_time")
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` as `1h02m`, `3m05s` or `42s`."""
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_note(step: int, total: int, seconds_per_step: float | None) -> str:
+    """` 40/300 (13%), ETA 1m31s`: a train log line's progress; no ETA without a step time yet."""
+    note = f" {step}/{total} ({100 * step / max(total, 1):.0f}%)"
+    if seconds_per_step is not None and seconds_per_step == seconds_per_step:
+        note += f", ETA {format_duration((total - step) * seconds_per_step)}"
+    return note
+
+
 class MetricWriter:
-    """Writes scalars to stdout (absl log), `<logdir>/metrics.jsonl` and TensorBoard (`<logdir>/tensorboard`).
+    """Writes scalars to `<logdir>/metrics.jsonl` and TensorBoard (`<logdir>/tensorboard`), and a short line of the
+    `LOG_KEYS` metrics to stdout (absl log).
 
     Only process 0 writes (others get a no-op writer). `resume_step` drops JSONL entries logged after the checkpoint
     a run resumes from, so the file stays one line per (split, step). `logdir` may be remote (gs://, through
@@ -179,11 +200,13 @@ class MetricWriter:
         tmp.write_text("".join(self._lines))
         tmp.replace(self._jsonl)
 
-    def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+    def write(self, step: int, split: str, scalars: Mapping[str, float], *, note: str = "") -> None:
+        """Writes `scalars` of (`split`, `step`); the log line shows `note` (e.g. `progress_note`) after the step."""
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
-        logging.info("[%s] step %d: %s", split, step, "  ".join(f"{k}={_fmt(v)}" for k, v in scalars.items()))
+        shown = "  ".join(f"{k}={_fmt(scalars[k])}" for k in LOG_KEYS if k in scalars)
+        logging.info("[%s] step %d%s: %s", split, step, note, shown)
         line = json.dumps({"step": int(step), "split": split, **scalars}) + "\n"
         self._lines.append(line)
         if self._remote:

@@ -1,6 +1,7 @@
 """Optimizer, learning-rate schedule and EMA of MAGNeT training (docs/design.md §4.6).
 
 Public API:
+  check_optim_config(optim_cfg)                        one-line ValueError naming the first field out of range
   learning_rate_schedule(optim_cfg) -> optax.Schedule   the reference's cosine schedule with linear warm-up
   make_optimizer(optim_cfg) -> optax.GradientTransformation
       global-norm clipping, then AdamW (`name='adamw'`) or D-Adaptation AdamW (`name='dadam'`, optax.contrib, the
@@ -22,6 +23,37 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
+# field -> (test, what it must be); checked in this order
+_FIELD_CHECKS = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eps": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "lr_min_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "clip_norm": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "grad_accum_steps": (lambda v: v >= 1, ">= 1"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "ema_every": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_optim_config(optim_cfg) -> None:
+    """Raises a one-line ValueError for the first `optim` field out of its range (e.g. `optim.lr=-1`), or a warm-up
+    as long as the run, naming the field to set."""
+    for field, (ok, expected) in _FIELD_CHECKS.items():
+        value = optim_cfg[field]
+        if not ok(value):
+            raise ValueError(f"optim.{field}={value}: expected {expected}")
+    if optim_cfg.total_steps < 1:
+        raise ValueError(f"optim.total_steps={optim_cfg.total_steps} (train.num_steps): expected >= 1")
+    if not 0 <= optim_cfg.warmup_steps < optim_cfg.total_steps:
+        raise ValueError(
+            f"optim.warmup_steps={optim_cfg.warmup_steps} (the preset's warm-up unless set) must be in [0, "
+            f"train.num_steps={optim_cfg.total_steps}): set --config.optim.warmup_steps below it, e.g. "
+            f"--config.optim.warmup_steps={optim_cfg.total_steps // 10}"
+        )
+
 
 def learning_rate_schedule(optim_cfg) -> optax.Schedule:
     """audiocraft's CosineLRScheduler: lr·n/W during warm-up, then lr·(m + ½(1 − m)(1 + cos(π s))), s = (n − W)/(N − W).
@@ -31,10 +63,7 @@ def learning_rate_schedule(optim_cfg) -> optax.Schedule:
     """
     if optim_cfg.schedule != "cosine":
         raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: expected 'cosine'")
-    if not 0 <= optim_cfg.warmup_steps < optim_cfg.total_steps:
-        raise ValueError(
-            f"optim.warmup_steps={optim_cfg.warmup_steps} must be in [0, optim.total_steps={optim_cfg.total_steps})"
-        )
+    check_optim_config(optim_cfg)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=optim_cfg.lr,

@@ -371,7 +371,9 @@ def make_eval_step(config, mesh, t5_config: T5Config):
     )
 
 
-def export_params(state: TrainState, directory: str, config, *, use_ema: bool = True, dtype: str = "float32") -> None:
+def export_params(
+    state: TrainState, directory: str, config, *, use_ema: bool = True, dtype: str = "float32", overwrite: bool = False
+) -> None:
     """Writes the params-only checkpoint that generation and fine-tuning load (`pretrained.save_pretrained`).
 
     Args:
@@ -380,6 +382,7 @@ def export_params(state: TrainState, directory: str, config, *, use_ema: bool = 
       config: the training config (config.json: `pretrained.config_from_training`).
       use_ema: export `state.ema_params` (default, as the reference exports its EMA/best state) or `state.params`.
       dtype: "float32" or "bfloat16" for the stored params.
+      overwrite: replace an existing export (else an existing `directory` is an error).
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"export dtype={dtype!r}: expected 'float32' or 'bfloat16'")
@@ -395,4 +398,5 @@ def export_params(state: TrainState, directory: str, config, *, use_ema: bool = 
             dtype=dtype,
             source="magnet_jax training",
         ),
+        overwrite=overwrite,
     )

@@ -164,5 +164,5 @@ def test_cfg_dropout_nullifies_whole_batch_at_rate_p():
 def test_tokenizer_errors_name_what_was_looked_for(tmp_path):
     with pytest.raises(WeightsError, match="has no spiece.model"):
         TextTokenizer(str(tmp_path))
-    with pytest.raises(WeightsError, match="could not fetch spiece.model from hub id 't5-base'"):
+    with pytest.raises(WeightsError, match="spiece.model of hub id 't5-base' is not in the local cache"):
         TextTokenizer("t5-base")

@@ -94,7 +94,7 @@ def test_malformed_config_is_a_clear_error(tmp_path):
 
 
 def test_hub_id_offline_says_what_was_looked_for():
-    with pytest.raises(WeightsError, match="could not fetch config.json from hub id 't5-base'"):
+    with pytest.raises(WeightsError, match="config.json of hub id 't5-base' is not in the local cache"):
         load_t5("t5-base")
 
 

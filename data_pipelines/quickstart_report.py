@@ -1,0 +1,238 @@
+r"""The quickstart's prompts and its objective check of what the trained model made.
+
+  python -m data_pipelines.quickstart_report --mode=prompts --output=quickstart_out
+      writes prompts.jsonl (one prompt per drawn `synthetic_corpus.ClipSpec`, its description as the text, plus one
+      continuation of a corpus clip), prompt_specs.json (what each prompt asks for) and prompt_intro.wav
+  python -m data_pipelines.quickstart_report --mode=check --output=quickstart_out
+      measures every generated sample (`samples/`, and `samples_untrained/` from an untrained model on the same
+      prompts) with `audio_measures`, next to the same measure on the corpus rendering of each prompt's spec;
+      compares the run's held-out loss with the unigram entropy of the training codes; prints the summary and
+      writes report.json and spectrograms.png (log-mel: prompt's corpus rendering | trained sample | untrained)
+
+The prompts' specs are drawn with their own seed (`PROMPT_SEED`), so they are not the training clips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import struct
+import sys
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from data_pipelines import audio_measures, synthetic_corpus
+from magnet_jax.cli import quiet_logs
+from magnet_jax.data.records import CodeRecord
+from magnet_jax.fileio import atomic_file, write_atomic, write_json
+
+PROMPT_SEED = 777
+SAMPLE_RATE = 32000
+PROPERTIES = ("key", "tempo", "drums", "brightness")
+
+
+def prompt_specs(count: int = 6) -> list[synthetic_corpus.ClipSpec]:
+    """`count` drawn specs, timbre alternating bright sawtooth / soft sine and drums alternating on / off (so every
+    check has both answers)."""
+    specs = []
+    for i in range(count):
+        spec = synthetic_corpus.draw_spec(np.random.default_rng([PROMPT_SEED, i]))
+        specs.append(dataclasses.replace(spec, timbre=("sawtooth", "sine")[i % 2], drums=(i // 2) % 2 == 0))
+    return specs
+
+
+def write_prompts(output: str | os.PathLike, *, seconds: float) -> list[dict]:
+    """Writes prompts.jsonl, prompt_specs.json and prompt_intro.wav (1.5 s of corpus clip 0) into `output`."""
+    out = Path(output)
+    wav, sr = sf.read(out / "corpus" / "clip_00000.wav", dtype="float32")
+    with atomic_file(out / "prompt_intro.wav") as tmp:
+        sf.write(str(tmp), wav[: int(1.5 * sr)], sr, format="WAV")
+    prompts = [{"text": spec.description(), "seed": i, "id": f"prompt{i}"} for i, spec in enumerate(prompt_specs())]
+    prompts.append({"text": "Continue this clip.", "audio": "prompt_intro.wav", "seed": 99, "id": "continuation"})
+    write_atomic(out / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
+    write_json(
+        out / "prompt_specs.json",
+        {f"prompt{i}": {**dataclasses.asdict(spec), "seconds": seconds} for i, spec in enumerate(prompt_specs())},
+    )
+    return prompts
+
+
+def unigram_entropy(pattern: str) -> tuple[list[float], int]:
+    """(per-codebook entropy in nats of the codes in the ArrayRecord shards matching `pattern`, codebook size)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    counts, card = None, 0
+    for path in sorted(glob.glob(pattern)):
+        reader = ArrayRecordReader(path)
+        for data in reader.read_all():
+            record = CodeRecord.from_bytes(data, where=path)
+            card = record.card
+            counts = np.zeros((record.codes.shape[0], card)) if counts is None else counts
+            for k, row in enumerate(record.codes):
+                counts[k] += np.bincount(row, minlength=card)
+        reader.close()
+    if counts is None:
+        raise ValueError(f"{pattern}: no code records")
+    p = counts / counts.sum(1, keepdims=True)
+    return [float(-np.sum(row[row > 0] * np.log(row[row > 0]))) for row in p], card
+
+
+def check_samples(samples: str | os.PathLike, specs: dict) -> dict[str, dict]:
+    """Adherence of each sample `<id>-0.wav` in `samples` to its spec: `{id: {property: bool}}`."""
+    results = {}
+    for prompt_id, fields in specs.items():
+        spec = synthetic_corpus.ClipSpec(**{k: v for k, v in fields.items() if k != "seconds"})
+        wav, sr = sf.read(Path(samples) / f"{prompt_id}-0.wav", dtype="float32")
+        results[prompt_id] = audio_measures.adherence(spec, audio_measures.measure(wav, sr))
+    return results
+
+
+def corpus_renderings(specs: dict) -> dict[str, np.ndarray]:
+    """Each prompt's spec synthesized as the corpus would (`synthetic_corpus.render`)."""
+    out = {}
+    for i, (prompt_id, fields) in enumerate(specs.items()):
+        spec = synthetic_corpus.ClipSpec(**{k: v for k, v in fields.items() if k != "seconds"})
+        out[prompt_id] = synthetic_corpus.render(
+            spec, fields["seconds"], SAMPLE_RATE, np.random.default_rng([PROMPT_SEED, 1000 + i])
+        )
+    return out
+
+
+def tally(results: dict[str, dict]) -> dict[str, tuple[int, int]]:
+    """`{property: (matches, checked)}` over the samples."""
+    return {
+        p: (sum(r[p] for r in results.values() if p in r), sum(p in r for r in results.values())) for p in PROPERTIES
+    }
+
+
+def _colour(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB uint8 (dark blue -> red -> yellow)."""
+    anchors = np.array([[0, 0, 32], [90, 20, 120], [220, 60, 60], [255, 220, 60]], np.float64)
+    pos = np.clip(x, 0, 1) * (len(anchors) - 1)
+    lo = np.minimum(pos.astype(int), len(anchors) - 2)
+    frac = (pos - lo)[..., None]
+    return ((1 - frac) * anchors[lo] + frac * anchors[lo + 1]).astype(np.uint8)
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """An RGB uint8 image `[H, W, 3]` as a PNG file (zlib-compressed scanlines, no extra dependency)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
+    write_atomic(path, png)
+
+
+def spectrogram_sheet(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """Log-mel images of `rows` of clips side by side (low frequencies at the bottom; each image spans the top 50 dB
+    of its own power), white separators: RGB uint8 `[H, W, 3]`."""
+    images = []
+    for clips in rows:
+        mels = [audio_measures.log_mel(c, SAMPLE_RATE, 1024, 64).T[::-1] for c in clips]
+        width = max(m.shape[1] for m in mels)
+        cells = [np.pad(np.clip((m - m.max() + 5) / 5, 0, 1), ((0, 0), (0, width - m.shape[1]))) for m in mels]
+        gap = np.full((64, 4), np.nan)
+        images.append(np.concatenate([c for cell in cells for c in (cell, gap)][:-1], axis=1))
+    gap = np.full((4, images[0].shape[1]), np.nan)
+    sheet = np.concatenate([c for img in images for c in (img, gap)][:-1], axis=0)
+    rgb = _colour(np.nan_to_num(sheet))
+    rgb[np.isnan(sheet)] = 255
+    return np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1)
+
+
+def check(output: str | os.PathLike) -> dict:
+    """The quickstart's objective check (see the module docstring); returns the report (also report.json)."""
+    out = Path(output)
+    specs = json.loads((out / "prompt_specs.json").read_text())
+    corpus = corpus_renderings(specs)
+    on_corpus = {
+        i: audio_measures.adherence(
+            synthetic_corpus.ClipSpec(**{k: v for k, v in f.items() if k != "seconds"}),
+            audio_measures.measure(corpus[i], SAMPLE_RATE),
+        )
+        for i, f in specs.items()
+    }
+    trained = check_samples(out / "samples", specs)
+    untrained = check_samples(out / "samples_untrained", specs) if (out / "samples_untrained").is_dir() else None
+    rows = [json.loads(line) for line in (out / "workdir" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["split"] == "eval"]
+    entropy, card = unigram_entropy(str(out / "codes" / "*.array_record"))
+    report = {
+        "corpus": tally(on_corpus),
+        "trained": tally(trained),
+        "untrained": tally(untrained) if untrained else None,
+        "per_sample": {"corpus": on_corpus, "trained": trained, "untrained": untrained},
+        "eval_loss_first": evals[0]["loss"] if evals else None,
+        "eval_loss_last": evals[-1]["loss"] if evals else None,
+        "eval_step_last": evals[-1]["step"] if evals else None,
+        "unigram_entropy": entropy,
+        "uniform_entropy": float(np.log(card)),
+    }
+    write_json(out / "report.json", report)
+    sheet_rows = []
+    for prompt_id in specs:
+        row = [corpus[prompt_id], sf.read(out / "samples" / f"{prompt_id}-0.wav", dtype="float32")[0]]
+        if untrained:
+            row.append(sf.read(out / "samples_untrained" / f"{prompt_id}-0.wav", dtype="float32")[0])
+        sheet_rows.append(row)
+    write_png(out / "spectrograms.png", spectrogram_sheet(sheet_rows))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The summary lines the quickstart prints."""
+
+    def counts(t):
+        return "; ".join(f"{p} {m}/{n}" for p, (m, n) in t.items() if n)
+
+    lines = ["prompt adherence (DSP on the audio; key = same key signature, tempo within 10 % or an octave):"]
+    lines.append(f"  corpus rendering of each prompt: {counts(report['corpus'])}")
+    lines.append(f"  trained tiny MAGNeT:             {counts(report['trained'])}")
+    if report["untrained"]:
+        lines.append(f"  untrained tiny MAGNeT:           {counts(report['untrained'])}")
+    entropy = report["unigram_entropy"]
+    if report["eval_loss_last"] is not None:
+        lines.append(
+            f"held-out loss {report['eval_loss_first']:.3f} -> {report['eval_loss_last']:.3f} (step "
+            f"{report['eval_step_last']}); unigram entropy of the codes {np.mean(entropy):.3f} nats (per codebook "
+            f"{min(entropy):.3f}-{max(entropy):.3f}), uniform {report['uniform_entropy']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    quiet_logs()
+    try:
+        if FLAGS.mode == "prompts":
+            write_prompts(FLAGS.output, seconds=FLAGS.seconds)
+        else:
+            print(format_report(check(FLAGS.output)))
+            sheet = Path(FLAGS.output) / "spectrograms.png"
+            print(f"spectrograms (corpus rendering | trained | untrained; a row per prompt): {sheet}")
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"quickstart_report: {e}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_enum("mode", "check", ["prompts", "check"], "write the prompts, or check the samples")
+    flags.DEFINE_string("output", None, "the quickstart's output directory", required=True)
+    flags.DEFINE_float("seconds", 4.0, "seconds of the corpus renderings (the generated duration)")
+    FLAGS = flags.FLAGS
+    app.run(main)
