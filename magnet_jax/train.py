@@ -33,6 +33,7 @@ import time
 import jax
 import ml_collections
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from magnet_jax import api, sharding
