@@ -24,12 +24,19 @@ from magnet_jax.fileio import WeightsError
 def non_finite_leaves(tree: Any) -> list[str]:
     """Key paths (`['params']['w']`) of the floating-point leaves of `tree` (host or sharded device arrays) that
     hold a NaN or an infinity; one device fetch for the whole tree."""
-    flags = {
-        jax.tree_util.keystr(path): jnp.all(jnp.isfinite(x))
+    leaves = {
+        jax.tree_util.keystr(path): x
         for path, x in jax.tree_util.tree_leaves_with_path(tree)
         if jnp.issubdtype(x.dtype, jnp.inexact)
     }
-    return [name for name, ok in jax.device_get(flags).items() if not bool(ok)]
+    flags = jax.device_get(_all_finite(leaves))
+    return [name for name, ok in flags.items() if not bool(ok)]
+
+
+@jax.jit
+def _all_finite(leaves: dict) -> dict:
+    """One compiled program for the whole tree: {name: all elements finite}."""
+    return {name: jnp.all(jnp.isfinite(x)) for name, x in leaves.items()}
 
 
 def check_finite(tree: Any, *, where: str) -> None:
