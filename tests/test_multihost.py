@@ -406,7 +406,7 @@ def test_ctrl_c_saves_the_step_being_run_and_exits_0(work, encoded):
     workdir = work["root"] / "interrupted"
     proc = start_single(work, encoded, workdir)
     try:
-        stderr_until(proc, "[train] step 3:")
+        stderr_until(proc, "[train] step 3 ")
         at_signal = max(metric_rows(workdir))
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=120)
