@@ -23,6 +23,7 @@ shards and redoes the rest; `encode_job.json` pins the settings, and resuming wi
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -498,133 +499,95 @@ def run(
     items = list_inputs(input)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    try:  # one job per (output dir, process index): processes of one job write their own shards
-        with directory_lock(out, name=f".lock-p{process_index:05d}-of-{process_count:05d}", force=force_unlock):
-            return _run(
-                items,
-                out,
-                codec_source,
-                codec_config,
-                codec_params,
-                hop,
-                process_index,
-                process_count,
+    with contextlib.ExitStack() as stack:
+        try:  # one job per (output dir, process index): processes of one job write their own shards
+            stack.enter_context(
+                directory_lock(out, name=f".lock-p{process_index:05d}-of-{process_count:05d}", force=force_unlock)
+            )
+        except LockError as e:
+            raise EncodeJobLocked(str(e)) from None
+        settings = Settings(
+            codec=str(codec_source),
+            codec_fingerprint=params_fingerprint(codec_params),
+            sample_rate=int(codec_config.sample_rate),
+            frame_rate=float(codec_config.frame_rate),
+            hop_length=hop,
+            n_q=int(codec_config.n_q),
+            card=int(codec_config.card),
+            chunk_samples=max(1, round(chunk_seconds * codec_config.frame_rate)) * hop,  # as encodec.encode_long
+            segment_seconds=float(segment_seconds),
+            min_segment_ratio=float(min_segment_ratio),
+            records_per_shard=int(records_per_shard),
+            allow_missing_metadata=bool(allow_missing_metadata),
+            process_count=int(process_count),
+            inputs_fingerprint=inputs_fingerprint(items),
+            num_inputs=len(items),
+        )
+        pin_settings(out / JOB_FILE, dataclasses.asdict(settings), error=EncodeJobError)
+
+        share = process_share(items, process_index, process_count)
+        shards = [share[s : s + records_per_shard] for s in range(0, len(share), records_per_shard)]
+        names = [out / records.shard_name(process_index, process_count, s) for s in range(len(shards))]
+        progress = Progress(total_files=len(share))
+        todo = []
+        for s, path in enumerate(names):
+            if not shard_is_complete(path):
+                todo.append(s)
+                continue
+            done = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            progress.shards_resumed += 1
+            progress.files += len(shards[s])
+            progress.encoded += len(done["records"])
+            progress.audio_seconds += sum(r["duration"] for r in done["records"])
+            progress.skipped += done["skipped"]
+        for stale in out.glob(f"{TMP_PREFIX}*-codes-p{process_index:05d}-of-{process_count:05d}-*"):
+            stale.unlink()  # temporary files of an interrupted run of this process
+        logging.info(
+            "process %d/%d: %d files in %d shards (%d already done) -> %s",
+            process_index,
+            process_count,
+            len(share),
+            len(shards),
+            progress.shards_resumed,
+            out,
+        )
+
+        if todo:
+            encoder = WindowEncoder(codec_config, codec_params, batch_size=batch_size, devices=devices)
+            assembler = CodesAssembler(
+                encoder, batch_size=encoder.batch_size, chunk_samples=settings.chunk_samples, hop_length=hop
+            )
+            load = functools.partial(
+                load_audio,
+                sample_rate=settings.sample_rate,
                 segment_seconds=segment_seconds,
                 min_segment_ratio=min_segment_ratio,
-                chunk_seconds=chunk_seconds,
-                batch_size=batch_size,
-                records_per_shard=records_per_shard,
-                read_workers=read_workers,
                 allow_missing_metadata=allow_missing_metadata,
-                devices=devices,
-                log_every=log_every,
             )
-    except LockError as e:
-        raise EncodeJobLocked(str(e)) from None
+            loaded_stream = prefetch_map(
+                load, (it for s in todo for it in shards[s]), read_workers, lookahead=2 * read_workers + 2
+            )
+            for s in todo:
+                encode_shard(names[s], shards[s], loaded_stream, assembler, settings, progress, log_every)
+        progress.log()
 
-
-def _run(
-    items,
-    out,
-    codec_source,
-    codec_config,
-    codec_params,
-    hop,
-    process_index,
-    process_count,
-    *,
-    segment_seconds,
-    min_segment_ratio,
-    chunk_seconds,
-    batch_size,
-    records_per_shard,
-    read_workers,
-    allow_missing_metadata,
-    devices,
-    log_every,
-) -> dict:
-    settings = Settings(
-        codec=str(codec_source),
-        codec_fingerprint=params_fingerprint(codec_params),
-        sample_rate=int(codec_config.sample_rate),
-        frame_rate=float(codec_config.frame_rate),
-        hop_length=hop,
-        n_q=int(codec_config.n_q),
-        card=int(codec_config.card),
-        chunk_samples=max(1, round(chunk_seconds * codec_config.frame_rate)) * hop,  # as encodec.encode_long
-        segment_seconds=float(segment_seconds),
-        min_segment_ratio=float(min_segment_ratio),
-        records_per_shard=int(records_per_shard),
-        allow_missing_metadata=bool(allow_missing_metadata),
-        process_count=int(process_count),
-        inputs_fingerprint=inputs_fingerprint(items),
-        num_inputs=len(items),
-    )
-    pin_settings(out / JOB_FILE, dataclasses.asdict(settings), error=EncodeJobError)
-
-    share = process_share(items, process_index, process_count)
-    shards = [share[s : s + records_per_shard] for s in range(0, len(share), records_per_shard)]
-    names = [out / records.shard_name(process_index, process_count, s) for s in range(len(shards))]
-    progress = Progress(total_files=len(share))
-    todo = []
-    for s, path in enumerate(names):
-        if not shard_is_complete(path):
-            todo.append(s)
-            continue
-        done = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-        progress.shards_resumed += 1
-        progress.files += len(shards[s])
-        progress.encoded += len(done["records"])
-        progress.audio_seconds += sum(r["duration"] for r in done["records"])
-        progress.skipped += done["skipped"]
-    for stale in out.glob(f"{TMP_PREFIX}*-codes-p{process_index:05d}-of-{process_count:05d}-*"):
-        stale.unlink()  # temporary files of an interrupted run of this process
-    logging.info(
-        "process %d/%d: %d files in %d shards (%d already done) -> %s",
-        process_index,
-        process_count,
-        len(share),
-        len(shards),
-        progress.shards_resumed,
-        out,
-    )
-
-    if todo:
-        encoder = WindowEncoder(codec_config, codec_params, batch_size=batch_size, devices=devices)
-        assembler = CodesAssembler(
-            encoder, batch_size=encoder.batch_size, chunk_samples=settings.chunk_samples, hop_length=hop
-        )
-        load = functools.partial(
-            load_audio,
-            sample_rate=settings.sample_rate,
-            segment_seconds=segment_seconds,
-            min_segment_ratio=min_segment_ratio,
-            allow_missing_metadata=allow_missing_metadata,
-        )
-        loaded_stream = prefetch_map(
-            load, (it for s in todo for it in shards[s]), read_workers, lookahead=2 * read_workers + 2
-        )
-        for s in todo:
-            encode_shard(names[s], shards[s], loaded_stream, assembler, settings, progress, log_every)
-    progress.log()
-
-    summary = {
-        "process_index": process_index,
-        "process_count": process_count,
-        "output": str(out),
-        "files": progress.files,
-        "encoded": progress.encoded,
-        "skipped": len(progress.skipped),
-        "audio_hours": progress.audio_seconds / 3600,
-        "elapsed_seconds": time.monotonic() - progress.start,
-        "hours_per_second": progress.hours_per_second,
-        "shards": len(shards),
-        "shards_written": progress.shards_written,
-        "shards_resumed": progress.shards_resumed,
-        "skipped_files": progress.skipped,
-    }
-    write_json(out / f"summary-p{process_index:05d}-of-{process_count:05d}.json", summary)
-    return summary
+        summary = {
+            "process_index": process_index,
+            "process_count": process_count,
+            "output": str(out),
+            "files": progress.files,
+            "encoded": progress.encoded,
+            "skipped": len(progress.skipped),
+            "audio_hours": progress.audio_seconds / 3600,
+            "elapsed_seconds": time.monotonic() - progress.start,
+            "hours_per_second": progress.hours_per_second,
+            "shards": len(shards),
+            "shards_written": progress.shards_written,
+            "shards_resumed": progress.shards_resumed,
+            "skipped_files": progress.skipped,
+        }
+        write_json(out / f"summary-p{process_index:05d}-of-{process_count:05d}.json", summary)
+        return summary
 
 
 def params_fingerprint(params) -> str:
