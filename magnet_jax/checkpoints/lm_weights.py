@@ -1,9 +1,11 @@
 """LM weights: audiocraft `state_dict.bin` and transformers MusicGen files <-> our param tree (docs/design.md §10).
 
 Formats read:
-- audiocraft (MAGNeT and MusicGen releases, `facebook/magnet-*`, `facebook/musicgen-*`): `state_dict.bin`, a torch
-  pickle `{'best_state': {name: tensor}, 'xp.cfg': <Hydra YAML>, ...}`. The model config comes from `xp.cfg`; the codec
-  from the sibling `compression_state_dict.bin` (or the hub id it points to).
+- audiocraft (MAGNeT, Hybrid-MAGNeT and MusicGen releases, `facebook/magnet-*`, `facebook/hybrid-magnet-*`,
+  `facebook/musicgen-*`): `state_dict.bin`, a torch pickle `{'best_state': {name: tensor}, 'xp.cfg': <Hydra YAML>,
+  ...}`. The model config comes from `xp.cfg` (Hybrid-MAGNeT: `solver: hybrid_magnet`, the delay pattern, the MAGNeT
+  LM's tensor names; config.json "objective": "hybrid"); the codec from the sibling `compression_state_dict.bin` (or
+  the hub id it points to).
 - transformers MusicGen (AR model): `config.json` + `model.safetensors` (or a sharded index) of
   `MusicgenForConditionalGeneration` (`decoder.model.decoder.*`, `decoder.lm_heads.*`, `enc_to_dec_proj.*`) or
   `MusicgenForCausalLM` (`model.decoder.*`, `lm_heads.*`).
@@ -42,6 +44,7 @@ HF_WEIGHTS_FILE = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 COND_PROJ = "condition_provider.conditioners.description.output_proj"
 MAGNET, MUSICGEN = "transformer_lm_magnet", "transformer_lm"
+HYBRID_SOLVER = "hybrid_magnet"  # xp.cfg `solver` of Hybrid-MAGNeT checkpoints (audiocraft branch hybrid_magnet)
 
 # Per-layer tensors: audiocraft name suffix -> (our path inside a block, conversion kind).
 _LAYER = (
@@ -250,12 +253,19 @@ def config_from_xp_cfg(xp: Mapping, *, cond_dim: int, source: str, scan_layers: 
         )
     pattern = get("codebooks_pattern.modeling", None)
     n_q = int(get("transformer_lm.n_q"))
-    if lm_model == MUSICGEN and (pattern != "delay" or list(get("codebooks_pattern.delay.delays")) != list(range(n_q))):
+    objective = _xp_objective(xp, lm_model, source)
+    if (lm_model == MUSICGEN or objective.delay_layout) and (
+        pattern != "delay"
+        or list(get("codebooks_pattern.delay.delays")) != list(range(n_q))
+        or int(get("codebooks_pattern.delay.flatten_first", 0)) != 0
+        or int(get("codebooks_pattern.delay.empty_initial", 0)) != 0
+    ):
         raise WeightsError(
-            f"{source}: xp.cfg codebooks_pattern={pattern!r} is not supported for MusicGen "
-            f"(expected delay with delays {list(range(n_q))})"
+            f"{source}: xp.cfg codebooks_pattern={pattern!r} is not supported for "
+            f"{'MusicGen' if lm_model == MUSICGEN else objective.title} "
+            f"(expected delay with delays {list(range(n_q))}, flatten_first 0, empty_initial 0)"
         )
-    if lm_model == MAGNET and pattern != "parallel":
+    if lm_model == MAGNET and not objective.delay_layout and pattern != "parallel":
         raise WeightsError(
             f"{source}: xp.cfg codebooks_pattern.modeling={pattern!r} is not supported for MAGNeT (expected parallel)"
         )
@@ -293,27 +303,39 @@ def config_from_xp_cfg(xp: Mapping, *, cond_dim: int, source: str, scan_layers: 
         generate["span_len"] = int(get("masking.span_len", 3))
     else:
         generate["cfg_coef"] = float(get("classifier_free_guidance.inference_coef", 3.0))
-    return {
+    config = {
         "model": model.to_dict(),
         "conditioner": {"t5": str(get("conditioners.description.t5.name")), "t5_dim": cond_dim},
         "segment_seconds": float(get("dataset.segment_duration")),
         "generate": generate,
     }
+    if objective.delay_layout:  # MAGNeT is the default of a config.json without "objective"
+        config["objective"] = objective.name
+    return config
+
+
+def _xp_objective(xp: Mapping, lm_model: str, source: str) -> objectives.Objective:
+    """The objective of an audiocraft MAGNeT LM: Hybrid-MAGNeT when `solver` is the hybrid solver of audiocraft's
+    `hybrid_magnet` branch (which keeps `lm_model: transformer_lm_magnet`), MAGNeT otherwise (docs/design.md §10.3)."""
+    solver = xp_cfg_value(xp, "solver", None)
+    if solver == HYBRID_SOLVER and lm_model != MAGNET:
+        raise WeightsError(f"{source}: xp.cfg solver={solver!r} needs lm_model={MAGNET!r} (found {lm_model!r})")
+    return objectives.HYBRID if solver == HYBRID_SOLVER else objectives.MAGNET
 
 
 def _xp_cfg_template(config: Mapping) -> dict:
     """A complete audiocraft config for a model trained here (the keys audiocraft's builders and loaders read)."""
     model = config["model"]
-    magnet = not model["causal"]
+    magnet, hybrid = not model["causal"], objectives.of_config(config, "config.json").delay_layout
     n_q = model["n_q"]
     pattern = (
         {"modeling": "parallel", "parallel": {"empty_initial": -1}}
-        if magnet
+        if magnet and not hybrid
         else {"modeling": "delay", "delay": {"delays": list(range(n_q)), "flatten_first": 0, "empty_initial": 0}}
     )
     return {
         "lm_model": MAGNET if magnet else MUSICGEN,
-        "solver": "magnet" if magnet else "musicgen",
+        "solver": HYBRID_SOLVER if hybrid else "magnet" if magnet else "musicgen",
         "device": "cpu",
         "dtype": "float32",
         "efficient_attention_backend": "xformers",
@@ -378,6 +400,9 @@ def xp_cfg_from_config(config: Mapping) -> str:
         raise WeightsError(f"model.norm_eps={model['norm_eps']}: audiocraft's LayerNorms are fixed at 1e-5")
     if original and (xp.get("lm_model") == MAGNET) != magnet:
         raise WeightsError(f"audiocraft_cfg lm_model={xp.get('lm_model')!r} contradicts model.causal={not magnet}")
+    objective = objectives.of_config(config, "config.json")
+    if original and magnet and (xp.get("solver") == HYBRID_SOLVER) != objective.delay_layout:
+        raise WeightsError(f"audiocraft_cfg solver={xp.get('solver')!r} contradicts objective={objective.name!r}")
     lm = xp.setdefault("transformer_lm", {})
     lm.update({k: model[k] for k in ("dim", "num_heads", "num_layers", "hidden_scale", "n_q", "card", "causal")})
     if magnet:
@@ -665,12 +690,6 @@ def export_audiocraft(
 
     Atomic: everything is written to a temporary sibling directory that is renamed into place.
     """
-    objective = objectives.of_config(config, str(directory))
-    if not objective.audiocraft_format:
-        raise WeightsError(
-            f"{directory}: the audiocraft format cannot hold a {objective.title} model (objective "
-            f"{objective.name!r}); keep the converted (orbax) format"
-        )
     try:
         import torch  # the `convert` extra
     except ImportError as e:

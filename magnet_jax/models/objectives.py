@@ -40,11 +40,6 @@ class Objective:
         nor an audio prompt applies)."""
         return self.delay_layout
 
-    @property
-    def audiocraft_format(self) -> bool:
-        """audiocraft's release format (`state_dict.bin`) can hold such a model."""
-        return not self.delay_layout
-
     def logits(
         self,
         model: LanguageModel,
