@@ -21,7 +21,10 @@ should (`FIXES`, each a literal replacement that must match exactly once, so a d
      (UnboundLocalError): the module constant (8) is used;
   4. `forward` lacks the `condition_tensors` parameter that its body reads and every caller passes;
   5. `ar_generate` omits the `unconditional_state` argument of `LMModel._sample_next_token` (1.3.0 and the branch's
-     base), shifting every sampling argument by one.
+     base), shifting every sampling argument by one;
+  6. (at run time, not a text edit) audiocraft's attention streams only causal self-attention and the hybrid model is
+     non-causal, so `ar_generate` fails at its first step: `branch_ar_greedy` makes the self-attention causal for the
+     AR phase, which is the attention the solver trains the prefix rows with.
 The training mask of a sample with boundary b and stage k is the branch solver's (`_apply_nar_masks`): rows r < b
 get its `compute_attn_mask` of the per-row decoding steps (run from the solver file, unchanged), the other rows the
 stage-k mask `_stage_attn_mask(k, T, ...)`. The branch's MAGNeT-phase inference (`_generate_magnet`) cannot be run:
@@ -65,6 +68,7 @@ ARCH = dict(dim=64, num_heads=4, num_layers=2, n_q=4, card=64, cond_dim=32)  # t
 WEIGHTS_SEED = 16
 FRAMES = 20  # T of the logits cases: S = T + K = 24 layout steps
 COND_LEN = 6
+AR_FRAMES = 16  # whole frames of the greedy AR-phase check
 CASES = ((0, 0), (5, 1), (11, 2), (17, 3), (3, 0))  # (boundary b, stage k) per case; b = 0 is MAGNeT alone
 
 FIXES = (
@@ -327,6 +331,42 @@ def branch_logits(src: str | Path, lm: torch.nn.Module, inputs: dict) -> np.ndar
     return np.stack(out)
 
 
+def branch_ar_greedy(src: str | Path, lm: torch.nn.Module, inputs: dict, frames: int = AR_FRAMES) -> np.ndarray:
+    """The branch's AR phase (`ar_generate`, the main-branch key/value-cache loop on the delay pattern), greedy with
+    CFG (`classifier_free_guidance.inference_coef` = 3), conditioned on row i's states `inputs["states"][i]`: `[B, K,
+    frames]` whole frames. The T5 conditioner is stood in for by one that looks the rows' states up (same
+    `output_proj`; a null description is all zeros with mask 0, as T5's empty text)."""
+    load_branch(src)
+    from audiocraft.modules.conditioners import ConditioningAttributes, TextConditioner
+
+    states, masks = torch.from_numpy(inputs["states"]), torch.from_numpy(inputs["cond_mask"])
+
+    class StatesConditioner(TextConditioner):
+        def tokenize(self, x):
+            return torch.tensor([len(states) if t is None else int(t) for t in x])
+
+        def forward(self, rows):
+            table = torch.cat([states, torch.zeros_like(states[:1])])
+            mask = torch.cat([masks, torch.zeros_like(masks[:1])])[rows]
+            return self.output_proj(table[rows]) * mask[..., None], mask
+
+    original = lm.condition_provider.conditioners["description"]
+    stand_in = StatesConditioner(states.shape[-1], original.output_proj.out_features)
+    stand_in.output_proj.load_state_dict(original.output_proj.state_dict())
+    lm.condition_provider.conditioners["description"] = stand_in
+    self_attention = [layer.self_attn for layer in lm.transformer.layers]
+    for attention in self_attention:  # audiocraft streams causal attention only (see the module docstring, 6.)
+        attention.causal = True
+    try:
+        conditions = [ConditioningAttributes(text={"description": str(i)}) for i in range(len(states))]
+        codes = lm.ar_generate(None, conditions, num_samples=len(states), max_gen_len=frames, use_sampling=False)
+    finally:
+        lm.condition_provider.conditioners["description"] = original
+        for attention in self_attention:
+            attention.causal = False
+    return codes.numpy()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="write the Hybrid-MAGNeT golden file from a branch checkout")
     parser.add_argument("--branch", required=True, help=f"checkout (or git archive) of audiocraft {BRANCH_COMMIT}")
@@ -339,12 +379,14 @@ def main(argv=None) -> None:
         lm = branch_lm(args.branch, release)
         inputs = cases()
         logits = branch_logits(args.branch, lm, inputs)
+        ar_codes = branch_ar_greedy(args.branch, lm, inputs)
     probs = torch.softmax(torch.from_numpy(logits), -1).max(-1).values
     print(f"logits std {logits.std():.2f}, median max-probability {probs.median():.2f}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         args.output,
         logits=logits.astype(np.float32),
+        ar_codes=ar_codes.astype(np.int32),
         boundaries_stages=np.array(CASES, np.int32),
         weights_seed=np.int64(WEIGHTS_SEED),
         commit=np.array(BRANCH_COMMIT),

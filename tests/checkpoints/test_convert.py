@@ -254,14 +254,6 @@ def test_mha_key_variant_and_file_path_sources_import_the_same(tmp_path, magnet_
 # audiocraft loads what we export
 
 
-def test_hybrid_model_is_not_exported_to_the_audiocraft_format(tmp_path):
-    state = state_dict_numpy(audiocraft_lm(**TINY, causal=False))
-    config, params = lm_weights.import_lm(str(write_audiocraft_dir(tmp_path / "release", state, xp=xp_cfg())))
-    with pytest.raises(WeightsError, match="cannot hold a Hybrid-MAGNeT model"):
-        lm_weights.export_audiocraft(tmp_path / "out", params, {**config, "objective": "hybrid"})
-    assert not (tmp_path / "out").exists()
-
-
 def test_audiocraft_loader_accepts_export_of_a_model_trained_here(tmp_path, monkeypatch):
     """A model created here (no audiocraft_cfg) -> synthesized xp.cfg -> audiocraft's own MAGNeT loader with strict
     load_state_dict -> the same logits as ours at every stage, on real padded T5 conditioning."""

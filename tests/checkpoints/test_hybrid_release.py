@@ -23,12 +23,15 @@ import pytest
 import torch
 import yaml
 
+from magnet_jax import api
 from magnet_jax.api import MAGNeT
 from magnet_jax.checkpoints import lm_weights
 from magnet_jax.checkpoints.pretrained import load_pretrained
 from magnet_jax.convert import convert
 from magnet_jax.fileio import WeightsError
+from magnet_jax.generation import hybrid, musicgen
 from magnet_jax.models import objectives
+from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, LMConfig
 from references import hybrid_magnet_branch as branch
 from references.parity import assert_close, relative_error
@@ -105,6 +108,27 @@ def test_converted_logits_match_the_branch_model_golden(tmp_path, release, golde
     assert relative_error(parallel(golden["codes"][i]), golden["logits"][i]) > 1e-1
 
 
+def ar_phase_greedy(config: dict, params, inputs, frames: int) -> np.ndarray:
+    """Our AR phase, greedy with CFG 3, streaming the layout rows that complete `frames` whole frames."""
+    model = LanguageModel(LMConfig(**config["model"]))
+    cond = TextConditioning(jnp.asarray(inputs["states"]), jnp.asarray(inputs["cond_mask"]))
+    keys = jax.random.split(jax.random.key(0), len(inputs["states"]))  # unused by greedy decoding
+    n_q = model.config.n_q
+    return np.asarray(
+        hybrid.autoregressive_prefix(
+            model, params, cond, keys, length=frames, prefix_frames=frames + n_q - 1, sample_fn=musicgen.greedy
+        )
+    )
+
+
+def test_greedy_ar_phase_matches_the_branch_ar_generate_golden(release, golden):
+    config, params = lm_weights.import_lm(str(release))
+    expected = golden["ar_codes"]
+    ours = ar_phase_greedy(config, params, golden, expected.shape[-1])
+    np.testing.assert_array_equal(ours, expected)
+    assert all(len(np.unique(row)) > 3 for row in expected.reshape(-1, expected.shape[-1]))  # not one token repeated
+
+
 def test_fp16_release_converts_within_half_precision_of_the_golden(tmp_path, golden):
     source = branch.write_release(tmp_path / "fp16", branch.release_state(), dtype=torch.float16)
     config, params = lm_weights.import_lm(str(source))
@@ -122,6 +146,9 @@ def test_logits_match_the_branch_model_run_live(release, golden):
     config, params = lm_weights.import_lm(str(release))
     ours = hybrid_logits(config, params, golden)
     print("max relative error vs the live branch:", [assert_close(o, e, rtol=RTOL) for o, e in zip(ours, expected)])
+    ar_codes = branch.branch_ar_greedy(src, lm, golden)
+    np.testing.assert_array_equal(ar_codes, golden["ar_codes"])
+    np.testing.assert_array_equal(ar_phase_greedy(config, params, golden, ar_codes.shape[-1]), ar_codes)
 
 
 def test_audiocraft_export_of_a_hybrid_model_round_trips_exactly(tmp_path, release):
@@ -214,9 +241,22 @@ def test_from_pretrained_hub_id_generates_as_a_hybrid_model(cached_hub, tiny, mo
     m = MAGNeT.from_pretrained(HUB_ID, t5=str(tiny["t5"]))
     assert m.objective.name == "hybrid" and m.codec_source == str(tiny["codec"])
     assert m.decode_params.decoding_steps == (60, 10, 10, 10) and m.decode_params.temperature == 3.0
-    m.set_generation_params(decoding_steps=[2, 2, 2, 2])
-    out = m.generate(["lo-fi beat", "jazz trio"], seed=3, prefix_seconds=0.2)  # 10 layout steps autoregressively
-    assert out.codes.shape == (2, 4, 48) and out.audio.shape[-1] == 48 * 640
-    again = m.generate(["lo-fi beat", "jazz trio"], seed=3, prefix_seconds=0.2)
-    np.testing.assert_array_equal(out.codes, again.codes)
-    assert all(len(np.unique(row)) > 4 for row in out.codes.reshape(-1, 48))
+    m.set_generation_params(decoding_steps=[2, 2, 2, 2], ar_use_sampling=False)
+    texts = ["lo-fi beat", "jazz trio"]
+    out = m.generate(texts, seed=3, prefix_seconds=0.2)  # 10 layout steps autoregressively, then MAGNeT
+    assert out.codes.shape == (2, 4, 48) and out.audio.shape == (2, 1, 48 * 640)
+    assert 0 <= out.codes.min() and out.codes.max() < 64
+    # the prefix (codebook q's frames t < 10 - q) is the model's own greedy AR phase, kept by MAGNeT's decoding
+    tokens = m.tokenizer(texts)
+    pad = ((0, 0), (0, m.text_length - tokens["ids"].shape[1]))
+    ids, mask = np.pad(tokens["ids"], pad, constant_values=m.tokenizer.pad_id), np.pad(tokens["mask"], pad)
+    cond = api._condition(m.t5_config, m.tokenizer.pad_id, m.t5_params, ids, mask)
+    keys = jax.random.split(jax.random.key(0), 2)
+    prefix = np.asarray(
+        hybrid.autoregressive_prefix(
+            m.model, m.lm_params, cond, keys, length=48, prefix_frames=10, sample_fn=musicgen.greedy
+        )
+    )
+    staircase = np.arange(48)[None, :] < 10 - np.arange(4)[:, None]
+    np.testing.assert_array_equal(np.where(staircase, out.codes, -1), np.where(staircase, prefix, -1))
+    assert (prefix[:, ~staircase] == 64).all()  # the mask id beyond: nothing else came from the AR phase
