@@ -2,6 +2,8 @@ r"""Converts LM checkpoints between the released formats and ours.
 
   # released weights (hub id, directory or file; audiocraft state_dict.bin or transformers MusicGen) -> ours
   python -m magnet_jax.convert --src=facebook/magnet-small-10secs --dst=checkpoints/magnet-small-10secs
+  # Hybrid-MAGNeT releases (audiocraft branch hybrid_magnet) -> ours, config.json "objective": "hybrid"
+  python -m magnet_jax.convert --src=facebook/hybrid-magnet-small --dst=checkpoints/hybrid-magnet-small
   # ours -> audiocraft (state_dict.bin + compression_state_dict.bin pointer), loadable by audiocraft's loaders
   python -m magnet_jax.convert --src=checkpoints/my-run-export --dst=exported/my-magnet --to=audiocraft
 

@@ -138,7 +138,7 @@ def test_fp16_release_converts_within_half_precision_of_the_golden(tmp_path, gol
 
 
 @pytest.mark.skipif(not os.environ.get(branch.BRANCH_ENV), reason=f"{branch.BRANCH_ENV} names no branch checkout")
-def test_logits_match_the_branch_model_run_live(release, golden):
+def test_logits_match_the_branch_model_run_live(release, golden, tmp_path):
     src = os.environ[branch.BRANCH_ENV]
     lm = branch.branch_lm(src, release)
     expected = branch.branch_logits(src, lm, golden)
@@ -149,6 +149,10 @@ def test_logits_match_the_branch_model_run_live(release, golden):
     ar_codes = branch.branch_ar_greedy(src, lm, golden)
     np.testing.assert_array_equal(ar_codes, golden["ar_codes"])
     np.testing.assert_array_equal(ar_phase_greedy(config, params, golden, ar_codes.shape[-1]), ar_codes)
+    # our audiocraft export of the converted model: the branch's loader reads it strictly, with the same logits
+    lm_weights.export_audiocraft(tmp_path / "exported", params, config)
+    exported = branch.branch_lm(src, tmp_path / "exported")
+    np.testing.assert_allclose(branch.branch_logits(src, exported, golden), expected, rtol=0, atol=0)
 
 
 def test_audiocraft_export_of_a_hybrid_model_round_trips_exactly(tmp_path, release):
