@@ -28,8 +28,10 @@ should (`FIXES`, each a literal replacement that must match exactly once, so a d
 The training mask of a sample with boundary b and stage k is the branch solver's (`_apply_nar_masks`): rows r < b
 get its `compute_attn_mask` of the per-row decoding steps (run from the solver file, unchanged), the other rows the
 stage-k mask `_stage_attn_mask(k, T, ...)`. The branch's MAGNeT-phase inference (`_generate_magnet`) cannot be run:
-it feeds the raw `[B, K, T]` frames to a model whose masks and logit trimming are built for the `[B, K, T + K]` delay
-layout; magnet_jax decodes with the training construction instead (README "Hybrid-MAGNeT releases").
+it calls the mask builder without `num_heads` once more, and past that it feeds the raw `[B, K, T]` frames to a model
+whose masks and logit trimming are built for the `[B, K, T + K]` delay layout (attention crops the mask to the
+sequence; the trimmed logits are K - 1 frames short of the tokens: a shape error at the first sampling step). magnet_jax
+decodes with the training construction instead (README "Hybrid-MAGNeT releases").
 
 Regenerate the golden file (after changing `CASES`, `ARCH` or `release_state`), from the repository root:
 
