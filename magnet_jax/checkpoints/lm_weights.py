@@ -316,7 +316,7 @@ def config_from_xp_cfg(xp: Mapping, *, cond_dim: int, source: str, scan_layers: 
 
 def _xp_objective(xp: Mapping, lm_model: str, source: str) -> objectives.Objective:
     """The objective of an audiocraft MAGNeT LM: Hybrid-MAGNeT when `solver` is the hybrid solver of audiocraft's
-    `hybrid_magnet` branch (which keeps `lm_model: transformer_lm_magnet`), MAGNeT otherwise (docs/design.md §10.3)."""
+    `hybrid_magnet` branch (which keeps `lm_model: transformer_lm_magnet`), MAGNeT otherwise (docs/design.md §7.4)."""
     solver = xp_cfg_value(xp, "solver", None)
     if solver == HYBRID_SOLVER and lm_model != MAGNET:
         raise WeightsError(f"{source}: xp.cfg solver={solver!r} needs lm_model={MAGNET!r} (found {lm_model!r})")
