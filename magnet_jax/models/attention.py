@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magnet_jax.models.splash import splash_self_attention
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -116,7 +118,7 @@ class Projection(nn.Module):
         return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # Query rows per block of the band computation (stages >= 1): the keys of a block are its rows +- subcodes_context.
 BAND_BLOCK = 32
 
@@ -135,14 +137,16 @@ class StageMask:
 
 
 def resolve_implementation(implementation: str, dtype, platform: str | None = None) -> str:
-    """The attention kernel for `implementation` ('auto', 'xla', 'cudnn') on `platform` (default: JAX's default
-    backend). 'auto' picks cuDNN's fused attention on a GPU for a 16-bit compute dtype (the only dtypes it takes),
-    XLA everywhere else."""
+    """The attention kernel for `implementation` ('auto', 'xla', 'cudnn', 'splash') on `platform` (default: JAX's
+    default backend). 'auto' picks Pallas splash attention on a TPU, cuDNN's fused attention on a GPU for a 16-bit
+    compute dtype (the only dtypes it takes), XLA everywhere else."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
     platform = jax.default_backend() if platform is None else platform
+    if platform == "tpu":
+        return "splash"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if platform == "gpu" and half else "xla"
 
@@ -194,7 +198,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str =
     `mask`: None, a boolean array broadcastable to `[B, H, T, S]`, or a `StageMask` (self-attention). With 'xla', a
     `StageMask` runs the full computation at stage 0 and `band_attention` at stages >= 1, both branches of one
     `lax.cond` on the traced stage (one program for every stage). 'cudnn': `jax.nn.dot_product_attention`'s cuDNN
-    kernel (GPU, 16-bit dtypes) with the dense mask.
+    kernel (GPU, 16-bit dtypes) with the dense mask. 'splash': a `StageMask` runs `splash_self_attention` (Pallas,
+    TPU; interpret mode elsewhere); other masks (cross-attention, the hybrid mask) take the XLA path.
     """
     if implementation == "cudnn":
         if isinstance(mask, StageMask):
@@ -207,6 +212,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str =
         return jnp.swapaxes(out, 1, 2)
     if not isinstance(mask, StageMask):
         return dense_attention(q, k, v, mask)
+    if implementation == "splash":
+        return splash_self_attention(q, k, v, mask.stage, mask.subcodes_context)
     width, length = mask.subcodes_context, q.shape[2]
     if width < 0:
         return dense_attention(q, k, v, None)
