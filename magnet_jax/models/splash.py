@@ -40,7 +40,16 @@ def _kernel(heads: int, length: int, window: int | None, interpret: bool):
         block = SPLASH_ALIGN
     return kernel_lib.make_splash_mha(
         mask_lib.MultiHeadMask([mask] * heads),
-        block_sizes=kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block),
+        block_sizes=kernel_lib.BlockSizes(  # forward and backward (training) blocks
+            block_q=block,
+            block_kv=block,
+            block_kv_compute=block,
+            block_q_dkv=block,
+            block_kv_dkv=block,
+            block_kv_dkv_compute=block,
+            block_q_dq=block,
+            block_kv_dq=block,
+        ),
         head_shards=1,
         q_seq_shards=1,
         interpret=interpret,

@@ -117,3 +117,18 @@ def test_lm_splash_logits_equal_xla_at_full_and_band_stages(tiny_lm_params):
         logits[kernel] = [np.asarray(run(jnp.int32(stage))) for stage in (0, 1)]
     for xla, splash in zip(logits["xla"], logits["splash"]):
         np.testing.assert_allclose(splash, xla, rtol=1e-5, atol=1e-5)
+
+
+def test_splash_gradients_equal_dense_stage_mask():
+    """Training through the kernel (its backward blocks): q/k/v gradients at the full and a band stage."""
+    q, k, v = qkv(1, 2, 130, 16, seed=4)
+
+    def loss(q, k, v, stage, kernel):
+        mask = StageMask(stage, 2) if kernel else stage_attention_mask(130, stage, subcodes_context=2, causal=False)
+        return jnp.sum(jnp.sin(attend(q, k, v, mask, "splash") if kernel else library_attention(q, k, v, mask)))
+
+    grad = jax.jit(jax.grad(lambda q, k, v, stage: loss(q, k, v, stage, True), argnums=(0, 1, 2)))
+    for stage in (0, 1):
+        reference = jax.grad(lambda q, k, v: loss(q, k, v, stage, False), argnums=(0, 1, 2))(q, k, v)
+        for ours, expected in zip(grad(q, k, v, jnp.int32(stage)), reference):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=0, atol=2e-6)
