@@ -1,6 +1,6 @@
-"""Attention kernels: head-major dense attention, the band computation of stages >= 1 and the Pallas splash kernel
-(interpret mode on CPU) against `jax.nn.dot_product_attention` with the dense stage mask; kernel selection by
-platform."""
+"""Attention kernels: head-major dense attention (and its query blocks), the band computation of stages >= 1 and
+the Pallas splash kernel (interpret mode on CPU) against `jax.nn.dot_product_attention` with the dense stage mask;
+kernel selection by platform."""
 
 import dataclasses
 
@@ -15,6 +15,7 @@ from magnet_jax.models.attention import (
     attend,
     band_attention,
     dense_attention,
+    query_blocked_attention,
     resolve_implementation,
     stage_attention_mask,
 )
@@ -38,6 +39,15 @@ def test_band_blocks_equal_dense_band_mask(length, width, block):
     mask = stage_attention_mask(length, 1, subcodes_context=width, causal=False)
     band = jax.jit(band_attention, static_argnums=(3, 4))(q, k, v, width, block)
     np.testing.assert_allclose(np.asarray(band), np.asarray(library_attention(q, k, v, mask)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("length,block", [(300, 128), (250, 125), (7, 4)])
+def test_query_blocks_give_the_dense_values(length, block):
+    """Blocks of equal size (300 -> 3 x 100, 250 -> 2 x 125, padded: 7 -> 2 x 4), each row computed as in the dense
+    pass (to float32 rounding: the matmul kernels of other shapes may sum in another order)."""
+    q, k, v = qkv(2, 3, length, 8, seed=5)
+    blocked = jax.jit(query_blocked_attention, static_argnums=3)(q, k, v, block)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(dense_attention(q, k, v, None)), rtol=0, atol=1e-6)
 
 
 def test_dense_attention_equals_library_with_a_key_mask():
