@@ -161,13 +161,19 @@ def _large_negative(dtype) -> float:
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Softmax attention in head-major layout: `q [B, H, T, Dh]`, `k, v [B, H, S, Dh]`, boolean `mask` broadcastable
     to `[B, H, T, S]` (True = attend) -> `[B, H, T, Dh]` (any leading axes). Scores and softmax in float32; the
-    matmuls are batched over the leading axes (B·H), a layout XLA's CPU dot runs without transposing."""
+    matmuls are batched over the leading axes (B·H), a layout XLA's CPU dot runs without transposing.
+
+    The softmax is normalised after the second matmul: `(exp(s - max) · v) / sum(exp(s - max))` divides `[T, Dh]`
+    values instead of the `[T, S]` weights (one pass less over the scores); the weights enter that matmul in the
+    compute dtype, accumulated in float32.
+    """
     logits = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(q.shape[-1] ** -0.5)
     if mask is not None:
         logits = jnp.where(mask, logits, _large_negative(logits.dtype))
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("...ts,...sd->...td", probs, v)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("...ts,...sd->...td", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
 
 
 def band_attention(q: jax.Array, k: jax.Array, v: jax.Array, width: int, block: int = BAND_BLOCK) -> jax.Array:
