@@ -73,7 +73,7 @@ TINY_LM = LMConfig(dim=32, num_heads=4, num_layers=2, n_q=2, card=16, cond_dim=8
 
 @pytest.fixture(scope="module")
 def tiny_lm_params():
-    return nn.meta.unbox(init_params(LanguageModel(TINY_LM), jax.random.key(0)))
+    return jax.jit(lambda key: nn.meta.unbox(init_params(LanguageModel(TINY_LM), key)))(jax.random.key(0))
 
 
 def test_lm_band_stage_logits_equal_explicit_dense_mask(tiny_lm_params):
