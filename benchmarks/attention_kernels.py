@@ -3,10 +3,12 @@
 For one LM size and dtype, per sequence length and stage (0 = full attention, 1 = the band): one decoding pass
 (`LanguageModel(head=stage)`, a CFG pair of rows) with each kernel in `--kernels`, its time (min of `--repeats`)
 and its max |logit difference| from the first kernel. A kernel that fails to compile or run on this platform is
-reported with its error (cuDNN needs a GPU and a 16-bit dtype). Exit status 1 when a kernel that ran disagrees
+reported with its error (cuDNN needs a GPU and a 16-bit dtype; splash runs compiled on a TPU, in interpret mode
+elsewhere). Exit status 1 when a kernel that ran disagrees
 with the first by more than `--tolerance` (relative to the logits' std).
 
   python benchmarks/attention_kernels.py --kernels=xla,cudnn --dtype=bfloat16     # on a GPU
+  python benchmarks/attention_kernels.py --kernels=xla,splash --dtype=bfloat16    # on a TPU
 
 Writes `benchmarks/results/attention_kernels.json`.
 """

@@ -10,6 +10,8 @@ Sides, all on the same weights and inputs `[B, T, D]`, timed alternately (min of
 
   python benchmarks/attention_layer.py                      # dim 512, 8 heads, B=1, T = 498 and 1500, float32
   python benchmarks/attention_layer.py --dtype=bfloat16     # torch side in bfloat16 too
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+    python benchmarks/attention_layer.py --clock=cpu         # one thread each, CPU time (robust on a shared machine)
 
 Writes `benchmarks/results/attention_layer.json`.
 """
@@ -17,6 +19,9 @@ Writes `benchmarks/results/attention_layer.json`.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -35,6 +40,13 @@ _LENGTHS = flags.DEFINE_list("lengths", ["498", "1500"], "sequence lengths (fram
 _CONTEXT = flags.DEFINE_integer("subcodes_context", 5, "band half-width of stages >= 1")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of both sides")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls per side (alternating), min reported")
+_CLOCK = flags.DEFINE_enum(
+    "clock",
+    "wall",
+    ["wall", "cpu"],
+    "wall time, or the process's CPU time with one thread per side (torch set to "
+    "1 thread; XLA_FLAGS must make XLA single-threaded, see above)",
+)
 _OUT = flags.DEFINE_string("out", "benchmarks/results/attention_layer", "output path without extension")
 
 
@@ -87,7 +99,10 @@ def measure(length: int) -> dict:
         "torch_full": lambda: torch_layer(None),
         "torch_band": lambda: torch_layer(band),
     }
-    times = interleaved(list(sides.values()), _REPEATS.value)
+    for side in sides.values():  # compiled and warm before timing
+        side()
+    clock = time.process_time if _CLOCK.value == "cpu" else time.perf_counter
+    times = interleaved(list(sides.values()), _REPEATS.value, clock)
     ms = {name: round(1e3 * min(t), 2) for name, t in zip(sides, times)}
     row = {
         "length": length,
@@ -102,9 +117,21 @@ def measure(length: int) -> dict:
     return row
 
 
+SINGLE_THREAD_XLA = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
+
+
 def main(argv):
     del argv
     import torch
+
+    if _CLOCK.value == "cpu":
+        missing = [f for f in SINGLE_THREAD_XLA if f not in os.environ.get("XLA_FLAGS", "")]
+        if missing:
+            print(
+                f"error: --clock=cpu needs XLA_FLAGS to contain {' '.join(missing)} (one XLA thread)", file=sys.stderr
+            )
+            sys.exit(2)
+        torch.set_num_threads(1)
 
     rows = [measure(int(t)) for t in _LENGTHS.value]
     meta = {
@@ -116,6 +143,7 @@ def main(argv):
         "batch": _BATCH.value,
         "dtype": _DTYPE.value,
         "repeats": _REPEATS.value,
+        "clock": _CLOCK.value,
     }
     path = Path(_OUT.value).with_suffix(".json")
     path.parent.mkdir(parents=True, exist_ok=True)

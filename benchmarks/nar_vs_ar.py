@@ -50,7 +50,9 @@ _PREFIX_SECONDS = flags.DEFINE_float("prefix_seconds", 1.0, "hybrid: seconds gen
 _COND_LENGTH = flags.DEFINE_integer("cond_length", 16, "text tokens per description")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "timed calls per point and method")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype (bfloat16 on accelerators)")
-_ATTENTION = flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"], "attention kernel (model.attention)")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "auto", ["auto", "xla", "cudnn", "splash"], "attention kernel (model.attention)"
+)
 _OUT = flags.DEFINE_string("out", "benchmarks/results/nar_vs_ar", "output path without extension")
 
 FRAME_RATE = 50

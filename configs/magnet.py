@@ -117,7 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat = False  # nn.remat each block
     c.model.scan_layers = True  # nn.scan over blocks (fast compile for 48 layers)
-    c.model.attention = "auto"  # attention kernel: cuDNN on GPU for 16-bit compute, else XLA; or "xla" / "cudnn"
+    # attention kernel: splash on TPU, cuDNN on GPU for 16-bit compute, else XLA; or "xla" / "cudnn" / "splash"
+    c.model.attention = "auto"
 
     # --- text conditioning -----------------------------------------------------------------------------
     t5, t5_dim = TEXT_ENCODERS["tiny" if tiny else arg.task]

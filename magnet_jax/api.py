@@ -49,7 +49,8 @@ DEFAULT_SETTINGS = {
     # LM compute dtype ("bfloat16" on accelerators); the LM params are cast to it once at load. Attention softmax,
     # logits and sampling stay float32 (docs/design.md §11.2)
     "dtype": "float32",
-    "attention": "auto",  # attention kernel (model.attention): cuDNN on GPU for 16-bit compute, else XLA; or "xla"
+    # attention kernel (model.attention): splash on TPU, cuDNN on GPU for 16-bit compute, else XLA; or force one
+    "attention": "auto",
     # data parallel over every device of every host; `tensor` > 1 shards the LM by the rules (large models)
     "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1},
     "sharding_rules": list(sharding.DEFAULT_RULES),

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magnet_jax.models.splash import splash_self_attention
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -116,9 +118,11 @@ class Projection(nn.Module):
         return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # Query rows per block of the band computation (stages >= 1): the keys of a block are its rows +- subcodes_context.
 BAND_BLOCK = 32
+# At most this many query rows per block of the full attention on CPU (`query_blocked_attention`).
+QUERY_BLOCK = 128
 
 
 @flax.struct.dataclass
@@ -135,14 +139,16 @@ class StageMask:
 
 
 def resolve_implementation(implementation: str, dtype, platform: str | None = None) -> str:
-    """The attention kernel for `implementation` ('auto', 'xla', 'cudnn') on `platform` (default: JAX's default
-    backend). 'auto' picks cuDNN's fused attention on a GPU for a 16-bit compute dtype (the only dtypes it takes),
-    XLA everywhere else."""
+    """The attention kernel for `implementation` ('auto', 'xla', 'cudnn', 'splash') on `platform` (default: JAX's
+    default backend). 'auto' picks Pallas splash attention on a TPU, cuDNN's fused attention on a GPU for a 16-bit
+    compute dtype (the only dtypes it takes), XLA everywhere else."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
     platform = jax.default_backend() if platform is None else platform
+    if platform == "tpu":
+        return "splash"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if platform == "gpu" and half else "xla"
 
@@ -155,13 +161,19 @@ def _large_negative(dtype) -> float:
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Softmax attention in head-major layout: `q [B, H, T, Dh]`, `k, v [B, H, S, Dh]`, boolean `mask` broadcastable
     to `[B, H, T, S]` (True = attend) -> `[B, H, T, Dh]` (any leading axes). Scores and softmax in float32; the
-    matmuls are batched over the leading axes (B·H), a layout XLA's CPU dot runs without transposing."""
+    matmuls are batched over the leading axes (B·H), a layout XLA's CPU dot runs without transposing.
+
+    The softmax is normalised after the second matmul: `(exp(s - max) · v) / sum(exp(s - max))` divides `[T, Dh]`
+    values instead of the `[T, S]` weights (one pass less over the scores); the weights enter that matmul in the
+    compute dtype, accumulated in float32.
+    """
     logits = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(q.shape[-1] ** -0.5)
     if mask is not None:
         logits = jnp.where(mask, logits, _large_negative(logits.dtype))
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("...ts,...sd->...td", probs, v)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("...ts,...sd->...td", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
 
 
 def band_attention(q: jax.Array, k: jax.Array, v: jax.Array, width: int, block: int = BAND_BLOCK) -> jax.Array:
@@ -188,13 +200,38 @@ def band_attention(q: jax.Array, k: jax.Array, v: jax.Array, width: int, block: 
     return out.reshape(batch, heads, n * block, dh)[:, :, :length]
 
 
+def query_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = QUERY_BLOCK) -> jax.Array:
+    """`dense_attention(q, k, v, None)` with the queries `[B, H, T, Dh]` in n = ceil(T / `block`) equal blocks of
+    ceil(T / n) rows (T = 1500: 12 x 125, T = 498: 4 x 125), one block after the other (`lax.map`).
+
+    A block's scores `[B, H, rows, S]` (B = 1, H = 8, S = 1500: 6 MB instead of 72 MB) stay in the CPU's cache from
+    the first matmul through the softmax to the second; the whole `[T, S]` score matrix goes through memory at each
+    of them. Every row is computed as in `dense_attention` (the same values).
+    """
+    batch, heads, length, dh = q.shape
+    n = -(-length // block)
+    rows = -(-length // n)
+    qb = jnp.pad(q, ((0, 0), (0, 0), (0, n * rows - length), (0, 0))).reshape(batch, heads, n, rows, dh)
+    out = jax.lax.map(lambda qi: dense_attention(qi, k, v, None), jnp.moveaxis(qb, 2, 0))  # [n, B, H, rows, Dh]
+    return jnp.moveaxis(out, 0, 2).reshape(batch, heads, n * rows, dh)[:, :, :length]
+
+
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Unmasked attention (MAGNeT stage 0): `query_blocked_attention` on CPU for more than `QUERY_BLOCK` queries,
+    else `dense_attention` (on an accelerator the loop over blocks would only serialise the work)."""
+    if jax.default_backend() == "cpu" and q.shape[2] > QUERY_BLOCK:
+        return query_blocked_attention(q, k, v)
+    return dense_attention(q, k, v, None)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str = "xla") -> jax.Array:
     """Attention of head-major `q [B, H, T, Dh]` over `k, v [B, H, S, Dh]` -> `[B, H, T, Dh]`.
 
     `mask`: None, a boolean array broadcastable to `[B, H, T, S]`, or a `StageMask` (self-attention). With 'xla', a
-    `StageMask` runs the full computation at stage 0 and `band_attention` at stages >= 1, both branches of one
+    `StageMask` runs `full_attention` at stage 0 and `band_attention` at stages >= 1, both branches of one
     `lax.cond` on the traced stage (one program for every stage). 'cudnn': `jax.nn.dot_product_attention`'s cuDNN
-    kernel (GPU, 16-bit dtypes) with the dense mask.
+    kernel (GPU, 16-bit dtypes) with the dense mask. 'splash': a `StageMask` runs `splash_self_attention` (Pallas,
+    TPU; interpret mode elsewhere); other masks (cross-attention, the hybrid mask) take the XLA path.
     """
     if implementation == "cudnn":
         if isinstance(mask, StageMask):
@@ -207,15 +244,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str =
         return jnp.swapaxes(out, 1, 2)
     if not isinstance(mask, StageMask):
         return dense_attention(q, k, v, mask)
+    if implementation == "splash":
+        return splash_self_attention(q, k, v, mask.stage, mask.subcodes_context)
     width, length = mask.subcodes_context, q.shape[2]
     if width < 0:
-        return dense_attention(q, k, v, None)
+        return full_attention(q, k, v)
     if length <= 2 * max(BAND_BLOCK, 2 * width):  # too short for blocks to save anything
         return dense_attention(q, k, v, mask.dense(length))
     return jax.lax.cond(
         jnp.asarray(mask.stage) > 0,
         lambda q, k, v: band_attention(q, k, v, width),
-        lambda q, k, v: dense_attention(q, k, v, None),
+        full_attention,
         q,
         k,
         v,

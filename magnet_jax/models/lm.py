@@ -55,7 +55,7 @@ class LMConfig:
     param_dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = True
-    attention: str = "auto"  # attention kernel: "auto" (by platform), "xla" or "cudnn" (`attention.attend`)
+    attention: str = "auto"  # attention kernel: "auto" (by platform), "xla", "cudnn", "splash" (`attention.attend`)
 
     @property
     def ffn_dim(self) -> int:
