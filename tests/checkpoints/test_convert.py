@@ -21,6 +21,7 @@ from magnet_jax.fileio import WeightsError, flatten_dict
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 from references.audiocraft_lm import TINY, audiocraft_lm, state_dict_numpy
 from references.parity import assert_close
+from references.transformers_musicgen import musicgen_decoder_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -228,10 +229,9 @@ def test_load_pretrained_restores_onto_a_device_mesh(tmp_path, magnet_dir, scan_
 
 
 def test_sharded_transformers_checkpoint_imports_like_a_single_file(tmp_path):
-    from test_lm_parity import _musicgen_decoder_config
     from transformers import MusicgenForCausalLM
 
-    reference = MusicgenForCausalLM(_musicgen_decoder_config())
+    reference = MusicgenForCausalLM(musicgen_decoder_config())
     reference.save_pretrained(tmp_path / "single")
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()

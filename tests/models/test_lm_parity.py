@@ -17,27 +17,13 @@ from magnet_jax.checkpoints import lm_weights
 from magnet_jax.models.lm import LanguageModel, LMConfig
 from references.audiocraft_lm import TINY, audiocraft_lm, state_dict_numpy
 from references.parity import assert_close
+from references.transformers_musicgen import musicgen_decoder_config
 
 RTOL = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # transformers MusicGen (causal)
-
-
-def _musicgen_decoder_config():
-    from transformers import MusicgenDecoderConfig
-
-    return MusicgenDecoderConfig(
-        vocab_size=32,
-        num_codebooks=4,
-        hidden_size=32,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        pad_token_id=32,
-        bos_token_id=32,
-    )
 
 
 def _spread(model):
@@ -55,7 +41,7 @@ def _spread(model):
 def test_causal_logits_match_transformers_musicgen(tmp_path):
     from transformers import MusicgenForCausalLM
 
-    reference = _spread(MusicgenForCausalLM(_musicgen_decoder_config())).eval()
+    reference = _spread(MusicgenForCausalLM(musicgen_decoder_config())).eval()
     reference.save_pretrained(tmp_path)
     config, params = lm_weights.import_lm(str(tmp_path))
     assert config["model"]["causal"] and config["provenance"]["format"] == "transformers"
@@ -94,7 +80,7 @@ def test_conditional_generation_file_matches_transformers(tmp_path):
     )
     reference = MusicgenForConditionalGeneration(
         MusicgenConfig(
-            text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=_musicgen_decoder_config().to_dict()
+            text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=musicgen_decoder_config().to_dict()
         )
     )
     _spread(reference.decoder)
