@@ -41,7 +41,7 @@ SAMPLE_RATE = 32000
 PROPERTIES = ("key", "tempo", "drums", "brightness")
 
 
-def prompt_specs(count: int = 6) -> list[synthetic_corpus.ClipSpec]:
+def prompt_specs(count: int = 8) -> list[synthetic_corpus.ClipSpec]:
     """`count` drawn specs, timbre alternating bright sawtooth / soft sine and drums alternating on / off (so every
     check has both answers)."""
     specs = []
