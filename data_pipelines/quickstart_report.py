@@ -5,7 +5,9 @@ r"""The quickstart's prompts and its objective check of what the trained model m
       continuation of a corpus clip), prompt_specs.json (what each prompt asks for) and prompt_intro.wav
   python -m data_pipelines.quickstart_report --mode=check --output=quickstart_out
       measures every generated sample (`samples/`, and `samples_untrained/` from an untrained model on the same
-      prompts) with `audio_measures`, next to the same measure on the corpus rendering of each prompt's spec;
+      prompts) with `audio_measures`, next to the same measure on the corpus rendering of each prompt's spec and
+      on that rendering's round trip through the run's codec (`assets/codec`: what any model of its codes can
+      reach);
       compares the run's held-out loss with the unigram entropy of the training codes; prints the summary and
       writes report.json and spectrograms.png (log-mel: prompt's corpus rendering | trained sample | untrained)
 
@@ -28,16 +30,18 @@ import numpy as np
 import soundfile as sf
 
 from data_pipelines import audio_measures, synthetic_corpus
+from magnet_jax.checkpoints.encodec_weights import load_encodec
 from magnet_jax.cli import quiet_logs
 from magnet_jax.data.records import CodeRecord
 from magnet_jax.fileio import atomic_file, write_atomic, write_json
+from magnet_jax.models import encodec
 
 PROMPT_SEED = 777
 SAMPLE_RATE = 32000
 PROPERTIES = ("key", "tempo", "drums", "brightness")
 
 
-def prompt_specs(count: int = 6) -> list[synthetic_corpus.ClipSpec]:
+def prompt_specs(count: int = 8) -> list[synthetic_corpus.ClipSpec]:
     """`count` drawn specs, timbre alternating bright sawtooth / soft sine and drums alternating on / off (so every
     check has both answers)."""
     specs = []
@@ -84,13 +88,14 @@ def unigram_entropy(pattern: str) -> tuple[list[float], int]:
 
 
 def check_samples(samples: str | os.PathLike, specs: dict) -> dict[str, dict]:
-    """Adherence of each sample `<id>-0.wav` in `samples` to its spec: `{id: {property: bool}}`."""
-    results = {}
-    for prompt_id, fields in specs.items():
-        spec = synthetic_corpus.ClipSpec(**{k: v for k, v in fields.items() if k != "seconds"})
-        wav, sr = sf.read(Path(samples) / f"{prompt_id}-0.wav", dtype="float32")
-        results[prompt_id] = audio_measures.adherence(spec, audio_measures.measure(wav, sr))
-    return results
+    """Adherence of each sample `<id>-0.wav` (32 kHz) in `samples` to its spec: `{id: {property: bool}}`."""
+    clips = {}
+    for prompt_id in specs:
+        path = Path(samples) / f"{prompt_id}-0.wav"
+        clips[prompt_id], sr = sf.read(path, dtype="float32")
+        if sr != SAMPLE_RATE:
+            raise ValueError(f"{path}: sample rate {sr}, expected {SAMPLE_RATE}")
+    return measure_adherence(specs, clips)
 
 
 def corpus_renderings(specs: dict) -> dict[str, np.ndarray]:
@@ -102,6 +107,25 @@ def corpus_renderings(specs: dict) -> dict[str, np.ndarray]:
             spec, fields["seconds"], SAMPLE_RATE, np.random.default_rng([PROMPT_SEED, 1000 + i])
         )
     return out
+
+
+def codec_round_trips(codec: str | os.PathLike, renderings: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each rendering `[N]` encoded and decoded by the codec directory `codec`: `{id: [N]}`."""
+    config, params = load_encodec(codec)
+    ids = list(renderings)
+    decoded = encodec.round_trip(config, params, np.stack([renderings[i] for i in ids])[:, None])
+    return {i: decoded[n, 0] for n, i in enumerate(ids)}
+
+
+def measure_adherence(specs: dict, clips: dict[str, np.ndarray]) -> dict[str, dict]:
+    """`{id: {property: bool}}` of each clip `[N]` against its prompt's spec."""
+    return {
+        i: audio_measures.adherence(
+            synthetic_corpus.ClipSpec(**{k: v for k, v in specs[i].items() if k != "seconds"}),
+            audio_measures.measure(clip, SAMPLE_RATE),
+        )
+        for i, clip in clips.items()
+    }
 
 
 def tally(results: dict[str, dict]) -> dict[str, tuple[int, int]]:
@@ -159,13 +183,8 @@ def check(output: str | os.PathLike) -> dict:
     out = Path(output)
     specs = json.loads((out / "prompt_specs.json").read_text())
     corpus = corpus_renderings(specs)
-    on_corpus = {
-        i: audio_measures.adherence(
-            synthetic_corpus.ClipSpec(**{k: v for k, v in f.items() if k != "seconds"}),
-            audio_measures.measure(corpus[i], SAMPLE_RATE),
-        )
-        for i, f in specs.items()
-    }
+    on_corpus = measure_adherence(specs, corpus)
+    on_codec = measure_adherence(specs, codec_round_trips(out / "assets" / "codec", corpus))
     trained = check_samples(out / "samples", specs)
     untrained = check_samples(out / "samples_untrained", specs) if (out / "samples_untrained").is_dir() else None
     rows = [json.loads(line) for line in (out / "workdir" / "metrics.jsonl").read_text().splitlines()]
@@ -173,9 +192,10 @@ def check(output: str | os.PathLike) -> dict:
     entropy, card = unigram_entropy(str(out / "codes" / "*.array_record"))
     report = {
         "corpus": tally(on_corpus),
+        "codec_round_trip": tally(on_codec),
         "trained": tally(trained),
         "untrained": tally(untrained) if untrained else None,
-        "per_sample": {"corpus": on_corpus, "trained": trained, "untrained": untrained},
+        "per_sample": {"corpus": on_corpus, "codec_round_trip": on_codec, "trained": trained, "untrained": untrained},
         "eval_loss_first": evals[0]["loss"] if evals else None,
         "eval_loss_last": evals[-1]["loss"] if evals else None,
         "eval_step_last": evals[-1]["step"] if evals else None,
@@ -201,6 +221,7 @@ def format_report(report: dict) -> str:
 
     lines = ["prompt adherence (DSP on the audio; key = same key signature, tempo within 10 % or an octave):"]
     lines.append(f"  corpus rendering of each prompt: {counts(report['corpus'])}")
+    lines.append(f"  its codec round trip (ceiling):  {counts(report['codec_round_trip'])}")
     lines.append(f"  trained tiny MAGNeT:             {counts(report['trained'])}")
     if report["untrained"]:
         lines.append(f"  untrained tiny MAGNeT:           {counts(report['untrained'])}")

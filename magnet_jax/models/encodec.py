@@ -8,6 +8,7 @@ load), or `init_encodec` builds a random codec with fitted codebooks for tests a
 Public entry points (pure, jitted, `config` static):
   encode(config, params, wav [B, C, N]) -> codes [B, K, T] int32, T = ceil(N / hop)
   decode(config, params, codes [B, K, T]) -> wav [B, C, T * hop] float32
+  round_trip(config, params, wav [B, C, N]) -> wav [B, C, N] float32: decode(encode(wav)), trimmed to N
   encode_long(config, params, wav, chunk_seconds) -> codes (host numpy), in fixed-size chunks
   decode_long(config, params, codes, chunk_frames=, context_frames=) -> wav, in overlapping fixed-size windows
 
@@ -421,6 +422,12 @@ def encode(config: EncodecConfig, params, wav: jax.Array) -> jax.Array:
 def decode(config: EncodecConfig, params, codes: jax.Array) -> jax.Array:
     """Codes [B, K, T] -> audio [B, C, T * hop] float32."""
     return EncodecModel(config).apply({"params": params}, codes, method=EncodecModel.decode)
+
+
+def round_trip(config: EncodecConfig, params, wav) -> np.ndarray:
+    """Audio [B, C, N] -> its reconstruction through the codes [B, C, N] float32 (NumPy; what the codec keeps)."""
+    wav = jnp.asarray(wav, jnp.float32)
+    return np.asarray(decode(config, params, encode(config, params, wav)))[..., : wav.shape[-1]]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -137,3 +137,20 @@ def test_tiny_magnet_on_the_trained_codec_lowers_its_held_out_loss(tiny, tmp_pat
     print(f"held-out loss {evals}, unigram entropy {np.mean(entropy):.3f}, uniform {np.log(card):.3f}")
     assert len(evals) == 3 and evals[0] > evals[1] > evals[2] and evals[2] < evals[0] - 0.1, evals
     assert np.mean(entropy) < np.log(card) - 0.5  # the trained codec's codes are far from uniform
+
+
+def test_codec_round_trip_column_measures_the_renderings_through_the_codec():
+    """The report's ceiling column: each prompt's corpus rendering encoded and decoded by the run's codec, same
+    length, measured like the samples."""
+    specs = {
+        f"prompt{i}": {**dataclasses.asdict(spec), "seconds": 1.0}
+        for i, spec in enumerate(quickstart_report.prompt_specs(2))
+    }
+    renderings = quickstart_report.corpus_renderings(specs)
+    decoded = quickstart_report.codec_round_trips(TINY_CODEC, renderings)
+    config, params = load_encodec(TINY_CODEC)
+    for i, clip in renderings.items():
+        assert decoded[i].shape == clip.shape
+        np.testing.assert_allclose(decoded[i], encodec.round_trip(config, params, clip[None, None])[0, 0], atol=1e-5)
+    results = quickstart_report.measure_adherence(specs, decoded)
+    assert set(results) == set(specs) and all({"key", "tempo", "drums"} <= set(r) for r in results.values())
