@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,12 +24,14 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from data_pipelines.synthetic_corpus import generate_corpus
 from magnet_jax.checkpoints.pretrained import load_pretrained
+from magnet_jax.training.checkpointing import ORBAX_TMP
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "multihost_local.sh"
 JOB_TIMEOUT = 420  # seconds for any one job (the launcher kills every process past it)
 STEPS = 8
 TOLERANCE = 1e-5
+HEARTBEAT = 10  # --heartbeat_timeout (seconds) of the run whose process is killed
 
 
 def environment(cache: Path | None) -> dict:
@@ -73,12 +76,12 @@ def pid(logs: Path, i: int) -> int:
     return int((logs / f"process_{i}.pid").read_text())
 
 
-def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = JOB_TIMEOUT) -> None:
+def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = JOB_TIMEOUT, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"the job ended before {what}: {proc.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def records(directory: Path) -> list[bytes]:
@@ -167,8 +170,36 @@ def test_encode_two_processes_write_the_records_of_one_each_shard_once(encoded):
     assert names == [f"codes-p{i:05d}-of-00002-s{s:05d}.array_record" for i in range(2) for s in range(2)]
 
 
+def run_with_flags(n: int, args: list[str], logs: Path) -> None:
+    """Runs `python ARGS...` as `n` one-device processes joined by `--coordinator_address`, `--num_processes` and
+    `--process_id` (without the launcher and its JAX_* environment variables); every process must exit 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in environment(None).items() if not k.startswith("JAX_")}
+    env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    logs.mkdir()
+    procs = []
+    for i in range(n):
+        flags = [f"--coordinator_address={address}", f"--num_processes={n}", f"--process_id={i}"]
+        with open(logs / f"process_{i}.log", "w") as out:
+            procs.append(subprocess.Popen([sys.executable, *args, *flags], cwd=REPO, env=env, stdout=out, stderr=out))
+    deadline = time.monotonic() + JOB_TIMEOUT
+    try:
+        for i, proc in enumerate(procs):
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert code == 0, log(logs, i)[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture(scope="module")
 def pipeline_batches(work, encoded):
+    """The pipeline's first batches on 1, 2 and 4 processes (the 2 processes joined by the distributed flags, the
+    others through the launcher's environment variables)."""
     root = work["root"]
     for n in (1, 2, 4):
         out = root / f"pipeline{n}"
@@ -180,7 +211,10 @@ def pipeline_batches(work, encoded):
             f"--t5={work['t5']}",
             f"--output={out}",
         ]
-        run_job(n, 1, args, root / f"logs_pipeline{n}", work["cache"])
+        if n == 2:
+            run_with_flags(n, args, root / f"logs_pipeline{n}")
+        else:
+            run_job(n, 1, args, root / f"logs_pipeline{n}", work["cache"])
     return root
 
 
@@ -257,31 +291,79 @@ def copy_checkpoint(source: Path, step: int, workdir: Path) -> None:
     shutil.copytree(source / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
 
 
+def sealed(workdir: Path, step: int) -> bool:
+    """Whether checkpoint `step` is complete: written by every process and sealed by its checksum manifest."""
+    return (workdir / "checkpoints" / str(step) / "checksums.json").is_file()
+
+
+def step_entries(workdir: Path, step: int) -> list[str]:
+    """The names under `checkpoints/` of step `step` (its folder, or orbax's temporary one while it is written)."""
+    directory = workdir / "checkpoints"
+    return (
+        sorted(p.name for p in directory.iterdir() if p.name.split(".")[0] == str(step)) if directory.exists() else []
+    )
+
+
 @pytest.fixture(scope="module")
-def trained(work, encoded):
-    """1 process × 8 devices and 2 processes × 4 devices, both from scratch on the (2, 2, 2) mesh; then a 1-process
-    checkpoint resumed on 2 processes and stopped by SIGTERM to one of them; then that 2-process checkpoint resumed
-    on 1 process to the end."""
-    root, cache = work["root"], work["cache"]
-    runs = {"one": root / "train1", "two": root / "train2", "resumed2": root / "train_resumed2"}
-    run_job(1, 8, train_args(work, encoded, runs["one"]), root / "logs_train1", cache)
-    run_job(2, 4, train_args(work, encoded, runs["two"]), root / "logs_train2", cache)
+def reference(work, encoded):
+    """1 process × 8 devices from scratch on the (2, 2, 2) mesh: the uninterrupted run every other one is held to."""
+    workdir = work["root"] / "train1"
+    run_job(1, 8, train_args(work, encoded, workdir), work["root"] / "logs_train1", work["cache"])
+    return workdir
 
-    copy_checkpoint(runs["one"], 3, runs["resumed2"])
-    logs = root / "logs_preempted"
-    proc = launch(2, 4, train_args(work, encoded, runs["resumed2"]), logs, cache)
-    wait_for(lambda: 4 in metric_rows(runs["resumed2"]), "step 4", proc)
+
+@pytest.fixture(scope="module")
+def two(work, encoded):
+    """2 processes × 4 devices from scratch; process 1 killed with SIGKILL as soon as the save of step 6 has begun
+    (step 3 complete), then the same command run again: it resumes from step 3 and runs to the end."""
+    root = work["root"]
+    workdir, killed_logs, logs = root / "train2", root / "logs_train2_killed", root / "logs_train2"
+    args = train_args(work, encoded, workdir, f"--heartbeat_timeout={HEARTBEAT}")
+    proc = launch(2, 4, args, killed_logs, work["cache"], grace=120)
+    wait_for(lambda: step_entries(workdir, 6), "the save of step 6", proc, poll=0.01)
+    os.kill(pid(killed_logs, 1), signal.SIGKILL)
+    killed_at = time.monotonic()
+    status, _ = finish(proc)
+    killed = {"status": status, "seconds": time.monotonic() - killed_at, "log": log(killed_logs, 0)}
+    killed.update(entries=step_entries(workdir, 6), sealed=[s for s in (3, 6) if sealed(workdir, s)])
+    killed["rows"] = sorted(metric_rows(workdir))
+    run_job(2, 4, args, logs, work["cache"])
+    return {"workdir": workdir, "logs": logs, "killed": killed}
+
+
+@pytest.fixture(scope="module")
+def preempted(work, encoded, reference):
+    """The 1-process step 3 resumed on 2 processes and stopped by SIGTERM to one of them after step 4."""
+    root = work["root"]
+    workdir, logs = root / "train_resumed2", root / "logs_preempted"
+    copy_checkpoint(reference, 3, workdir)
+    proc = launch(2, 4, train_args(work, encoded, workdir), logs, work["cache"])
+    wait_for(lambda: 4 in metric_rows(workdir), "step 4", proc)
     os.kill(pid(logs, 1), signal.SIGTERM)
-    preempted_status, err = finish(proc)
-    stopped = checkpoint_steps(runs["resumed2"])[-1]
-    preempted = {"status": preempted_status, "stderr": err, "logs": [log(logs, i) for i in range(2)]}
-    preempted["rows"] = metric_rows(runs["resumed2"])
-    preempted["stopped"], preempted["export"] = stopped, (runs["resumed2"] / "export").exists()
+    status, err = finish(proc)
+    return {
+        "workdir": workdir,
+        "status": status,
+        "stderr": err,
+        "logs": [log(logs, i) for i in range(2)],
+        "rows": metric_rows(workdir),
+        "stopped": checkpoint_steps(workdir)[-1],
+        "export": (workdir / "export").exists(),
+    }
 
-    runs["resumed1"] = root / "train_resumed1"
-    copy_checkpoint(runs["resumed2"], stopped, runs["resumed1"])
-    run_job(1, 8, train_args(work, encoded, runs["resumed1"]), root / "logs_resumed1", cache)
-    return {**runs, "preempted": preempted, "logs2": root / "logs_train2"}
+
+@pytest.fixture(scope="module")
+def moved(work, encoded, preempted):
+    """The 2-process checkpoint of the preempted run resumed to the end on 4 processes × 2 devices and on
+    1 process × 8 devices, without evaluation (its cadence is not part of the training; no eval step to compile)."""
+    root, runs = work["root"], {}
+    for n, devices in ((4, 2), (1, 8)):
+        runs[n] = root / f"train_resumed{n}"
+        copy_checkpoint(preempted["workdir"], preempted["stopped"], runs[n])
+        args = train_args(work, encoded, runs[n], "--config.train.eval_every=0")
+        run_job(n, devices, args, root / f"logs_resumed{n}", work["cache"])
+        runs[n, "log"] = log(root / f"logs_resumed{n}", 0)
+    return runs
 
 
 def assert_rows_close(rows: dict[int, dict], reference: dict[int, dict], steps, keys=("loss", "grad_norm")) -> None:
@@ -297,79 +379,87 @@ def assert_params_close(a: dict, b: dict) -> None:
         np.testing.assert_allclose(np.asarray(flat_a[k]), np.asarray(flat_b[k]), atol=TOLERANCE, rtol=0, err_msg=k)
 
 
-def test_two_processes_train_like_one(trained):
-    one, two = trained["one"], trained["two"]
+def test_two_processes_train_like_one(reference, two):
+    one, two = reference, two["workdir"]
     assert_rows_close(metric_rows(two), metric_rows(one), range(1, STEPS + 1))
     assert sorted(metric_rows(two, "eval")) == [3, 6, 8]
     assert_rows_close(metric_rows(two, "eval"), metric_rows(one, "eval"), [3, 6, 8], keys=("loss",))
     assert checkpoint_steps(two) == checkpoint_steps(one) == [3, 6, 8]
+    assert all(sealed(two, s) for s in (3, 6, 8))
     assert_params_close(state_params(two, STEPS), state_params(one, STEPS))
     assert_params_close(load_pretrained(two / "export")[1], load_pretrained(one / "export")[1])
 
 
-def test_only_process_zero_writes_logs_metrics_and_config(trained):
-    two = trained["two"]
-    lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+def test_only_process_zero_writes_logs_metrics_and_config(two):
+    workdir = two["workdir"]
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == len({(r["split"], r["step"]) for r in lines}) == STEPS + 3
-    assert json.loads((two / "config.json").read_text())["mesh"]["tensor"] == 2
-    assert len(list((two / "tensorboard").rglob("*tfevents*"))) == 1
-    assert "[train] step" in log(trained["logs2"], 0)
-    assert "[train] step" not in log(trained["logs2"], 1)
+    assert json.loads((workdir / "config.json").read_text())["mesh"]["tensor"] == 2
+    assert len(list((workdir / "tensorboard").rglob("*tfevents*"))) == 1
+    assert "[train] step" in log(two["logs"], 0)
+    assert "[train] step" not in log(two["logs"], 1)
 
 
-def test_sigterm_to_one_process_saves_the_same_step_on_all_and_exits_0(trained):
-    p = trained["preempted"]
+def test_a_killed_process_stops_the_others_in_one_line_within_the_heartbeat_timeout(two):
+    killed = two["killed"]
+    assert killed["status"] != 0
+    assert killed["seconds"] < HEARTBEAT + 50, killed["seconds"]
+    last = killed["log"].strip().splitlines()[-1]
+    assert last.startswith("train: error: process 0: another process of the job died"), killed["log"][-2000:]
+    assert f"--heartbeat_timeout={HEARTBEAT}" in last
+    assert "Check failure stack trace" not in killed["log"]
+
+
+def test_the_rerun_after_a_kill_resumes_from_the_last_complete_checkpoint(two):
+    killed, rerun = two["killed"], log(two["logs"], 0)
+    # The kill left step 6 begun but not complete (step 7 needs every process, and a step is sealed after it) ...
+    assert killed["entries"] and killed["sealed"] == [3] and max(killed["rows"]) == 6, killed
+    # ... so the rerun cleaned or set it aside and resumed from step 3; the results equal the uninterrupted run's
+    # (test_two_processes_train_like_one).
+    assert "resuming from step 3 to 8" in rerun, rerun[-2000:]
+    if killed["entries"] == ["6"]:  # orbax had finished writing it: no checksum manifest, skipped
+        assert "checkpoint: skipping step 6" in rerun
+        assert [p.name.split("-")[0] for p in (two["workdir"] / "checkpoints.corrupt").iterdir()] == ["6"]
+    else:  # still orbax's temporary folder: removed
+        assert "checkpoint: removing" in rerun and "an interrupted save" in rerun
+    assert not list((two["workdir"] / "checkpoints").glob(ORBAX_TMP))
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_all_and_exits_0(preempted):
+    p = preempted
     assert p["status"] == 0, p["stderr"][-2000:]
     stopped = p["stopped"]
     assert 4 <= stopped < STEPS and not p["export"]
     for text in p["logs"]:
         assert f"train: stopping at step {stopped} after a preemption notice" in text
-    data = trained["resumed2"] / "checkpoints" / str(stopped) / "data"
+    data = p["workdir"] / "checkpoints" / str(stopped) / "data"
     assert sorted(f.name for f in data.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
-def test_checkpoints_move_between_process_counts_and_the_data_continues(trained):
-    reference = metric_rows(trained["one"])
-    stopped = trained["preempted"]["stopped"]
-    # 1 -> 2 processes: resumed from the 1-process step 3, same losses (same batches, same masks) up to the stop.
-    assert "resuming from step 3" in trained["preempted"]["logs"][0]
-    assert_rows_close(trained["preempted"]["rows"], reference, range(4, stopped + 1))
-    # 2 -> 1 process: resumed from the 2-process checkpoint to the end, same losses and parameters.
-    resumed = trained["resumed1"]
-    assert_rows_close(metric_rows(resumed), reference, range(stopped + 1, STEPS + 1))
-    assert_params_close(state_params(resumed, STEPS), state_params(trained["one"], STEPS))
+def test_a_one_process_checkpoint_resumes_on_two_and_the_data_continues(reference, preempted):
+    # Resumed from the 1-process step 3: the same losses (same batches, same masks) up to the stop.
+    assert "resuming from step 3" in preempted["logs"][0]
+    assert_rows_close(preempted["rows"], metric_rows(reference), range(4, preempted["stopped"] + 1))
 
 
-@pytest.fixture(scope="module")
-def killed(work, encoded, trained):
-    """2 processes resumed from step 6 of the 2-process run; process 1 killed with SIGKILL after step 7."""
-    root = work["root"]
-    workdir, logs = root / "train_killed", root / "logs_killed"
-    copy_checkpoint(trained["two"], 6, workdir)
-    args = train_args(work, encoded, workdir, "--heartbeat_timeout=10", "--config.train.num_steps=40")
-    proc = launch(2, 4, args, logs, work["cache"], grace=120)
-    wait_for(lambda: 7 in metric_rows(workdir), "step 7", proc)
-    os.kill(pid(logs, 1), signal.SIGKILL)
-    killed_at = time.monotonic()
-    status, _ = finish(proc)
-    return {"status": status, "seconds": time.monotonic() - killed_at, "log": log(logs, 0), "workdir": workdir}
-
-
-def test_a_killed_process_stops_the_others_in_one_line_within_the_heartbeat_timeout(killed):
-    assert killed["status"] != 0
-    assert killed["seconds"] < 60, killed["seconds"]
-    last = killed["log"].strip().splitlines()[-1]
-    assert last.startswith("train: error: process 0: another process of the job died"), killed["log"][-2000:]
-    assert "--heartbeat_timeout=10" in last
-    assert "Check failure stack trace" not in killed["log"]
+@pytest.mark.parametrize("n", [4, 1])
+def test_a_two_process_checkpoint_resumes_on_n_processes_and_the_data_continues(n, reference, preempted, moved):
+    stopped, resumed = preempted["stopped"], moved[n]
+    assert f"resuming from step {stopped} to {STEPS} on 8 devices" in moved[n, "log"]
+    assert_rows_close(metric_rows(resumed), metric_rows(reference), range(stopped + 1, STEPS + 1))
+    assert_params_close(state_params(resumed, STEPS), state_params(reference, STEPS))
+    data = resumed / "checkpoints" / str(STEPS) / "data"
+    assert sorted(f.name for f in data.glob("*.json")) == [f"process_{i}-of-{n}.json" for i in range(n)]
 
 
 # ---- stop signals on one process -------------------------------------------------------------------------
 
 
 def start_single(work, encoded, workdir: Path) -> subprocess.Popen:
-    extra = ("--config.train.num_steps=200", "--config.checkpoint.every_steps=100")
-    args = [a for a in train_args(work, encoded, workdir, *extra) if a != "--distributed"]
+    # The reference run's config (its executables are in the persistent compilation cache), saving only on a stop.
+    args = [
+        a for a in train_args(work, encoded, workdir, "--config.checkpoint.every_steps=100") if a != "--distributed"
+    ]
     env = {**environment(work["cache"]), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     return subprocess.Popen(
         [sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -402,11 +492,11 @@ def test_sigterm_during_setup_exits_0_and_says_nothing_was_trained(work, encoded
     assert not (workdir / "config.json").exists() and not checkpoint_steps(workdir)
 
 
-def test_ctrl_c_saves_the_step_being_run_and_exits_0(work, encoded):
+def test_ctrl_c_saves_the_step_being_run_and_exits_0(work, encoded, reference):
     workdir = work["root"] / "interrupted"
     proc = start_single(work, encoded, workdir)
     try:
-        stderr_until(proc, "[train] step 3 ")
+        stderr_until(proc, "[train] step 2 ")
         at_signal = max(metric_rows(workdir))
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=120)
