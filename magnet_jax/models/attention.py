@@ -93,6 +93,16 @@ def cached_causal_mask(length: int, max_length: int, index: jax.Array) -> jax.Ar
     return (jnp.arange(max_length)[None, :] <= q)[None, None]
 
 
+def dot_general_f32_accumulation(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` accumulated in float32 and returned in the inputs' dtype (`dot_general` of `nn.Dense`).
+
+    The same values as a float32 dot rounded once; in bfloat16 XLA's CPU dot with a float32 result runs about twice
+    as fast as one with a bfloat16 result (on TPU/GPU it is how the units accumulate anyway). `preferred_element_type`
+    is ignored (the result dtype is the inputs')."""
+    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+    return out.astype(jnp.result_type(lhs, rhs))
+
+
 class Projection(nn.Module):
     """Bias-free linear map contracting the last `in_ndim` axes of `x` with a kernel `[*in_shape, *features]`.
 
@@ -115,7 +125,7 @@ class Projection(nn.Module):
             "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), shape, self.param_dtype
         )
         contract = tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim))
-        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        return dot_general_f32_accumulation(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")

@@ -31,6 +31,7 @@ from magnet_jax.models.attention import (
     MultiHeadAttention,
     StageMask,
     cached_causal_mask,
+    dot_general_f32_accumulation,
     resolve_implementation,
     stage_attention_mask,
     truncated_normal,
@@ -131,6 +132,7 @@ class Block(nn.Module):
                 dtype=dtype,
                 param_dtype=pdtype,
                 kernel_init=nn.with_logical_partitioning(truncated_normal(fan_in**-0.5), axes),
+                dot_general=dot_general_f32_accumulation,
             )
 
         self.norm1, self.norm_cross, self.norm2 = norm(), norm(), norm()

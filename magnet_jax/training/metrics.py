@@ -51,14 +51,17 @@ def peak_flops(device_kind: str) -> float | None:
 def measure_matmul_peak(
     devices: Sequence[jax.Device], *, size: int = 512, chain: int = 4, repeats: int = 2, dtype=jnp.float32
 ) -> float:
-    """FLOP/s per device of `[size, size]` matmuls in `dtype` (float32 default) running on all `devices` at once
-    (best of `repeats`)."""
+    """FLOP/s per device of `[size, size]` matmuls in `dtype` (float32 default), accumulated in float32, running on all
+    `devices` at once (best of `repeats`)."""
     mesh = Mesh(np.asarray(devices), ("d",))
     x = jax.device_put(jnp.full((len(devices), size, size), 1.0 / size, dtype), NamedSharding(mesh, P("d")))
 
     @jax.jit
     def chained(a):
-        return jax.lax.fori_loop(0, chain, lambda _, b: jnp.einsum("bij,bjk->bik", b, a), a)
+        def step(_, b):  # accumulated in float32, as the model's matmuls are (`dot_general_f32_accumulation`)
+            return jnp.einsum("bij,bjk->bik", b, a, preferred_element_type=jnp.float32).astype(dtype)
+
+        return jax.lax.fori_loop(0, chain, step, a)
 
     chained(x).block_until_ready()
     best = math.inf
