@@ -27,3 +27,31 @@ def tiny(tmp_path_factory):
     generate_corpus(root / "corpus", num_clips=4, seconds=1.0, seed=0)
     assets = make_assets(root / "corpus", root / "assets")
     return {"root": root, **assets, "lm": make_random_lm(root / "lm", assets, segment_seconds=1.0)}
+
+
+@pytest.fixture(scope="session")
+def encoded_splits():
+    """`encode(root, codec, clips, seconds, segment_seconds, records_per_shard)`: synthetic train (seed 0) and eval
+    (seed 1) corpora of `clips = (train, eval)` clips under `root/audio_{split}`, encoded with the codec directory
+    `codec` into ArrayRecord shards under `root/codes_{split}`."""
+    from data_pipelines import encode_audio
+    from magnet_jax.checkpoints.encodec_weights import load_encodec
+
+    def encode(root, codec, clips, seconds, segment_seconds, records_per_shard):
+        codec_config, codec_params = load_encodec(codec)
+        for split, seed, count in (("train", 0, clips[0]), ("eval", 1, clips[1])):
+            generate_corpus(root / f"audio_{split}", num_clips=count, seconds=seconds, seed=seed)
+            encode_audio.run(
+                str(root / f"audio_{split}"),
+                str(root / f"codes_{split}"),
+                codec_source=str(codec),
+                codec_config=codec_config,
+                codec_params=codec_params,
+                segment_seconds=segment_seconds,
+                chunk_seconds=segment_seconds,
+                batch_size=8,
+                records_per_shard=records_per_shard,
+                log_every=0.0,
+            )
+
+    return encode

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines import encode_audio, quickstart_report, synthetic_corpus
+from data_pipelines import quickstart_report
 from data_pipelines.make_tiny_assets import make_assets, make_random_lm
-from magnet_jax.checkpoints.encodec_weights import load_encodec
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CODEC = ROOT / "data_pipelines" / "tiny_codec"
@@ -43,26 +42,12 @@ def brightness_rate(model, specs: dict, texts: list[str], seeds) -> float:
     return float(np.mean(hits))
 
 
-def test_trained_tiny_magnet_follows_brightness_better_than_an_untrained_one(tmp_path):
+def test_trained_tiny_magnet_follows_brightness_better_than_an_untrained_one(encoded_splits, tmp_path):
     from configs.magnet import get_config
     from magnet_jax import train
     from magnet_jax.api import MAGNeT
 
-    codec_config, codec_params = load_encodec(TINY_CODEC)
-    for split, seed, clips in (("train", 0, 32), ("eval", 1, 8)):
-        synthetic_corpus.generate_corpus(tmp_path / f"audio_{split}", num_clips=clips, seconds=SECONDS, seed=seed)
-        encode_audio.run(
-            str(tmp_path / f"audio_{split}"),
-            str(tmp_path / f"codes_{split}"),
-            codec_source=str(TINY_CODEC),
-            codec_config=codec_config,
-            codec_params=codec_params,
-            segment_seconds=SECONDS,
-            chunk_seconds=SECONDS,
-            batch_size=8,
-            records_per_shard=64,
-            log_every=0.0,
-        )
+    encoded_splits(tmp_path, TINY_CODEC, (32, 8), SECONDS, SECONDS, 64)
     assets = make_assets(tmp_path / "audio_train", tmp_path / "assets", codec=TINY_CODEC)
     c = get_config(f"size=tiny,duration={SECONDS}")
     c.data.train_files = str(tmp_path / "codes_train" / "*.array_record")

@@ -100,29 +100,14 @@ def test_png_writer_writes_a_valid_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and sheet.ndim == 3 and sheet.dtype == np.uint8
 
 
-def test_tiny_magnet_on_the_trained_codec_lowers_its_held_out_loss(tiny, tmp_path):
+def test_tiny_magnet_on_the_trained_codec_lowers_its_held_out_loss(tiny, encoded_splits, tmp_path):
     """A reduced quickstart: codes of the committed codec, 60 steps of the tiny MAGNeT; the held-out loss of its EMA
     weights falls steadily towards the unigram entropy of the codes (the full quickstart's 300 steps take it below;
     60 steps on 8 clips do not, so this checks the descent, not the crossing)."""
     from configs.magnet import get_config
-    from data_pipelines import encode_audio
     from magnet_jax import train
 
-    codec_config, codec_params = load_encodec(TINY_CODEC)
-    for split, seed in (("train", 0), ("eval", 1)):
-        synthetic_corpus.generate_corpus(tmp_path / f"audio_{split}", num_clips=8, seconds=2.0, seed=seed)
-        encode_audio.run(
-            str(tmp_path / f"audio_{split}"),
-            str(tmp_path / f"codes_{split}"),
-            codec_source=str(TINY_CODEC),
-            codec_config=codec_config,
-            codec_params=codec_params,
-            segment_seconds=1.0,
-            chunk_seconds=1.0,
-            batch_size=8,
-            records_per_shard=16,
-            log_every=0.0,
-        )
+    encoded_splits(tmp_path, TINY_CODEC, (8, 8), 2.0, 1.0, 16)
     c = get_config("size=tiny,duration=1")
     c.data.train_files = str(tmp_path / "codes_train" / "*.array_record")
     c.data.eval_files = str(tmp_path / "codes_eval" / "*.array_record")
