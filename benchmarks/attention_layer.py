@@ -3,6 +3,10 @@
 Sides, all on the same weights and inputs `[B, T, D]`, timed alternately (min of `repeats` calls each):
 - `ours_full`: `MultiHeadAttention` at stage 0 (head-major dense attention, docs/design.md §2.6);
 - `ours_band`: the same program at stage 1 (the blocked ±`subcodes_context` band, stage traced);
+- `core_full` / `core_band`: the attention alone (`attention.attend` on head-major q, k, v: scores, softmax,
+  weighted values), stage 0 / 1 of one program: the part the stages differ in (the projections are the same work
+  at every stage);
+- `torch_core`: SDPA alone on the same q, k, v;
 - `library_full`: the projections with `jax.nn.dot_product_attention` in its `[B, T, H, Dh]` layout (the previous
   implementation);
 - `torch_full` / `torch_band`: `nn.functional.scaled_dot_product_attention` between torch linear projections, without
@@ -31,7 +35,7 @@ import numpy as np
 from absl import app, flags
 from timing import interleaved, machine
 
-from magnet_jax.models.attention import MultiHeadAttention, StageMask, stage_attention_mask
+from magnet_jax.models.attention import MultiHeadAttention, StageMask, attend, stage_attention_mask
 
 _DIM = flags.DEFINE_integer("dim", 512, "model dimension")
 _HEADS = flags.DEFINE_integer("heads", 8, "attention heads")
@@ -69,6 +73,10 @@ def measure(length: int) -> dict:
         return jnp.einsum("bthk,hkd->btd", out, p["out"]["kernel"])
 
     library = jax.jit(library)
+    q, k, v = (
+        jnp.swapaxes(jnp.einsum("btd,dhk->bthk", x, params[name]["kernel"]), 1, 2) for name in ("query", "key", "value")
+    )
+    core = jax.jit(lambda q, k, v, stage: attend(q, k, v, StageMask(stage, ctx)))
     np_params = {k: np.asarray(v["kernel"], np.float32) for k, v in params.items()}
     tdtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
     w_in = torch.from_numpy(np.concatenate([np_params[k].reshape(dim, dim).T for k in ("query", "key", "value")])).to(
@@ -86,11 +94,20 @@ def measure(length: int) -> dict:
             )
             return torch.nn.functional.linear(out.transpose(1, 2).reshape(batch, length, dim), w_out)
 
+    tq, tk, tv = (torch.from_numpy(np.asarray(a, np.float32)).to(tdtype) for a in (q, k, v))
+
+    def torch_core():
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+
     full, restricted = (np.asarray(ours(params, x, jnp.int32(s)), np.float32) for s in (0, 1))
     checks = {
         "library_vs_ours_full": float(np.abs(np.asarray(library(params, x), np.float32) - full).max()),
         "torch_vs_ours_full": float(np.abs(torch_layer(None).float().numpy() - full).max()),
         "torch_vs_ours_band": float(np.abs(torch_layer(band).float().numpy() - restricted).max()),
+        "torch_vs_core_full": float(
+            np.abs(torch_core().float().numpy() - np.asarray(core(q, k, v, jnp.int32(0)), np.float32)).max()
+        ),
     }
     sides = {
         "ours_full": lambda: ours(params, x, jnp.int32(0)).block_until_ready(),
@@ -98,6 +115,9 @@ def measure(length: int) -> dict:
         "library_full": lambda: library(params, x).block_until_ready(),
         "torch_full": lambda: torch_layer(None),
         "torch_band": lambda: torch_layer(band),
+        "core_full": lambda: core(q, k, v, jnp.int32(0)).block_until_ready(),
+        "core_band": lambda: core(q, k, v, jnp.int32(1)).block_until_ready(),
+        "torch_core": torch_core,
     }
     for side in sides.values():  # compiled and warm before timing
         side()
@@ -111,6 +131,8 @@ def measure(length: int) -> dict:
         "ours_band_over_torch_band": round(ms["ours_band"] / ms["torch_band"], 2),
         "ours_full_over_band": round(ms["ours_full"] / ms["ours_band"], 2),
         "library_over_ours_full": round(ms["library_full"] / ms["ours_full"], 2),
+        "core_full_over_band": round(ms["core_full"] / ms["core_band"], 2),
+        "core_full_over_torch_core": round(ms["core_full"] / ms["torch_core"], 2),
         "max_abs_difference": checks,
     }
     print(json.dumps(row), flush=True)

@@ -126,7 +126,7 @@ def measure(size: str, batch_sizes: list[int], dp: DecodeParams, repeats: int) -
             jax_times, torch_times = interleaved([run_jax, run_torch], repeats)
             jax_s, torch_s = min(jax_times), min(torch_times)
             flops = sum(dp.decoding_steps) * decode_pass_flops(
-                config, batch=2 * batch, seq_len=out_len, cond_len=_COND_LENGTH.value
+                config, batch=batch, seq_len=out_len, cond_len=_COND_LENGTH.value
             )
             row = {
                 "size": size,

@@ -355,11 +355,6 @@ def _is_single_key(key: jax.Array) -> bool:
     return key.ndim == (0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1)
 
 
-def with_null_rows(x: jax.Array) -> jax.Array:
-    """`[B, ...]` -> `[2B, ...]`: each row followed by a zero row (null condition)."""
-    return jnp.stack([x, jnp.zeros_like(x)], axis=1).reshape(-1, *x.shape[1:])
-
-
 def twice(x: jax.Array) -> jax.Array:
     """`[B, ...]` -> `[2B, ...]`: each row repeated (the CFG batch's conditioned / null pair)."""
     return jnp.repeat(x, 2, axis=0)
@@ -368,18 +363,17 @@ def twice(x: jax.Array) -> jax.Array:
 def guided_logits_fn(
     model: LanguageModel, params, cond: TextConditioning, *, forward: Callable | None = None
 ) -> Callable:
-    """Projects the conditioning of the CFG batch and computes its cross-attention keys/values (once), and returns
+    """Projects the conditioning of the B rows and computes its cross-attention keys/values (once), and returns
     `fn(codes [B, K, T], stage, cfg_coef) -> [B, T, card]` guided logits of the stage's head (one LM pass over 2B
-    rows: row b at 2b with its condition, at 2b + 1 with the null condition).
+    rows: row b at 2b with its condition, at 2b + 1 with the null condition, whose cross-attention is exactly zero
+    and skipped: `LanguageModel.__call__` with B-row conditioning).
 
-    `forward(variables, codes [2B, K, T], stage, attend, cross_kv) -> [2B, T, card]` (the stage's head) replaces
-    the plain LM pass (Hybrid-MAGNeT runs it on the delay layout)."""
+    `forward(variables, codes [2B, K, T], stage, attend [B, L], cross_kv (B rows)) -> [2B, T, card]` (the stage's
+    head) replaces the plain LM pass (Hybrid-MAGNeT runs it on the delay layout)."""
     variables = {"params": params}
-    condition = model.apply(
-        variables, with_null_rows(cond.states), with_null_rows(cond.mask), method=model.project_condition
-    )
+    condition = model.apply(variables, cond.states, cond.mask, method=model.project_condition)
     cross_kv = model.apply(variables, condition, method=model.cross_key_values)
-    attend = None if cond.attend is None else twice(cond.attend.astype(bool))
+    attend = None if cond.attend is None else cond.attend.astype(bool)
     if forward is None:
 
         def forward(variables, codes, stage, attend, cross_kv):

@@ -152,10 +152,23 @@ class Block(nn.Module):
         else:
             attn, cache = self.self_attn.cached_self_attention(self.norm1(x), cache, cache_index, mask=self_mask)
             x = x + attn
-        x = x + self.cross_attn(self.norm_cross(x), condition, mask=cross_mask, key_value=cross_kv)
+        x = x + self._cross_attention(self.norm_cross(x), condition, cross_kv, cross_mask)
         h = nn.with_logical_constraint(self.linear1(self.norm2(x)), ("batch", "length", "act_mlp"))
         x = x + self.linear2(nn.gelu(h, approximate=False))
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache
+
+    def _cross_attention(self, h, condition, cross_kv, cross_mask):
+        """Cross-attention of `h [R, T, D]`. When the conditioning holds R / 2 rows, the rows of `h` are (conditioned,
+        null) pairs: row 2b attends condition b, and row 2b + 1, whose null condition has zero keys and values (the
+        projection zeroes it, the attention has no biases), gets exactly zero, so it is not computed."""
+        cond_rows = (cross_kv[0] if cross_kv is not None else condition).shape[0]
+        if cond_rows == h.shape[0]:
+            return self.cross_attn(h, condition, mask=cross_mask, key_value=cross_kv)
+        rows, length, dim = h.shape
+        if 2 * cond_rows != rows:
+            raise ValueError(f"conditioning has {cond_rows} rows for {rows} code rows: expected {rows} or {rows // 2}")
+        out = self.cross_attn(h.reshape(cond_rows, 2, length, dim)[:, 0], condition, mask=cross_mask, key_value=cross_kv)
+        return jnp.stack([out, jnp.zeros_like(out)], axis=1).reshape(rows, length, dim)
 
     def cross_key_value(self, carry, condition, *unused):
         """This layer's cross-attention keys/values of `condition` (scan-compatible signature)."""
@@ -246,7 +259,9 @@ class LanguageModel(nn.Module):
 
         Args:
           codes: `[B, K, T]` int32 in [0, card]; `card` is the mask id.
-          condition: `[B, L, D]` projected conditioning (`project_condition`), or None with `cross_kv`.
+          condition: `[B, L, D]` projected conditioning (`project_condition`), or None with `cross_kv`. With B / 2
+            rows (and `cross_kv`, `cond_attend` likewise), `codes` are classifier-free-guidance pairs: row 2b with
+            condition b, row 2b + 1 with the null condition, whose cross-attention (exactly zero) is skipped.
           cond_attend: `[B, L]` bool, condition positions cross-attention may use (the reference attends padded zero
             vectors up to the batch's longest description; positions beyond are False). None = all.
           stage: codebook stage (traced ok): 0 = full attention, >= 1 = restricted band (MAGNeT only).

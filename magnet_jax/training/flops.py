@@ -28,13 +28,19 @@ def forward_flops(config: LMConfig, *, batch: int, seq_len: int, cond_len: int) 
 
 
 def decode_pass_flops(config: LMConfig, *, batch: int, seq_len: int, cond_len: int) -> float:
-    """FLOPs of one MAGNeT decoding pass: `forward_flops` with one codebook's head (`LanguageModel(head=...)`),
-    the cross-attention keys/values of the text (computed once per generation) left out, attention counted dense."""
+    """FLOPs of one guided MAGNeT decoding pass for `batch` descriptions: `forward_flops` over the 2·batch CFG rows
+    with one codebook's head (`LanguageModel(head=...)`), without the null rows' cross-attention (exactly zero,
+    skipped) and without the text's cross-attention keys/values (computed once per generation); attention counted
+    dense."""
     d = config.dim
     heads_saved = (config.n_q - 1) * d * config.card
     text_kv = cond_len * (config.cond_dim * d + config.num_layers * 2 * d * d)
-    return forward_flops(config, batch=batch, seq_len=seq_len, cond_len=cond_len) - 2.0 * batch * (
-        seq_len * heads_saved + text_kv
+    null_cross = config.num_layers * (2.0 * seq_len * 2 * d * d + 4.0 * d * seq_len * cond_len)
+    rows = 2 * batch
+    return (
+        forward_flops(config, batch=rows, seq_len=seq_len, cond_len=cond_len)
+        - 2.0 * rows * (seq_len * heads_saved + text_kv)
+        - batch * null_cross
     )
 
 

@@ -137,6 +137,35 @@ def test_precomputed_cross_kv_equals_condition_path(scan_layers):
     np.testing.assert_allclose(np.asarray(cached), np.asarray(direct), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_guidance_pairs_with_half_the_conditioning_equal_zero_null_conditions(scan_layers):
+    """B-row conditioning for 2B code rows: rows 2b + 1 are the null condition (cross-attention skipped), the same
+    logits as the 2B-row batch whose odd rows have an all-masked (zero) description."""
+    config = tiny(scan_layers=scan_layers)
+    model = LanguageModel(config)
+    params = setup(tiny())[1] if scan_layers else set_layer_layout(setup(tiny())[1], scan_layers=False)
+    states = jax.random.normal(jax.random.key(1), (2, COND_LEN, config.cond_dim))
+    mask = jnp.array([[1] * COND_LEN, [1, 1, 0, 0, 0]])
+    attend = jnp.array([[True] * COND_LEN, [True] * 3 + [False] * 2])
+    codes = np.repeat(random_codes(config), 2, axis=0)
+    codes[1::2, 0] = (codes[1::2, 0] + 1) % (CARD + 1)  # the null rows differ from their pair
+    interleave = lambda x, null: jnp.stack([x, null], axis=1).reshape(-1, *x.shape[1:])  # noqa: E731
+
+    def run(states, mask, attend, cross_kv):
+        def fn(m):
+            condition = m.project_condition(states, mask)
+            kv = m.cross_key_values(condition) if cross_kv else None
+            return m(codes, None if cross_kv else condition, attend, 1, cross_kv=kv)
+
+        return np.asarray(jax.jit(lambda p: model.apply({"params": p}, method=fn))(params))
+
+    full = run(interleave(states, states), interleave(mask, jnp.zeros_like(mask)), interleave(attend, attend), True)
+    for cross_kv in (True, False):
+        np.testing.assert_array_equal(run(states, mask, attend, cross_kv), full)
+    with pytest.raises(ValueError, match="conditioning has 3 rows for 4 code rows"):
+        run(jnp.concatenate([states, states[:1]]), jnp.concatenate([mask, mask[:1]]), None, True)
+
+
 def test_single_head_equals_that_codebooks_logits():
     config = tiny()
     model, params, condition, logits = setup(config)
