@@ -137,10 +137,17 @@ def make_assets(
 
 
 def copy_codec(source: str | os.PathLike, directory: str | os.PathLike, config: EncodecConfig) -> Path:
-    """Copies a trained codec (config.json + model.safetensors) after checking it is the tiny preset's codec."""
+    """Copies a trained codec (config.json + model.safetensors) after checking it makes the codes the tiny preset's
+    LM reads (sample rate, frame rate, codebooks and their size; its width may differ, as the quickstart's does)."""
     loaded, _ = load_encodec(source)
-    if loaded != config:
-        raise ValueError(f"codec {source}: not the tiny preset's codec ({loaded} != {config})")
+    fields = ("sample_rate", "hop_length", "card", "n_q", "channels")
+    wrong = [
+        f"{f} {getattr(loaded, f)} (expected {getattr(config, f)})"
+        for f in fields
+        if getattr(loaded, f) != getattr(config, f)
+    ]
+    if wrong:
+        raise ValueError(f"codec {source}: not codes of the tiny preset: {', '.join(wrong)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name in (HF_CONFIG, HF_WEIGHTS):
@@ -152,7 +159,8 @@ def make_random_lm(
     directory: str | os.PathLike, assets: dict[str, Path], *, segment_seconds: float, seed: int = 0
 ) -> Path:
     """An untrained tiny MAGNeT LM in the converted-checkpoint format (`pretrained.save_pretrained`) whose config
-    names the `assets` text encoder and codec: a complete model for generation tests without training."""
+    names the `assets` text encoder and codec: a complete model for generation tests without training. Like the
+    other assets it replaces an earlier one (the same seed writes the same model), so a rerun goes through."""
     tiny = get_config("size=tiny")
     model = LMConfig.from_config(tiny.model)
     params = nn.meta.unbox(init_params(LanguageModel(model), jax.random.key(seed)))
@@ -168,6 +176,7 @@ def make_random_lm(
             "generate": {**generate, "span_len": tiny.masking.span_len},
             "provenance": {"source": "data_pipelines.make_tiny_assets", "weights": "random", "seed": seed},
         },
+        overwrite=True,
     )
     return Path(directory)
 

@@ -131,8 +131,10 @@ class Projection(nn.Module):
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # Query rows per block of the band computation (stages >= 1): the keys of a block are its rows +- subcodes_context.
 BAND_BLOCK = 32
-# At most this many query rows per block of the full attention on CPU (`query_blocked_attention`).
+# Query rows per block of the full attention on CPU (`query_blocked_attention`): 256 while batch x heads x rows
+# stays within QUERY_BLOCK_ROWS_TOTAL, else 128 (`query_block`).
 QUERY_BLOCK = 128
+QUERY_BLOCK_ROWS_TOTAL = 4096
 
 
 @flax.struct.dataclass
@@ -210,9 +212,15 @@ def band_attention(q: jax.Array, k: jax.Array, v: jax.Array, width: int, block: 
     return out.reshape(batch, heads, n * block, dh)[:, :, :length]
 
 
+def query_block(batch: int, heads: int) -> int:
+    """Query rows per block for `[batch, heads, T, Dh]` queries: 256 up to `QUERY_BLOCK_ROWS_TOTAL` rows across
+    batch and heads (B·H ≤ 16: a CFG pair of 8 heads), else `QUERY_BLOCK` (128)."""
+    return 2 * QUERY_BLOCK if batch * heads * 2 * QUERY_BLOCK <= QUERY_BLOCK_ROWS_TOTAL else QUERY_BLOCK
+
+
 def query_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = QUERY_BLOCK) -> jax.Array:
     """`dense_attention(q, k, v, None)` with the queries `[B, H, T, Dh]` in n = ceil(T / `block`) equal blocks of
-    ceil(T / n) rows (T = 1500: 12 x 125, T = 498: 4 x 125), one block after the other (`lax.map`).
+    ceil(T / n) rows (block 128: T = 1500 in 12 x 125, T = 498 in 4 x 125), one block after the other (`lax.map`).
 
     A block's scores `[B, H, rows, S]` (B = 1, H = 8, S = 1500: 6 MB instead of 72 MB) stay in the CPU's cache from
     the first matmul through the softmax to the second; the whole `[T, S]` score matrix goes through memory at each
@@ -227,10 +235,12 @@ def query_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int
 
 
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Unmasked attention (MAGNeT stage 0): `query_blocked_attention` on CPU for more than `QUERY_BLOCK` queries,
-    else `dense_attention` (on an accelerator the loop over blocks would only serialise the work)."""
-    if jax.default_backend() == "cpu" and q.shape[2] > QUERY_BLOCK:
-        return query_blocked_attention(q, k, v)
+    """Unmasked attention (MAGNeT stage 0): `query_blocked_attention` on CPU in blocks of `query_block` rows when
+    T exceeds one block, else `dense_attention` (on an accelerator the loop over blocks would only serialise the
+    work)."""
+    block = query_block(q.shape[0], q.shape[1])
+    if jax.default_backend() == "cpu" and q.shape[2] > block:
+        return query_blocked_attention(q, k, v, block)
     return dense_attention(q, k, v, None)
 
 

@@ -167,7 +167,9 @@ class Block(nn.Module):
         rows, length, dim = h.shape
         if 2 * cond_rows != rows:
             raise ValueError(f"conditioning has {cond_rows} rows for {rows} code rows: expected {rows} or {rows // 2}")
-        out = self.cross_attn(h.reshape(cond_rows, 2, length, dim)[:, 0], condition, mask=cross_mask, key_value=cross_kv)
+        out = self.cross_attn(
+            h.reshape(cond_rows, 2, length, dim)[:, 0], condition, mask=cross_mask, key_value=cross_kv
+        )
         return jnp.stack([out, jnp.zeros_like(out)], axis=1).reshape(rows, length, dim)
 
     def cross_key_value(self, carry, condition, *unused):

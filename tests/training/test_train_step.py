@@ -380,9 +380,10 @@ def test_guided_decoding_pass_skips_the_null_rows_cross_attention_flops():
         def forward(p):
             return model.apply({"params": p}, codes, None, None, 0, cross_kv=text_kv(p), head=0)
 
-        return jax.jit(forward).lower(params).cost_analysis()["flops"] - jax.jit(text_kv).lower(
-            params
-        ).cost_analysis()["flops"]
+        return (
+            jax.jit(forward).lower(params).cost_analysis()["flops"]
+            - jax.jit(text_kv).lower(params).cost_analysis()["flops"]
+        )
 
     d = config.dim
     null_cross = batch * config.num_layers * (2.0 * length * 2 * d * d + 4.0 * d * length * cond_len)
