@@ -51,6 +51,11 @@ def prompt_specs(count: int = 8) -> list[synthetic_corpus.ClipSpec]:
     return specs
 
 
+def spec_table(specs: Sequence[synthetic_corpus.ClipSpec], seconds: float) -> dict[str, dict]:
+    """`{"prompt<i>": spec fields + seconds}`: what each prompt asks for, as prompt_specs.json holds it."""
+    return {f"prompt{i}": {**dataclasses.asdict(spec), "seconds": seconds} for i, spec in enumerate(specs)}
+
+
 def write_prompts(output: str | os.PathLike, *, seconds: float) -> list[dict]:
     """Writes prompts.jsonl, prompt_specs.json and prompt_intro.wav (1.5 s of corpus clip 0) into `output`."""
     out = Path(output)
@@ -60,10 +65,7 @@ def write_prompts(output: str | os.PathLike, *, seconds: float) -> list[dict]:
     prompts = [{"text": spec.description(), "seed": i, "id": f"prompt{i}"} for i, spec in enumerate(prompt_specs())]
     prompts.append({"text": "Continue this clip.", "audio": "prompt_intro.wav", "seed": 99, "id": "continuation"})
     write_atomic(out / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
-    write_json(
-        out / "prompt_specs.json",
-        {f"prompt{i}": {**dataclasses.asdict(spec), "seconds": seconds} for i, spec in enumerate(prompt_specs())},
-    )
+    write_json(out / "prompt_specs.json", spec_table(prompt_specs(), seconds))
     return prompts
 
 
@@ -109,9 +111,8 @@ def corpus_renderings(specs: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def codec_round_trips(codec: str | os.PathLike, renderings: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each rendering `[N]` encoded and decoded by the codec directory `codec`: `{id: [N]}`."""
-    config, params = load_encodec(codec)
+def codec_round_trips(config, params, renderings: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each rendering `[N]` encoded and decoded by the codec (`EncodecConfig`, params): `{id: [N]}`."""
     ids = list(renderings)
     decoded = encodec.round_trip(config, params, np.stack([renderings[i] for i in ids])[:, None])
     return {i: decoded[n, 0] for n, i in enumerate(ids)}
@@ -184,7 +185,7 @@ def check(output: str | os.PathLike) -> dict:
     specs = json.loads((out / "prompt_specs.json").read_text())
     corpus = corpus_renderings(specs)
     on_corpus = measure_adherence(specs, corpus)
-    on_codec = measure_adherence(specs, codec_round_trips(out / "assets" / "codec", corpus))
+    on_codec = measure_adherence(specs, codec_round_trips(*load_encodec(out / "assets" / "codec"), corpus))
     trained = check_samples(out / "samples", specs)
     untrained = check_samples(out / "samples_untrained", specs) if (out / "samples_untrained").is_dir() else None
     rows = [json.loads(line) for line in (out / "workdir" / "metrics.jsonl").read_text().splitlines()]

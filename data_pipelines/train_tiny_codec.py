@@ -198,13 +198,9 @@ def round_trip_adherence(params, count: int = 24, seconds: float = 4.0) -> dict[
     round trips through the codec: `{"corpus" | "round_trip": {property: [matches, checked]}}`."""
     from data_pipelines import quickstart_report
 
-    specs = {
-        f"prompt{i}": {**dataclasses.asdict(spec), "seconds": seconds}
-        for i, spec in enumerate(quickstart_report.prompt_specs(count))
-    }
+    specs = quickstart_report.spec_table(quickstart_report.prompt_specs(count), seconds)
     renderings = quickstart_report.corpus_renderings(specs)
-    decoded = encodec.round_trip(TINY, params, np.stack(list(renderings.values()))[:, None])[:, 0]
-    trips = dict(zip(renderings, decoded))
+    trips = quickstart_report.codec_round_trips(TINY, params, renderings)
     return {
         name: {p: list(t) for p, t in quickstart_report.tally(quickstart_report.measure_adherence(specs, c)).items()}
         for name, c in (("corpus", renderings), ("round_trip", trips))

@@ -2,7 +2,6 @@
 (`SHORT_RUN` and `SAMPLING` of launch/quickstart.sh) follows its prompts' brightness ("bright sawtooth" / "soft
 sine") clearly more often than an untrained one, over several sampling seeds."""
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def test_trained_tiny_magnet_follows_brightness_better_than_an_untrained_one(enc
 
     sampling = {k.split(".", 1)[1]: float(v) for k, v in quickstart_overrides("SAMPLING").items()}
     drawn = quickstart_report.prompt_specs()
-    specs = {f"prompt{i}": {**dataclasses.asdict(spec), "seconds": SECONDS} for i, spec in enumerate(drawn)}
+    specs = quickstart_report.spec_table(drawn, SECONDS)
     texts = [spec.description() for spec in drawn]
     rates = {}
     for name, source in (

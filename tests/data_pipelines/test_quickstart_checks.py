@@ -141,13 +141,10 @@ def test_tiny_magnet_on_the_trained_codec_lowers_its_held_out_loss(tiny, encoded
 def test_codec_round_trip_column_measures_the_renderings_through_the_codec():
     """The report's ceiling column: each prompt's corpus rendering encoded and decoded by the run's codec, same
     length, measured like the samples."""
-    specs = {
-        f"prompt{i}": {**dataclasses.asdict(spec), "seconds": 1.0}
-        for i, spec in enumerate(quickstart_report.prompt_specs(2))
-    }
+    specs = quickstart_report.spec_table(quickstart_report.prompt_specs(2), 1.0)
     renderings = quickstart_report.corpus_renderings(specs)
-    decoded = quickstart_report.codec_round_trips(TINY_CODEC, renderings)
     config, params = load_encodec(TINY_CODEC)
+    decoded = quickstart_report.codec_round_trips(config, params, renderings)
     for i, clip in renderings.items():
         assert decoded[i].shape == clip.shape
         np.testing.assert_allclose(decoded[i], encodec.round_trip(config, params, clip[None, None])[0, 0], atol=1e-5)
