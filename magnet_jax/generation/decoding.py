@@ -366,24 +366,22 @@ def guided_logits_fn(
     """Projects the conditioning of the B rows and computes its cross-attention keys/values (once), and returns
     `fn(codes [B, K, T], stage, cfg_coef) -> [B, T, card]` guided logits of the stage's head (one LM pass over 2B
     rows: row b at 2b with its condition, at 2b + 1 with the null condition, whose cross-attention is exactly zero
-    and skipped: `LanguageModel.__call__` with B-row conditioning).
+    and skipped, and the guidance mixing the pair's final states before the head: `LanguageModel.__call__` with
+    B-row conditioning and `guidance`).
 
-    `forward(variables, codes [2B, K, T], stage, attend [B, L], cross_kv (B rows)) -> [2B, T, card]` (the stage's
-    head) replaces the plain LM pass (Hybrid-MAGNeT runs it on the delay layout)."""
+    `forward(variables, codes [2B, K, T], stage, attend [B, L], cross_kv (B rows), cfg_coef) -> [B, T, card]` (the
+    stage's head, guided) replaces the plain LM pass (Hybrid-MAGNeT runs it on the delay layout)."""
     variables = {"params": params}
     condition = model.apply(variables, cond.states, cond.mask, method=model.project_condition)
     cross_kv = model.apply(variables, condition, method=model.cross_key_values)
     attend = None if cond.attend is None else cond.attend.astype(bool)
     if forward is None:
 
-        def forward(variables, codes, stage, attend, cross_kv):
-            return model.apply(variables, codes, None, attend, stage, cross_kv=cross_kv, head=stage)
+        def forward(variables, codes, stage, attend, cross_kv, cfg_coef):
+            return model.apply(variables, codes, None, attend, stage, cross_kv=cross_kv, head=stage, guidance=cfg_coef)
 
     def guided_logits(codes: jax.Array, stage: jax.Array, cfg_coef: jax.Array) -> jax.Array:
-        batch, _, length = codes.shape
-        logits = forward(variables, twice(codes), stage, attend, cross_kv).reshape(batch, 2, length, -1)
-        cond_logits, uncond_logits = logits[:, 0], logits[:, 1]
-        return uncond_logits + (cond_logits - uncond_logits) * cfg_coef
+        return forward(variables, twice(codes), stage, attend, cross_kv, cfg_coef)
 
     return guided_logits
 

@@ -125,9 +125,9 @@ def _generate_hybrid(
     )
     boundary = decoding.twice(jnp.full((batch,), prefix_frames, jnp.int32))
 
-    def forward(variables, inputs, stage, attend, cross_kv):
+    def forward(variables, inputs, stage, attend, cross_kv, cfg_coef):
         logits = objectives.HYBRID.logits(
-            model, variables, inputs, stage, None, attend, boundary=boundary, cross_kv=cross_kv
+            model, variables, inputs, stage, None, attend, boundary=boundary, cross_kv=cross_kv, guidance=cfg_coef
         )
         return jax.lax.dynamic_index_in_dim(logits, stage, axis=1, keepdims=False)
 

@@ -256,6 +256,7 @@ class LanguageModel(nn.Module):
         cache: dict | None = None,
         self_mask: jax.Array | None = None,
         head: jax.Array | int | None = None,
+        guidance: jax.Array | float | None = None,
     ):
         """Logits for every codebook.
 
@@ -273,8 +274,12 @@ class LanguageModel(nn.Module):
           self_mask: `[B or 1, 1, T, T]` bool self-attention mask (True = attend) replacing the stage / causal mask
             (Hybrid-MAGNeT, `attention.hybrid_attention_mask`); not with `cache`.
           head: only this codebook's head (traced ok; MAGNeT decoding needs one head per pass).
+          guidance: classifier-free guidance coefficient (traced ok) for (conditioned, null) row pairs: returns the
+            B / 2 guided logits `guide(pairs of logits)`, computed as the head of the guided final states (the heads
+            are linear without bias), so the head runs on half the rows.
         Returns:
-          `[B, K, T, card]` float32 logits (`[B, T, card]` with `head`), and the updated cache when `cache` is given.
+          `[B, K, T, card]` float32 logits (`[B, T, card]` with `head`; B / 2 rows with `guidance`), and the updated
+          cache when `cache` is given.
         """
         c = self.config
         _, n_q, length = codes.shape
@@ -312,6 +317,8 @@ class LanguageModel(nn.Module):
             if cache is not None:
                 new_cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
         x = self.out_norm(x)
+        if guidance is not None:
+            x = guide(x.reshape(-1, 2, *x.shape[1:]).astype(jnp.float32), guidance).astype(x.dtype)
         # Logits accumulate and come out in float32 whatever the compute dtype.
         if head is None:
             logits = jnp.stack([h(x) for h in self.heads], axis=1)
@@ -325,6 +332,13 @@ class LanguageModel(nn.Module):
         if cache is None:
             return logits
         return logits, {**new_cache, "index": index + length}
+
+
+def guide(pairs: jax.Array, coef: jax.Array | float) -> jax.Array:
+    """Classifier-free guidance of `[B, 2, ...]` (conditioned, null) pairs: `null + (conditioned - null) * coef`,
+    `[B, ...]`."""
+    conditioned, null = pairs[:, 0], pairs[:, 1]
+    return null + (conditioned - null) * coef
 
 
 def cast_params(params, dtype):

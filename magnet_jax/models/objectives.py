@@ -51,19 +51,22 @@ class Objective:
         *,
         boundary: jax.Array | None = None,
         cross_kv=None,
+        guidance: jax.Array | None = None,
     ) -> jax.Array:
         """Frame-aligned logits `[B, K, T, card]` for codes `inputs [B, K, T]` at codebook `stage` (traced ok).
 
-        `condition`, `cond_attend`, `cross_kv` as in `LanguageModel.__call__`; `boundary [B]` (delay layout only)
-        is the first layout row after the autoregressive prefix.
+        `condition`, `cond_attend`, `cross_kv`, `guidance` (B / 2 guided rows) as in `LanguageModel.__call__`;
+        `boundary [B]` (delay layout only) is the first layout row after the autoregressive prefix.
         """
         if not self.delay_layout:
-            return model.apply(variables, inputs, condition, cond_attend, stage, cross_kv=cross_kv)
+            return model.apply(variables, inputs, condition, cond_attend, stage, cross_kv=cross_kv, guidance=guidance)
         config = model.config
         _, n_q, length = inputs.shape
         layout = codebook_patterns.apply_delay_pattern(inputs, config.mask_id)
         mask = hybrid_attention_mask(boundary, stage, length=length, n_q=n_q, subcodes_context=config.subcodes_context)
-        logits = model.apply(variables, layout, condition, cond_attend, cross_kv=cross_kv, self_mask=mask)
+        logits = model.apply(
+            variables, layout, condition, cond_attend, cross_kv=cross_kv, self_mask=mask, guidance=guidance
+        )
         return nn.with_logical_constraint(
             codebook_patterns.frame_logits(logits, length), ("batch", None, "length", "act_vocab")
         )

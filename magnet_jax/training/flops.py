@@ -29,17 +29,18 @@ def forward_flops(config: LMConfig, *, batch: int, seq_len: int, cond_len: int) 
 
 def decode_pass_flops(config: LMConfig, *, batch: int, seq_len: int, cond_len: int) -> float:
     """FLOPs of one guided MAGNeT decoding pass for `batch` descriptions: `forward_flops` over the 2·batch CFG rows
-    with one codebook's head (`LanguageModel(head=...)`), without the null rows' cross-attention (exactly zero,
-    skipped) and without the text's cross-attention keys/values (computed once per generation); attention counted
-    dense."""
+    with one codebook's head applied to the `batch` guided states (`LanguageModel(head=..., guidance=...)`), without
+    the null rows' cross-attention (exactly zero, skipped) and without the text's cross-attention keys/values
+    (computed once per generation); attention counted dense."""
     d = config.dim
-    heads_saved = (config.n_q - 1) * d * config.card
-    text_kv = cond_len * (config.cond_dim * d + config.num_layers * 2 * d * d)
-    null_cross = config.num_layers * (2.0 * seq_len * 2 * d * d + 4.0 * d * seq_len * cond_len)
     rows = 2 * batch
+    heads_saved = 2.0 * seq_len * d * config.card * (rows * config.n_q - batch)
+    text_kv = 2.0 * rows * cond_len * (config.cond_dim * d + config.num_layers * 2 * d * d)
+    null_cross = config.num_layers * (2.0 * seq_len * 2 * d * d + 4.0 * d * seq_len * cond_len)
     return (
         forward_flops(config, batch=rows, seq_len=seq_len, cond_len=cond_len)
-        - 2.0 * rows * (seq_len * heads_saved + text_kv)
+        - heads_saved
+        - text_kv
         - batch * null_cross
     )
 

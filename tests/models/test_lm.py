@@ -166,6 +166,32 @@ def test_guidance_pairs_with_half_the_conditioning_equal_zero_null_conditions(sc
         run(jnp.concatenate([states, states[:1]]), jnp.concatenate([mask, mask[:1]]), None, True)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_guidance_before_the_heads_equals_guiding_the_pairs_logits(scan_layers):
+    """`guidance` mixes each (conditioned, null) pair's final states before the heads: the same logits as mixing
+    the pair's logits, for every head and for one traced head."""
+    config = tiny(scan_layers=scan_layers)
+    model = LanguageModel(config)
+    params = setup(tiny())[1] if scan_layers else set_layer_layout(setup(tiny())[1], scan_layers=False)
+    states = jax.random.normal(jax.random.key(1), (2, COND_LEN, config.cond_dim))
+    codes = np.repeat(random_codes(config), 2, axis=0)
+
+    def run(head, guidance):
+        def fn(m):
+            condition = m.project_condition(states, jnp.ones(states.shape[:2], jnp.int32))
+            return m(codes, condition, None, 0, head=head, guidance=guidance)
+
+        return np.asarray(jax.jit(lambda p: model.apply({"params": p}, method=fn))(params))
+
+    pairs = run(None, None)
+    pairs = pairs.reshape(-1, 2, *pairs.shape[1:])
+    expected = pairs[:, 1] + (pairs[:, 0] - pairs[:, 1]) * 3.0
+    guided = run(None, jnp.float32(3.0))
+    assert guided.shape == expected.shape
+    np.testing.assert_allclose(guided, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(run(2, jnp.float32(3.0)), expected[:, 2], rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_single_head_equals_that_codebooks_logits():
     config = tiny()
     model, params, condition, logits = setup(config)

@@ -360,17 +360,17 @@ def test_flops_formula_matches_xla_cost_analysis():
     assert abs(counted_fwd / expected_fwd - 1) < 0.1 and abs(counted_train / expected_train - 1) < 0.1
 
 
-def test_guided_decoding_pass_skips_the_null_rows_cross_attention_flops():
+def test_guided_decoding_pass_skips_the_null_rows_cross_attention_and_half_the_head_flops():
     """A CFG pass with B-row conditioning for 2B code rows: XLA counts the null rows' cross-attention FLOPs fewer
-    than with a zero condition per null row, as `decode_pass_flops` assumes, and the formula is within 10% of the
-    count."""
+    than with a zero condition per null row, and with `guidance` the head's FLOPs of B rows fewer, as
+    `decode_pass_flops` assumes; the formula is within 10% of the count."""
     config = LMConfig(dim=128, num_heads=4, num_layers=2, n_q=4, card=256, cond_dim=64, scan_layers=False)
     model = LanguageModel(config)
     params = jax.eval_shape(lambda k: nn.meta.unbox(init_params(model, k)), jax.random.key(0))
     batch, length, cond_len = 2, 64, 16
     codes = jnp.zeros((2 * batch, 4, length), jnp.int32)
 
-    def counted(rows):
+    def counted(rows, guidance=None):
         """XLA's FLOPs of the pass with `rows`-row conditioning, its text keys/values (computed once) left out."""
         condition = jnp.ones((rows, cond_len, config.dim))
 
@@ -378,7 +378,8 @@ def test_guided_decoding_pass_skips_the_null_rows_cross_attention_flops():
             return model.apply({"params": p}, condition, method=model.cross_key_values)
 
         def forward(p):
-            return model.apply({"params": p}, codes, None, None, 0, cross_kv=text_kv(p), head=0)
+            kv = text_kv(p)
+            return model.apply({"params": p}, codes, None, None, 0, cross_kv=kv, head=0, guidance=guidance)
 
         return (
             jax.jit(forward).lower(params).cost_analysis()["flops"]
@@ -388,5 +389,7 @@ def test_guided_decoding_pass_skips_the_null_rows_cross_attention_flops():
     d = config.dim
     null_cross = batch * config.num_layers * (2.0 * length * 2 * d * d + 4.0 * d * length * cond_len)
     assert abs((counted(2 * batch) - counted(batch)) / null_cross - 1) < 0.05
+    half_head = 2.0 * batch * length * d * config.card
+    assert abs((counted(batch) - counted(batch, 3.0)) / half_head - 1) < 0.05
     expected = flops.decode_pass_flops(config, batch=batch, seq_len=length, cond_len=cond_len)
-    assert abs(counted(batch) / expected - 1) < 0.1
+    assert abs(counted(batch, 3.0) / expected - 1) < 0.1
