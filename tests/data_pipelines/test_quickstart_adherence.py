@@ -54,8 +54,8 @@ def test_trained_tiny_magnet_follows_brightness_better_than_an_untrained_one(enc
     c.conditioner.t5, c.codec.source = str(assets["t5"]), str(assets["codec"])
     c.conditioner.max_length = 48
     apply(c, quickstart_overrides("SHORT_RUN"))
-    c.optim.warmup_steps = 15
-    c.train.update(num_steps=150, log_every=50, eval_every=150, eval_steps=1)
+    c.optim.warmup_steps = 25
+    c.train.update(num_steps=250, log_every=50, eval_every=250, eval_steps=1)
     train.train_and_evaluate(c, str(tmp_path / "run"))
 
     sampling = {k.split(".", 1)[1]: float(v) for k, v in quickstart_overrides("SAMPLING").items()}

@@ -67,10 +67,10 @@ def test_the_committed_codec_reconstructs_held_out_clips_better_than_a_random_on
     )
 
 
-def test_the_committed_codec_keeps_drums_and_brightness_of_prompt_renderings_as_its_record_says():
+def test_the_committed_codec_keeps_key_tempo_drums_and_brightness_of_prompt_renderings_as_its_record_says():
     """The round trips of 24 prompt renderings through the committed codec: the adherence `training.json` records
-    (README's codec row) is what the codec gives, and drums and brightness mostly survive (the key does not yet:
-    2 of 24, chance level)."""
+    (README's codec row) is what the codec gives, and every property mostly survives (the renderings themselves:
+    key 18, tempo 22, drums 24, brightness 20 of 24; chance for the key is 2 of 24)."""
     _, params = load_encodec(TINY_CODEC)
     measured = train_tiny_codec.round_trip_adherence(params)
     recorded = json.loads((TINY_CODEC / "training.json").read_text())["prompt_adherence"]
@@ -78,7 +78,7 @@ def test_the_committed_codec_keeps_drums_and_brightness_of_prompt_renderings_as_
         for prop, (matches, checked) in tally.items():
             assert measured[rendering][prop][1] == checked and abs(measured[rendering][prop][0] - matches) <= 1
     trips = measured["round_trip"]
-    assert trips["drums"][0] >= 16 and trips["brightness"][0] >= 16, trips
+    assert all(trips[prop][0] >= 15 for prop in ("key", "tempo", "drums", "brightness")), trips
 
 
 def test_codec_training_runs_both_phases_and_writes_a_loadable_codec(tmp_path):
