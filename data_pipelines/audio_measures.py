@@ -176,9 +176,25 @@ def adherence(spec, properties: Properties) -> dict[str, bool]:
     """
     out = {
         "key": key_signature(spec.tonic, spec.mode) == key_signature(properties.tonic, properties.mode),
-        "tempo": min(abs(properties.bpm - spec.bpm * f) / (spec.bpm * f) for f in (0.5, 1.0, 2.0)) <= 0.1,
+        "tempo": tempo_matches(properties.bpm, spec.bpm),
         "drums": properties.drums == spec.drums,
     }
     if spec.timbre in BRIGHT_TIMBRES + SOFT_TIMBRES:
         out["brightness"] = (properties.centroid_hz > BRIGHT_HZ) == (spec.timbre in BRIGHT_TIMBRES)
     return out
+
+
+def tempo_matches(bpm: float, target: float) -> bool:
+    """`bpm` within 10 % of `target`, or of its double or half (beat-level octave errors)."""
+    return min(abs(bpm - target * f) / (target * f) for f in (0.5, 1.0, 2.0)) <= 0.1
+
+
+def kept(reference: Properties, properties: Properties) -> dict[str, bool]:
+    """Which properties measured on `reference` `properties` shares, read as `adherence` reads a prompt: the key
+    signature, the tempo (10 % or an octave), drums, and the side of `BRIGHT_HZ` the centroid is on."""
+    return {
+        "key": key_signature(reference.tonic, reference.mode) == key_signature(properties.tonic, properties.mode),
+        "tempo": tempo_matches(properties.bpm, reference.bpm),
+        "drums": properties.drums == reference.drums,
+        "brightness": (properties.centroid_hz > BRIGHT_HZ) == (reference.centroid_hz > BRIGHT_HZ),
+    }

@@ -7,7 +7,7 @@ r"""The quickstart's prompts and its objective check of what the trained model m
       measures every generated sample (`samples/`, and `samples_untrained/` from an untrained model on the same
       prompts) with `audio_measures`, next to the same measure on the corpus rendering of each prompt's spec and
       on that rendering's round trip through the run's codec (`assets/codec`: what any model of its codes can
-      reach);
+      reach); compares the continuation's generated part with the rest of the clip its prompt was cut from;
       compares the run's held-out loss with the unigram entropy of the training codes; prints the summary and
       writes report.json and spectrograms.png (log-mel: prompt's corpus rendering | trained sample | untrained)
 
@@ -37,6 +37,7 @@ from magnet_jax.fileio import atomic_file, write_atomic, write_json
 from magnet_jax.models import encodec
 
 PROMPT_SEED = 777
+INTRO_SECONDS = 1.5  # the continuation's audio prompt: the start of corpus clip 0
 SAMPLE_RATE = 32000
 PROPERTIES = ("key", "tempo", "drums", "brightness")
 
@@ -57,11 +58,12 @@ def spec_table(specs: Sequence[synthetic_corpus.ClipSpec], seconds: float) -> di
 
 
 def write_prompts(output: str | os.PathLike, *, seconds: float) -> list[dict]:
-    """Writes prompts.jsonl, prompt_specs.json and prompt_intro.wav (1.5 s of corpus clip 0) into `output`."""
+    """Writes prompts.jsonl, prompt_specs.json and prompt_intro.wav (`INTRO_SECONDS` of corpus clip 0) into
+    `output`."""
     out = Path(output)
     wav, sr = sf.read(out / "corpus" / "clip_00000.wav", dtype="float32")
     with atomic_file(out / "prompt_intro.wav") as tmp:
-        sf.write(str(tmp), wav[: int(1.5 * sr)], sr, format="WAV")
+        sf.write(str(tmp), wav[: int(INTRO_SECONDS * sr)], sr, format="WAV")
     prompts = [{"text": spec.description(), "seed": i, "id": f"prompt{i}"} for i, spec in enumerate(prompt_specs())]
     prompts.append({"text": "Continue this clip.", "audio": "prompt_intro.wav", "seed": 99, "id": "continuation"})
     write_atomic(out / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
@@ -89,15 +91,34 @@ def unigram_entropy(pattern: str) -> tuple[list[float], int]:
     return [float(-np.sum(row[row > 0] * np.log(row[row > 0]))) for row in p], card
 
 
+def read_clip(path: str | os.PathLike) -> np.ndarray:
+    """A mono `SAMPLE_RATE` audio file `[N]` float32 (another rate is an error naming the file)."""
+    wav, sr = sf.read(path, dtype="float32")
+    if sr != SAMPLE_RATE:
+        raise ValueError(f"{path}: sample rate {sr}, expected {SAMPLE_RATE}")
+    return wav
+
+
 def check_samples(samples: str | os.PathLike, specs: dict) -> dict[str, dict]:
     """Adherence of each sample `<id>-0.wav` (32 kHz) in `samples` to its spec: `{id: {property: bool}}`."""
-    clips = {}
-    for prompt_id in specs:
-        path = Path(samples) / f"{prompt_id}-0.wav"
-        clips[prompt_id], sr = sf.read(path, dtype="float32")
-        if sr != SAMPLE_RATE:
-            raise ValueError(f"{path}: sample rate {sr}, expected {SAMPLE_RATE}")
-    return measure_adherence(specs, clips)
+    return measure_adherence(specs, {i: read_clip(Path(samples) / f"{i}-0.wav") for i in specs})
+
+
+def check_continuation(output: str | os.PathLike) -> dict[str, dict]:
+    """What the continuation's generated part keeps of the clip its prompt was cut from: `{"trained" | "untrained":
+    {property: bool}}` (`audio_measures.kept`) of the audio after `INTRO_SECONDS` of `samples/continuation-0.wav`
+    and `samples_untrained/continuation-0.wav` (those present) against the same span of corpus clip 0."""
+    out = Path(output)
+    start = int(INTRO_SECONDS * SAMPLE_RATE)
+    clip = read_clip(out / "corpus" / "clip_00000.wav")
+    reference = audio_measures.measure(clip[start:], SAMPLE_RATE)
+    kept = {}
+    for name, samples in (("trained", "samples"), ("untrained", "samples_untrained")):
+        path = out / samples / "continuation-0.wav"
+        if path.is_file():
+            continued = read_clip(path)[start : len(clip)]
+            kept[name] = audio_measures.kept(reference, audio_measures.measure(continued, SAMPLE_RATE))
+    return kept
 
 
 def corpus_renderings(specs: dict) -> dict[str, np.ndarray]:
@@ -202,6 +223,7 @@ def check(output: str | os.PathLike) -> dict:
         "eval_step_last": evals[-1]["step"] if evals else None,
         "unigram_entropy": entropy,
         "uniform_entropy": float(np.log(card)),
+        "continuation": check_continuation(out),
     }
     write_json(out / "report.json", report)
     sheet_rows = []
@@ -226,6 +248,11 @@ def format_report(report: dict) -> str:
     lines.append(f"  trained tiny MAGNeT:             {counts(report['trained'])}")
     if report["untrained"]:
         lines.append(f"  untrained tiny MAGNeT:           {counts(report['untrained'])}")
+    if report.get("continuation"):
+        lines.append(f"the continuation after its {INTRO_SECONDS} s prompt vs the rest of the clip it was cut from:")
+        for name, kept in report["continuation"].items():
+            same = "; ".join(f"{p} {'same' if ok else 'different'}" for p, ok in kept.items())
+            lines.append(f"  {name + ' tiny MAGNeT:':<33}{same}")
     entropy = report["unigram_entropy"]
     if report["eval_loss_last"] is not None:
         lines.append(

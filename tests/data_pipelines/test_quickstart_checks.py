@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from data_pipelines import audio_measures, quickstart_report, synthetic_corpus, train_tiny_codec
 from data_pipelines.make_tiny_assets import write_codec
@@ -105,6 +106,25 @@ def test_prompts_ask_for_both_answers_of_every_property(tmp_path):
         prompts[0]["text"]
         == synthetic_corpus.ClipSpec(**{k: v for k, v in specs["prompt0"].items() if k != "seconds"}).description()
     )
+
+
+def test_continuation_check_compares_the_generated_part_with_the_rest_of_the_prompt_clip(tmp_path):
+    spec = synthetic_corpus.ClipSpec(
+        tonic=0, mode="major", bpm=120, progression=(0, 4, 5, 3), pattern="chords", timbre="sawtooth", drums=True
+    )
+    other = dataclasses.replace(spec, tonic=6, bpm=85, pattern="arpeggio", timbre="sine", drums=False)
+    clip = synthetic_corpus.render(spec, 4.0, 32000, np.random.default_rng(0))
+    start = int(quickstart_report.INTRO_SECONDS * 32000)
+    elsewhere = np.concatenate([clip[:start], synthetic_corpus.render(other, 2.5, 32000, np.random.default_rng(1))])
+    for folder, wav in (("corpus", clip), ("samples", clip), ("samples_untrained", elsewhere)):
+        (tmp_path / folder).mkdir()
+        name = "clip_00000.wav" if folder == "corpus" else "continuation-0.wav"
+        sf.write(tmp_path / folder / name, wav, 32000)
+    kept = quickstart_report.check_continuation(tmp_path)
+    assert kept["trained"] == dict.fromkeys(quickstart_report.PROPERTIES, True)
+    assert kept["untrained"] == dict.fromkeys(quickstart_report.PROPERTIES, False)
+    (tmp_path / "samples_untrained" / "continuation-0.wav").unlink()
+    assert list(quickstart_report.check_continuation(tmp_path)) == ["trained"]
 
 
 def test_png_writer_writes_a_valid_png(tmp_path):
