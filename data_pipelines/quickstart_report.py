@@ -8,7 +8,9 @@ r"""The quickstart's prompts and its objective check of what the trained model m
       prompts) with `audio_measures`, next to the same measure on the corpus rendering of each prompt's spec and
       on that rendering's round trip through the run's codec (`assets/codec`: what any model of its codes can
       reach); compares the continuation's generated part with the rest of the clip its prompt was cut from;
-      compares the run's held-out loss with the unigram entropy of the training codes; prints the summary and
+      compares the held-out loss of codebook 0 from the text alone under each description with the same loss under
+      the description with its key, drums or timbre swapped (`description_sensitivity`); compares the run's held-out
+      loss with the unigram entropy of the training codes; prints the summary and
       writes report.json and spectrograms.png (log-mel: prompt's corpus rendering | trained sample | untrained)
 
 The prompts' specs are drawn with their own seed (`PROMPT_SEED`), so they are not the training clips.
@@ -71,22 +73,28 @@ def write_prompts(output: str | os.PathLike, *, seconds: float) -> list[dict]:
     return prompts
 
 
-def unigram_entropy(pattern: str) -> tuple[list[float], int]:
-    """(per-codebook entropy in nats of the codes in the ArrayRecord shards matching `pattern`, codebook size)."""
+def _records(pattern: str) -> list[CodeRecord]:
+    """The code records of the ArrayRecord shards matching `pattern` (none is an error naming the pattern)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    counts, card = None, 0
+    records = []
     for path in sorted(glob.glob(pattern)):
         reader = ArrayRecordReader(path)
-        for data in reader.read_all():
-            record = CodeRecord.from_bytes(data, where=path)
-            card = record.card
-            counts = np.zeros((record.codes.shape[0], card)) if counts is None else counts
-            for k, row in enumerate(record.codes):
-                counts[k] += np.bincount(row, minlength=card)
+        records += [CodeRecord.from_bytes(data, where=path) for data in reader.read_all()]
         reader.close()
-    if counts is None:
+    if not records:
         raise ValueError(f"{pattern}: no code records")
+    return records
+
+
+def unigram_entropy(pattern: str) -> tuple[list[float], int]:
+    """(per-codebook entropy in nats of the codes in the ArrayRecord shards matching `pattern`, codebook size)."""
+    records = _records(pattern)
+    card = records[0].card
+    counts = np.zeros((records[0].codes.shape[0], card))
+    for record in records:
+        for k, row in enumerate(record.codes):
+            counts[k] += np.bincount(row, minlength=card)
     p = counts / counts.sum(1, keepdims=True)
     return [float(-np.sum(row[row > 0] * np.log(row[row > 0]))) for row in p], card
 
@@ -224,6 +232,7 @@ def check(output: str | os.PathLike) -> dict:
         "unigram_entropy": entropy,
         "uniform_entropy": float(np.log(card)),
         "continuation": check_continuation(out),
+        "description_loss": description_sensitivity(out / "workdir", str(out / "codes_eval" / "*.array_record")),
     }
     write_json(out / "report.json", report)
     sheet_rows = []
@@ -234,6 +243,76 @@ def check(output: str | os.PathLike) -> dict:
         sheet_rows.append(row)
     write_png(out / "spectrograms.png", spectrogram_sheet(sheet_rows))
     return report
+
+
+def swapped_descriptions(metadata: dict) -> dict[str, str]:
+    """A corpus clip's description (record `metadata`) with one property changed: "key" (the tonic a tritone away:
+    another key signature, the same genre and mood words), "drums" (on <-> off), "timbre" (the next timbre of
+    `synthetic_corpus.TIMBRES`), and "none" (no description)."""
+    description = metadata["description"]
+    tonic, mode = metadata["key"].split()
+    names = [n.lower() for n in synthetic_corpus.NOTE_NAMES]
+    key = f"{synthetic_corpus.NOTE_NAMES[names.index(tonic)]} {mode}"
+    other_key = f"{synthetic_corpus.NOTE_NAMES[(names.index(tonic) + 6) % 12]} {mode}"
+    drums = "drums" in metadata.get("keywords", [])
+    timbres = list(synthetic_corpus.TIMBRES)
+    other_timbre = timbres[(timbres.index(metadata["instrument"]) + 1) % len(timbres)]
+
+    def replace_once(old: str, new: str) -> str:
+        if description.count(old) != 1:
+            raise ValueError(f"description {description!r}: expected {old!r} once (a synthetic_corpus description)")
+        return description.replace(old, new)
+
+    return {
+        "key": replace_once(f" in {key} ", f" in {other_key} "),
+        "drums": replace_once(synthetic_corpus.DRUM_PHRASES[drums], synthetic_corpus.DRUM_PHRASES[not drums]),
+        "timbre": replace_once(
+            synthetic_corpus.TIMBRES[metadata["instrument"]], synthetic_corpus.TIMBRES[other_timbre]
+        ),
+        "none": "",
+    }
+
+
+def description_sensitivity(source: str | os.PathLike, pattern: str) -> dict[str, float]:
+    """Teacher-forced loss (nats per code) of codebook 0 with all its frames masked (the first decoding pass's
+    prediction: from the text alone) over the code records matching `pattern`, under their own descriptions
+    ("true") and under `swapped_descriptions` ("key", "drums", "timbre", "none"). A property the model follows
+    costs loss when it is swapped."""
+    import jax
+    import jax.numpy as jnp
+
+    from magnet_jax.checkpoints.sources import load_lm
+    from magnet_jax.checkpoints.t5_weights import load_t5
+    from magnet_jax.data.tokenizer import TextTokenizer
+    from magnet_jax.models import conditioner
+    from magnet_jax.models.lm import LanguageModel, LMConfig
+
+    config, params = load_lm(str(source))
+    model = LanguageModel(LMConfig.from_config(config["model"]))
+    t5_config, t5_params = load_t5(config["conditioner"]["t5"])
+    tokenizer = TextTokenizer(config["conditioner"]["t5"])
+    records = _records(pattern)
+    length = min(r.codes.shape[1] for r in records)
+    codes = np.stack([r.codes[:, :length] for r in records]).astype(np.int32)
+    inputs = jnp.asarray(np.full_like(codes, model.config.mask_id))
+
+    @jax.jit
+    def loss(ids, mask):
+        states = conditioner.encode_text(t5_config, t5_params, ids, mask)
+        attend = jax.vmap(lambda row: conditioner.cross_attend(row[None], tokenizer.pad_id)[0])(ids)
+        condition = model.apply({"params": params}, states, mask, method=model.project_condition)
+        logits = model.apply({"params": params}, inputs, condition, attend, 0, head=0)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(codes[:, 0])[..., None], axis=-1))
+
+    swaps = [swapped_descriptions(r.metadata) for r in records]
+    texts = {"true": [r.metadata["description"] for r in records]}
+    texts.update({name: [s[name] for s in swaps] for name in swaps[0]})
+    out = {}
+    for name, rows in texts.items():
+        tokens = tokenizer(rows)
+        out[name] = float(loss(jnp.asarray(tokens["ids"]), jnp.asarray(tokens["mask"])))
+    return out
 
 
 def format_report(report: dict) -> str:
@@ -259,6 +338,13 @@ def format_report(report: dict) -> str:
             f"held-out loss {report['eval_loss_first']:.3f} -> {report['eval_loss_last']:.3f} (step "
             f"{report['eval_step_last']}); unigram entropy of the codes {np.mean(entropy):.3f} nats (per codebook "
             f"{min(entropy):.3f}-{max(entropy):.3f}), uniform {report['uniform_entropy']:.3f}"
+        )
+    if report.get("description_loss"):
+        loss = report["description_loss"]
+        changes = ", ".join(f"{name} {loss[name] - loss['true']:+.3f}" for name in ("key", "drums", "timbre"))
+        lines.append(
+            f"held-out loss of codebook 0 from the text alone {loss['true']:.3f}; with one property of each "
+            f"description swapped: {changes}; no description {loss['none'] - loss['true']:+.3f} (> 0: followed)"
         )
     return "\n".join(lines)
 

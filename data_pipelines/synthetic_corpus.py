@@ -51,6 +51,7 @@ GENRES = {
     "melody": ("pop", "folk"),
     "bass": ("funk", "electronic"),
 }
+DRUM_PHRASES = {True: " with a steady drum beat", False: ", no drums"}  # how a description ends
 FORMATS = {
     "wav": ("WAV", "PCM_16"),
     "flac": ("FLAC", "PCM_16"),
@@ -89,10 +90,9 @@ class ClipSpec:
 
     def description(self) -> str:
         tempo = "slow" if self.bpm < 90 else "mid-tempo" if self.bpm < 125 else "fast"
-        drums = " with a steady drum beat" if self.drums else ", no drums"
         return (
             f"A {tempo} {self.mood} {self.genre} piece: {PATTERNS[self.pattern]} on a {TIMBRES[self.timbre]} "
-            f"in {self.key} at {self.bpm} BPM{drums}."
+            f"in {self.key} at {self.bpm} BPM{DRUM_PHRASES[self.drums]}."
         )
 
     def sidecar(self, title: str) -> dict:

@@ -12,6 +12,7 @@ import soundfile as sf
 from data_pipelines import audio_measures, quickstart_report, synthetic_corpus, train_tiny_codec
 from data_pipelines.make_tiny_assets import write_codec
 from magnet_jax.checkpoints.encodec_weights import load_encodec
+from magnet_jax.data.records import normalize_metadata
 from magnet_jax.models import encodec
 
 TINY_CODEC = Path(__file__).resolve().parents[2] / "data_pipelines" / "tiny_codec"
@@ -125,6 +126,25 @@ def test_continuation_check_compares_the_generated_part_with_the_rest_of_the_pro
     assert kept["untrained"] == dict.fromkeys(quickstart_report.PROPERTIES, False)
     (tmp_path / "samples_untrained" / "continuation-0.wav").unlink()
     assert list(quickstart_report.check_continuation(tmp_path)) == ["trained"]
+
+
+def test_swapped_descriptions_are_the_descriptions_of_the_clip_with_that_property_changed():
+    for i in range(12):
+        spec = synthetic_corpus.draw_spec(np.random.default_rng([5, i]))
+        metadata = normalize_metadata(spec.sidecar(title=f"clip {i}"))  # what a code record carries
+        timbres = list(synthetic_corpus.TIMBRES)
+        expected = {
+            "key": dataclasses.replace(spec, tonic=(spec.tonic + 6) % 12),
+            "drums": dataclasses.replace(spec, drums=not spec.drums),
+            "timbre": dataclasses.replace(spec, timbre=timbres[(timbres.index(spec.timbre) + 1) % len(timbres)]),
+        }
+        swapped = quickstart_report.swapped_descriptions(metadata)
+        assert swapped == {**{name: s.description() for name, s in expected.items()}, "none": ""}
+        assert audio_measures.key_signature(spec.tonic, spec.mode) != audio_measures.key_signature(
+            expected["key"].tonic, spec.mode
+        )
+    with pytest.raises(ValueError, match="expected ' in C major ' once"):
+        quickstart_report.swapped_descriptions({**metadata, "key": "c major", "description": "calm piano"})
 
 
 def test_png_writer_writes_a_valid_png(tmp_path):
