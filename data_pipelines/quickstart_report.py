@@ -298,10 +298,9 @@ def description_sensitivity(source: str | os.PathLike, pattern: str) -> dict[str
 
     @jax.jit
     def loss(ids, mask):
-        states = conditioner.encode_text(t5_config, t5_params, ids, mask)
-        attend = jax.vmap(lambda row: conditioner.cross_attend(row[None], tokenizer.pad_id)[0])(ids)
-        condition = model.apply({"params": params}, states, mask, method=model.project_condition)
-        logits = model.apply({"params": params}, inputs, condition, attend, 0, head=0)
+        cond = conditioner.row_conditioning(t5_config, tokenizer.pad_id, t5_params, ids, mask)
+        condition = model.apply({"params": params}, cond.states, cond.mask, method=model.project_condition)
+        logits = model.apply({"params": params}, inputs, condition, cond.attend, 0, head=0)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(codes[:, 0])[..., None], axis=-1))
 
@@ -327,7 +326,7 @@ def format_report(report: dict) -> str:
     lines.append(f"  trained tiny MAGNeT:             {counts(report['trained'])}")
     if report["untrained"]:
         lines.append(f"  untrained tiny MAGNeT:           {counts(report['untrained'])}")
-    if report.get("continuation"):
+    if report["continuation"]:
         lines.append(f"the continuation after its {INTRO_SECONDS} s prompt vs the rest of the clip it was cut from:")
         for name, kept in report["continuation"].items():
             same = "; ".join(f"{p} {'same' if ok else 'different'}" for p, ok in kept.items())
@@ -339,7 +338,7 @@ def format_report(report: dict) -> str:
             f"{report['eval_step_last']}); unigram entropy of the codes {np.mean(entropy):.3f} nats (per codebook "
             f"{min(entropy):.3f}-{max(entropy):.3f}), uniform {report['uniform_entropy']:.3f}"
         )
-    if report.get("description_loss"):
+    if report["description_loss"]:
         loss = report["description_loss"]
         changes = ", ".join(f"{name} {loss[name] - loss['true']:+.3f}" for name in ("key", "drums", "timbre"))
         lines.append(

@@ -202,7 +202,9 @@ class MAGNeT:
             "duration": self.segment_seconds,
             "extend_stride": self.segment_seconds / 2,
         }
-        self._condition = jax.jit(functools.partial(_condition, self.t5_config, self.tokenizer.pad_id))
+        self._condition = jax.jit(
+            functools.partial(conditioner.row_conditioning, self.t5_config, self.tokenizer.pad_id)
+        )
 
     def _load_companion(self, source: str, settings: ml_collections.ConfigDict, what: str) -> tuple[LanguageModel, Any]:
         """A causal MusicGen model (any `load_lm` source) checked against the MAGNeT LM, its params on the same mesh
@@ -541,10 +543,3 @@ def _lm_config(config: Mapping[str, Any], settings: ml_collections.ConfigDict) -
     return LMConfig.from_config(
         {**config["model"], "dtype": dtype, "param_dtype": dtype, "attention": settings.get("attention", "auto")}
     )
-
-
-def _condition(t5_config, pad_id: int, t5_params, ids: jax.Array, mask: jax.Array) -> conditioner.TextConditioning:
-    """T5 states of the rows, each attending its own tokens (`cross_attend` of a batch of one, row by row)."""
-    states = conditioner.encode_text(t5_config, t5_params, ids, mask)
-    attend = jax.vmap(lambda row: conditioner.cross_attend(row[None], pad_id)[0])(ids)
-    return conditioner.TextConditioning(states=states, mask=mask, attend=attend)

@@ -29,7 +29,7 @@ from magnet_jax.checkpoints.pretrained import load_pretrained
 from magnet_jax.fileio import WeightsError, flatten_dict
 from magnet_jax.generation import hybrid
 from magnet_jax.generation.musicgen import generate_ar
-from magnet_jax.models import encodec
+from magnet_jax.models import conditioner, encodec
 from magnet_jax.models.encodec import EncodecConfig
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
 from magnet_jax.training import checkpointing, train_lib
@@ -373,7 +373,7 @@ def _text_conditioning(m: MAGNeT, texts):
     tokens = m.tokenizer(texts)
     extra = ((0, 0), (0, m.text_length - tokens["ids"].shape[1]))
     ids, mask = np.pad(tokens["ids"], extra, constant_values=m.tokenizer.pad_id), np.pad(tokens["mask"], extra)
-    return api._condition(m.t5_config, m.tokenizer.pad_id, m.t5_params, ids, mask)
+    return conditioner.row_conditioning(m.t5_config, m.tokenizer.pad_id, m.t5_params, ids, mask)
 
 
 def test_companion_models_are_checked(tiny, model, tmp_path):

@@ -75,3 +75,11 @@ class TextConditioning:
     states: jax.Array
     mask: jax.Array
     attend: jax.Array | None = None
+
+
+def row_conditioning(t5_config: T5Config, pad_id: int, t5_params, ids: jax.Array, mask: jax.Array) -> TextConditioning:
+    """Conditioning of rows generated (or scored) independently: frozen-T5 states of `ids, mask [B, L]`, each row
+    attending its own tokens (`cross_attend` of a batch of one, row by row)."""
+    states = encode_text(t5_config, t5_params, ids, mask)
+    attend = jax.vmap(lambda row: cross_attend(row[None], pad_id)[0])(ids)
+    return TextConditioning(states=states, mask=mask, attend=attend)

@@ -24,13 +24,12 @@ import pytest
 import torch
 import yaml
 
-from magnet_jax import api
 from magnet_jax.api import MAGNeT
 from magnet_jax.checkpoints import lm_weights
 from magnet_jax.checkpoints.pretrained import load_pretrained
 from magnet_jax.fileio import WeightsError
 from magnet_jax.generation import hybrid, musicgen
-from magnet_jax.models import objectives
+from magnet_jax.models import conditioner, objectives
 from magnet_jax.models.conditioner import TextConditioning
 from magnet_jax.models.lm import LanguageModel, LMConfig
 from references import hybrid_magnet_branch as branch
@@ -257,7 +256,7 @@ def test_from_pretrained_hub_id_generates_as_a_hybrid_model(cached_hub, tiny, mo
     tokens = m.tokenizer(texts)
     pad = ((0, 0), (0, m.text_length - tokens["ids"].shape[1]))
     ids, mask = np.pad(tokens["ids"], pad, constant_values=m.tokenizer.pad_id), np.pad(tokens["mask"], pad)
-    cond = api._condition(m.t5_config, m.tokenizer.pad_id, m.t5_params, ids, mask)
+    cond = conditioner.row_conditioning(m.t5_config, m.tokenizer.pad_id, m.t5_params, ids, mask)
     keys = jax.random.split(jax.random.key(0), 2)
     prefix = np.asarray(greedy_prefix(m.model, 48, 10)(m.lm_params, cond, keys))
     staircase = np.arange(48)[None, :] < 10 - np.arange(4)[:, None]
