@@ -4,7 +4,10 @@ r"""Locally created text encoder and codec for the quickstart and tests (no down
 
 Writes, in the on-disk formats the real models use:
   <output>/t5/     a random T5 encoder (`t5_dim` of the tiny preset) with a sentencepiece tokenizer trained on the
-                   corpus descriptions (transformers layout: config.json, model.safetensors, spiece.model)
+                   corpus descriptions (transformers layout: config.json, model.safetensors, spiece.model); the
+                   tokenizer is BPE with up to `TOKENIZER_VOCAB` pieces, so a description's words are whole tokens
+                   as with the real T5's vocabulary (a 128-piece unigram model cut most words into letters, and the
+                   LM then had to find a key among 60 tokens)
   <output>/codec/  a random EnCodec of the tiny preset (configs/magnet.py `CODECS["tiny"]`, 32 kHz, 50 Hz, 4 x 64)
                    whose codebooks are fitted on corpus audio (`encodec.init_encodec`), in the transformers layout
                    (config.json + model.safetensors; plain conv weights, weight norm already folded)
@@ -37,6 +40,8 @@ from magnet_jax.data.audio import to_codec_audio
 from magnet_jax.models import encodec
 from magnet_jax.models.encodec import EncodecConfig
 from magnet_jax.models.lm import LanguageModel, LMConfig, init_params
+
+TOKENIZER_VOCAB = 256  # the corpus descriptions' words fit in it
 
 
 def corpus_descriptions(corpus: str | os.PathLike) -> list[str]:
@@ -124,7 +129,12 @@ def make_assets(
     codec_config = EncodecConfig.from_config(tiny.codec)
     return {
         "t5": write_random_t5(
-            output / "t5", corpus=corpus_descriptions(corpus), d_model=tiny.conditioner.t5_dim, seed=seed
+            output / "t5",
+            corpus=corpus_descriptions(corpus),
+            d_model=tiny.conditioner.t5_dim,
+            vocab_size=TOKENIZER_VOCAB,
+            tokenizer_type="bpe",
+            seed=seed,
         ),
         "codec": (
             copy_codec(codec, output / "codec", codec_config)

@@ -109,7 +109,8 @@ class ClipSpec:
         }
 
 
-def draw_spec(rng: np.random.Generator) -> ClipSpec:
+def draw_spec(rng: np.random.Generator, timbres: Sequence[str] = tuple(TIMBRES)) -> ClipSpec:
+    """A clip's spec drawn from `rng`, its timbre one of `timbres`."""
     mode = str(rng.choice(["major", "minor"]))
     progs = PROGRESSIONS[mode]
     return ClipSpec(
@@ -118,7 +119,7 @@ def draw_spec(rng: np.random.Generator) -> ClipSpec:
         bpm=int(rng.integers(14, 33)) * 5,
         progression=progs[int(rng.integers(len(progs)))],
         pattern=str(rng.choice(list(PATTERNS))),
-        timbre=str(rng.choice(list(TIMBRES))),
+        timbre=str(rng.choice(list(timbres))),
         drums=bool(rng.random() < 0.5),
     )
 
@@ -257,6 +258,7 @@ def generate_corpus(
     sample_rate: int = 32000,
     channels: int = 1,
     formats: Sequence[str] = ("wav",),
+    timbres: Sequence[str] = tuple(TIMBRES),
 ) -> list[Path]:
     """Writes `num_clips` clips `clip_{i:05d}.<fmt>` + `clip_{i:05d}.json` into `output`; returns the audio paths.
 
@@ -264,10 +266,14 @@ def generate_corpus(
       seconds: clip length.
       sample_rate, channels: of the written files (the encode job downmixes and resamples).
       formats: cycled over the clips (`wav`, `flac`, `ogg`, `mp3`), to exercise every reader.
+      timbres: the timbres clips are drawn from (`TIMBRES` keys; the default is all of them).
     """
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    unknown = [t for t in timbres if t not in TIMBRES]
+    if unknown or not timbres:
+        raise ValueError(f"timbres {', '.join(unknown) or '(none)'}: expected some of {', '.join(TIMBRES)}")
     if num_clips < 1 or seconds <= 0 or channels < 1:
         raise ValueError(f"need num_clips >= 1, seconds > 0, channels >= 1 (got {num_clips}, {seconds}, {channels})")
     out_dir = Path(output)
@@ -275,7 +281,7 @@ def generate_corpus(
     paths = []
     for i in range(num_clips):
         rng = np.random.default_rng([seed, i])
-        spec = draw_spec(rng)
+        spec = draw_spec(rng, timbres)
         wav = render(spec, seconds, sample_rate, rng)
         if channels > 1:  # slightly different gains per channel: a real stereo file whose mean is the mix
             wav = np.stack([wav * (1.0 - 0.1 * c / channels) for c in range(channels)], axis=1)
@@ -299,6 +305,7 @@ def main(argv):
             sample_rate=FLAGS.sample_rate,
             channels=FLAGS.channels,
             formats=FLAGS.formats,
+            timbres=FLAGS.timbres,
         )
     except (ValueError, OSError) as e:
         sys.exit(f"synthetic_corpus: {e}")
@@ -317,5 +324,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("sample_rate", 32000, "sample rate of the written files")
     flags.DEFINE_integer("channels", 1, "channels of the written files")
     flags.DEFINE_list("formats", ["wav"], "audio formats cycled over the clips: wav, flac, ogg, mp3")
+    flags.DEFINE_list("timbres", list(TIMBRES), f"timbres the clips are drawn from: {', '.join(TIMBRES)}")
     FLAGS = flags.FLAGS
     app.run(main)

@@ -21,13 +21,14 @@
 #       --prompts=quickstart_out/prompts.jsonl --output_dir=quickstart_out/samples_magnet_small
 #
 # Environment: OUT (output dir, default quickstart_out), MAGNET_VENV (an installed environment to use as is),
-# PYTHON (interpreter for the venv, default python3), STEPS (training steps, default 300), CLIPS (corpus clips,
-# default 64).
+# PYTHON (interpreter for the venv, default python3), STEPS (training steps, default 3000), CLIPS (corpus clips,
+# default 256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-quickstart_out}
-STEPS=${STEPS:-300}
-CLIPS=${CLIPS:-64}
+STEPS=${STEPS:-3000}
+CLIPS=${CLIPS:-256}
+TIMBRES=sawtooth,sine  # the two timbres the prompts ask for (bright / soft)
 EVAL_CLIPS=16
 SECONDS_PER_CLIP=4
 mkdir -p "$OUT"
@@ -66,9 +67,10 @@ install() {  # the runtime install of tests/run.sh (no test extras); skipped for
 py() { "$VENV/bin/python" "$@"; }
 
 corpus() {  # training clips (seed 0) and held-out clips (seed 1) for the eval split
-  py -m data_pipelines.synthetic_corpus --output="$OUT/corpus" --num_clips="$CLIPS" --seconds=$SECONDS_PER_CLIP --seed=0
+  py -m data_pipelines.synthetic_corpus --output="$OUT/corpus" --num_clips="$CLIPS" --seconds=$SECONDS_PER_CLIP --seed=0 \
+    --timbres=$TIMBRES
   py -m data_pipelines.synthetic_corpus --output="$OUT/corpus_eval" --num_clips="$EVAL_CLIPS" \
-    --seconds=$SECONDS_PER_CLIP --seed=1
+    --seconds=$SECONDS_PER_CLIP --seed=1 --timbres=$TIMBRES
 }
 
 encode() {
@@ -88,6 +90,7 @@ step "train tiny MAGNeT ($STEPS steps)" py -m magnet_jax.train \
   --config.data.train_files="$OUT/codes/*.array_record" --config.data.eval_files="$OUT/codes_eval/*.array_record" \
   --config.train.num_steps="$STEPS" --config.train.eval_every=$(( STEPS / 3 > 0 ? STEPS / 3 : 1 )) \
   --config.train.log_every=$(( STEPS / 10 > 0 ? STEPS / 10 : 1 )) --config.optim.warmup_steps=$(( STEPS / 10 )) \
+  --config.checkpoint.every_steps=$(( STEPS / 3 > 0 ? STEPS / 3 : 1 )) \
   "${SHORT_RUN[@]}" --config.conditioner.t5="$OUT/assets/t5" --config.codec.source="$OUT/assets/codec"
 step "prompts" py -m data_pipelines.quickstart_report --mode=prompts --output="$OUT" --seconds=$SECONDS_PER_CLIP
 step "generate" py -m magnet_jax.generate \

@@ -375,6 +375,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run_steps: int | Non
 
     state, last = run.state, {}
     history, timed_steps, timer, in_flight = [], 0, None, None
+    run_timer, run_start = None, start
     step = start
     divergence = guard.DivergenceGuard(tc, skipped_before=int(jax.device_get(state.skipped_steps)))
     try:
@@ -392,30 +393,33 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run_steps: int | Non
             if timer is None:  # the first step compiles: time from its end
                 jax.block_until_ready(step_metrics)
                 logging.info("train: first step done in this process (includes compilation)")
-                timer = time.perf_counter()
+                timer = run_timer = time.perf_counter()
+                run_start = step
             else:
                 timed_steps += 1
             if step % tc.log_every == 0 or step == end:
                 last = metrics.summarize(history, last=LAST_VALUE_METRICS)
                 if timed_steps:
                     last.update(throughput((time.perf_counter() - timer) / timed_steps))
-                writer.write(step, "train", last, note=metrics.progress_note(step, end, last.get("step_time")))
+                # the ETA is wall time per step since the first step: evaluations and checkpoint saves included
+                wall_per_step = (time.perf_counter() - run_timer) / (step - run_start) if step > run_start else None
+                writer.write(step, "train", last, note=metrics.progress_note(step, end, wall_per_step))
                 divergence.observe(step - len(history) + 1, history)  # raises before anything is saved
-                history, timed_steps = [], 0
-                timer = time.perf_counter()
+                history = []
+                timer, timed_steps = time.perf_counter(), 0
             if run.eval_data is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.num_steps):
                 eval_metrics = run.evaluate(state.ema_params)  # the reference validates with its EMA weights
                 writer.write(step, "eval", eval_metrics)
                 last.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-                timer = time.perf_counter()
+                timer, timed_steps = time.perf_counter(), 0  # step_time leaves out evaluations and saves
             if run.audio_eval is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.num_steps):
                 audio_metrics = run.audio_eval(step, state.ema_params)
                 writer.write(step, "eval_audio", audio_metrics)
                 last.update({f"eval_audio_{k}": v for k, v in audio_metrics.items()})
-                timer = time.perf_counter()
+                timer, timed_steps = time.perf_counter(), 0  # step_time leaves out evaluations and saves
             stop = preemption.reached(step)
             if run.checkpointer.save(step, state, run.train_iter, config, force=stop or step == end):
-                timer = time.perf_counter()
+                timer, timed_steps = time.perf_counter(), 0  # step_time leaves out evaluations and saves
             if stop:
                 logging.warning("train: stopping at step %d after a preemption notice (checkpoint saved)", step)
                 break

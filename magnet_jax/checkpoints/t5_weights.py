@@ -128,12 +128,15 @@ def write_random_t5(
     d_ff: int = 64,
     feed_forward_proj: str = "relu",
     vocab_size: int = 128,
+    tokenizer_type: str = "unigram",
     seed: int = 0,
 ) -> Path:
     """Writes a random T5 encoder + a sentencepiece tokenizer trained on `corpus`, in the transformers layout.
 
     Gives tests and the quickstart a local text encoder with no download (`config.json`, `model.safetensors`,
     `spiece.model`, `tokenizer_config.json`); `load_t5(directory)` and the conditioner's tokenizer read it.
+    `tokenizer_type`: the sentencepiece model type (`unigram` like the real T5's, or `bpe`, which keeps a small
+    corpus's words whole where a small unigram vocabulary cuts them into letters).
     """
     import sentencepiece as spm
     from safetensors.numpy import save_file
@@ -145,7 +148,7 @@ def write_random_t5(
         sentence_iterator=iter(corpus),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="unigram",
+        model_type=tokenizer_type,
         pad_id=0,
         eos_id=1,
         unk_id=2,

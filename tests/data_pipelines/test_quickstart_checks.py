@@ -214,3 +214,18 @@ def test_a_rerun_rewrites_the_untrained_lm(tiny, tmp_path):
     for _ in range(2):
         directory = make_random_lm(tmp_path / "untrained_lm", assets, segment_seconds=1.0)
     assert load_pretrained(directory)[0]["provenance"]["weights"] == "random"
+
+
+def test_the_tiny_text_encoders_tokenizer_keeps_description_words_whole(tiny):
+    """A description's key is one token of about as many as it has words (a 128-piece unigram model cut most words
+    into letters: 60 tokens, one of them the key)."""
+    import sentencepiece as spm
+
+    sidecar = json.loads(sorted((tiny["root"] / "corpus").glob("*.json"))[0].read_text())
+    pieces = spm.SentencePieceProcessor(model_file=str(tiny["t5"] / "spiece.model")).encode(
+        sidecar["description"], out_type=str
+    )
+    tonic, mode = sidecar["key"].split()
+    start, end = pieces.index("▁in"), pieces.index(f"▁{mode}")
+    assert "".join(pieces[start + 1 : end]) == f"▁{tonic}" and end - start <= 3, pieces  # "C#" may be "▁C", "#"
+    assert len(pieces) <= len(sidecar["description"].split()) + 6, pieces

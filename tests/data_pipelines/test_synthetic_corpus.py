@@ -104,3 +104,14 @@ def test_cli_writes_the_corpus_and_rejects_bad_flags(tmp_path):
     bad = subprocess.run(cmd + ["--formats=wav,aiff"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == "synthetic_corpus: format 'aiff': expected one of wav, flac, ogg, mp3"
+
+
+def test_timbres_restrict_the_drawn_clips_and_keep_the_default_corpus(tmp_path):
+    sc.generate_corpus(tmp_path / "two", num_clips=12, seconds=0.5, timbres=["sawtooth", "sine"])
+    drawn = {json.loads(p.read_text())["instrument"] for p in (tmp_path / "two").glob("*.json")}
+    assert drawn == {"sawtooth", "sine"}
+    # the default draws exactly the corpus it drew before the option existed (same RNG calls)
+    assert sc.draw_spec(np.random.default_rng([0, 3])) == sc.draw_spec(np.random.default_rng([0, 3]), tuple(sc.TIMBRES))
+    with pytest.raises(ValueError, match="timbres flute: expected some of sine"):
+        sc.generate_corpus(tmp_path / "bad", num_clips=1, seconds=0.5, timbres=["sine", "flute"])
+    assert not (tmp_path / "bad").exists()
