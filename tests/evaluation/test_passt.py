@@ -118,14 +118,15 @@ def test_mel_matches_augment_mel_stft(reference_mel, clips_32k):
     ours = np.asarray(passt.mel_spectrogram(audio))
     assert ours.shape == ref.shape == (3, 128, passt.mel_frames(audio.shape[1]))
     # The reference computes in float32 (float32 mel banks included): on these clips it is 2e-4 of the range from
-    # its own float64 evaluation, in the quietest bands; ours follows its float32 arithmetic to 2e-5 (FFT rounding).
+    # its own float64 evaluation, in the quietest bands; ours follows its float32 arithmetic to 2e-5 - 4e-5 (FFT
+    # rounding, which depends on the CPU's FFT code path) and is never further than it from the float64 result.
     torch.set_default_dtype(torch.float64)
     try:
         exact = _reference_forward(reference_mel.double(), torch.from_numpy(audio).double()).numpy()
     finally:
         torch.set_default_dtype(torch.float32)
         reference_mel.float()
-    assert relative_error(ours, ref) < 3e-5
+    assert relative_error(ours, ref) < 1e-4
     assert relative_error(ours, exact) < 1.01 * relative_error(ref, exact)
 
 
