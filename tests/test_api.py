@@ -62,7 +62,10 @@ def test_generate_returns_codes_and_audio_of_the_segment_length(model):
     assert out.codes.shape == (3, 4, frames) and out.codes.dtype == np.int32
     assert out.audio.shape == (3, 1, frames * 640) and out.audio.dtype == np.float32
     assert out.codes.min() >= 0 and out.codes.max() < 64
-    assert all(len(np.unique(row)) > 8 for row in out.codes.reshape(-1, frames))  # sampled, not degenerate
+    # sampled, not degenerate: no row of a codebook is (nearly) one code, and the three rows differ (the random
+    # model's 2-step stages give 6-30 distinct codes in 48 frames)
+    assert all(len(np.unique(row)) > 4 for row in out.codes.reshape(-1, frames))
+    assert all((out.codes[i] != out.codes[j]).mean() > 0.5 for i, j in ((0, 1), (0, 2), (1, 2)))
     assert np.all(np.isfinite(out.audio)) and np.abs(out.audio).max() > 1e-3
     np.testing.assert_allclose(  # the audio is the codec's decoding of the returned codes
         out.audio, np.asarray(encodec.decode(model.codec_config, model.codec_params, out.codes)), atol=1e-5
